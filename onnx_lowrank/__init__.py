@@ -1,0 +1,32 @@
+"""onnx-lowrank: faster ONNX CNNs by low-rank decomposition of their convolutions.
+
+Each Conv with a kh×kw kernel becomes a vertical (kh×1) conv followed by a
+horizontal (1×kw) conv, the globally optimal pair of Tai et al., "Convolutional
+neural networks with low-rank regularization" (ICLR 2016), Theorem 1.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import count_params, decompose, inspect
+from .errors import LowRankError
+from .model_io import load_model, save_model
+from .report import InspectLayer, LayerReport, Report
+from .verify import OutputStats, VerifyResult, verify
+
+__all__ = [
+    "InspectLayer",
+    "LayerReport",
+    "LowRankError",
+    "OutputStats",
+    "Report",
+    "VerifyResult",
+    "__version__",
+    "count_params",
+    "decompose",
+    "inspect",
+    "load_model",
+    "save_model",
+    "verify",
+]

@@ -1,0 +1,333 @@
+"""``onnx-lowrank``: a thin command line over :mod:`onnx_lowrank.api` and :mod:`onnx_lowrank.verify`.
+
+It parses, calls the library and prints. Bad input ends in one line on stderr
+and exit code 2; outputs that differ beyond tolerance in ``verify`` exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from .api import DEFAULT_SPEEDUP, decompose, inspect
+from .errors import LowRankError
+from .model_io import load_model, save_model, uses_external_data
+from .report import InspectLayer, Report
+from .verify import VerifyResult, verify
+
+__all__ = ["main"]
+
+PROG = "onnx-lowrank"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
+        raise LowRankError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _energy(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _speedup(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _input_shape(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = [int(d) for d in dims.replace("x", ",").split(",")]
+    except ValueError:
+        shape = []
+    if not sep or not name or not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,... with whole dims >= 1, got {text!r}")
+    return name, shape
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Speed up ONNX CNNs by low-rank decomposition of their convolutions (Tai et al., ICLR 2016).")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("decompose", help="write a decomposed copy of a model", description="Replace each Conv by a vertical and a horizontal conv.")
+    d.add_argument("input", help="the ONNX model to read (never modified)")
+    d.add_argument("output", help="where to write the decomposed model (written atomically)")
+    policy = d.add_mutually_exclusive_group()
+    policy.add_argument("--rank", type=_positive_int, help="every layer at this rank (clipped to its full rank)")
+    policy.add_argument("--energy", type=_energy, help="per layer, the least rank keeping this share of the squared singular values, in (0, 1]")
+    policy.add_argument(
+        "--speedup", type=_speedup, help=f"total Conv MACs before/after at least this, with the least error (default: --speedup {DEFAULT_SPEEDUP:g} when no policy is given)"
+    )
+    policy.add_argument("--ranks", metavar="FILE.json", help="JSON object: node name -> rank; other layers are left alone")
+    d.add_argument("--include", metavar="REGEX", help="only layers whose node name matches")
+    d.add_argument("--exclude", metavar="REGEX", help="leave layers whose node name matches")
+    d.add_argument("--force", action="store_true", help="decompose eligible layers even where the pair costs more MACs (full rank: an exactness check)")
+    d.add_argument("--rank-multiple", type=_positive_int, default=1, metavar="M", help="round ranks up to a multiple of M (default 1)")
+    d.add_argument("--input-shape", type=_input_shape, action="append", default=[], metavar="NAME=1,3,224,224", help="fix an input's shape for the MAC model")
+    d.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data beside the model")
+    d.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
+    d.add_argument("--verify", action="store_true", help="run `verify` on the result")
+    d.add_argument("--quiet", action="store_true", help="print only the totals")
+
+    i = sub.add_parser("inspect", help="per Conv: shape, MACs and the ranks that keep 90/99/99.9%% of the energy")
+    i.add_argument("input")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--input-shape", type=_input_shape, action="append", default=[], metavar="NAME=1,3,224,224")
+
+    v = sub.add_parser("verify", help="compare a candidate with the original in onnxruntime")
+    v.add_argument("original")
+    v.add_argument("candidate")
+    v.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (first axis: samples); `labels` gives accuracy")
+    v.add_argument("--providers", help="comma-separated execution providers (default CPUExecutionProvider)")
+    v.add_argument("--rtol", type=_tolerance, default=1e-3, help="relative tolerance (default 1e-3)")
+    v.add_argument("--atol", type=_tolerance, default=1e-4, help="absolute tolerance (default 1e-4)")
+    v.add_argument("--runs", type=int, default=20, help="timed runs of each model, interleaved (default 20; 0 skips timing)")
+    v.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def format_report(report: Report, quiet: bool = False) -> str:
+    out = []
+    if not quiet:
+        rows = []
+        for layer in report.layers:
+            shape = "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "?"
+            if layer.groups and layer.groups > 1:
+                shape += f" g{layer.groups}"
+            if layer.decomposed:
+                rows.append(
+                    [layer.node, shape, f"{layer.rank}/{layer.full_rank}", f"{layer.relative_error:.4f}",
+                     _count(layer.macs_before), _count(layer.macs_after), f"{layer.mac_ratio:.2f}x", ""]
+                )
+            else:
+                rows.append([layer.node, shape, "-", "-", _count(layer.macs_before), _count(layer.macs_after), "1.00x", f"skipped: {layer.reason}"])
+        out.append(_table(rows, ["node", "weight", "rank", "rel.err", "MACs", "MACs after", "ratio", "note"]))
+    n_dec = len(report.decomposed)
+    out.append(
+        f"decomposed {n_dec} of {len(report.layers)} conv layers; Conv MACs {_count(report.macs_before)} -> "
+        f"{_count(report.macs_after)} ({report.mac_ratio:.2f}x fewer); parameters {_count(report.params_before)} -> "
+        f"{_count(report.params_after)}; {report.seconds:.2f} s"
+    )
+    return "\n".join(out)
+
+
+def format_verify(result: VerifyResult) -> str:
+    rows = []
+    for o in result.outputs:
+        rows.append(
+            [o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.mean_abs:.3g}", f"{o.p99_abs:.3g}",
+             f"{o.relative_l2:.3g}", f"{o.cosine:.6f}", f"{o.required_atol:.3g}", "PASS" if o.passed else "FAIL"]
+        )
+    lines = [_table(rows, ["output", "shape", "max abs", "max rel", "mean abs", "p99 abs", "rel L2", "cosine", "req. atol", f"rtol={result.rtol:g} atol={result.atol:g}"])]
+    for o in result.outputs:
+        if o.top1_agreement is not None:
+            line = f"{o.name}: top-1 agreement {o.top1_agreement:.2%} over {o.shape[0]} samples"
+            if o.accuracy_original is not None and o.accuracy_candidate is not None:
+                line += f"; accuracy original {o.accuracy_original:.2%}, candidate {o.accuracy_candidate:.2%}"
+            lines.append(line)
+    if result.latency_ratio is not None:
+        lines.append(
+            f"latency (median of {result.runs} interleaved runs, {', '.join(result.providers)}): original {result.original_ms:.3f} ms, "
+            f"candidate {result.candidate_ms:.3f} ms, {result.latency_ratio:.2f}x faster"
+        )
+    lines.append("outputs match" if result.passed else "outputs DIFFER beyond tolerance")
+    return "\n".join(lines)
+
+
+def format_inspect(layers: list[InspectLayer]) -> str:
+    rows = []
+    for layer in layers:
+        shape = "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "?"
+        if layer.groups and layer.groups > 1:
+            shape += f" g{layer.groups}"
+        cells = [layer.node, shape, _count(layer.macs)]
+        if layer.eligible:
+            for e in ("0.9", "0.99", "0.999"):
+                r, speedup = layer.energy_ranks[e]
+                cells.append(f"{int(r)}/{layer.full_rank} ({speedup:.2f}x)")
+            cells.append("")
+        else:
+            cells += ["-", "-", "-", f"skipped: {layer.reason}"]
+        rows.append(cells)
+    total = sum(layer.macs for layer in layers)
+    return _table(rows, ["node", "weight", "MACs", "90% energy", "99% energy", "99.9% energy", "note"]) + f"\n{len(layers)} conv layers, {_count(total)} Conv MACs"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    if not path.parent.is_dir():
+        raise LowRankError(f"{path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise LowRankError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _read_ranks(path: str) -> dict[str, int]:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise LowRankError(f"{p}: no such ranks file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LowRankError(f"{p}: not a JSON ranks file ({exc})") from None
+    if not isinstance(data, dict) or not data:
+        raise LowRankError(f"{p}: ranks file must be a non-empty JSON object of node name -> rank")
+    return data
+
+
+def _decompose(args: argparse.Namespace) -> int:
+    src, dst = Path(args.input), Path(args.output)
+    if not dst.parent.is_dir():  # fail before any work
+        raise LowRankError(f"{dst}: output folder {dst.parent} does not exist")
+    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
+        raise LowRankError(f"{dst}: output would overwrite the input model")
+    if args.report and not Path(args.report).parent.is_dir():
+        raise LowRankError(f"{args.report}: report folder does not exist")
+    ranks = _read_ranks(args.ranks) if args.ranks else None
+    start = time.perf_counter()
+    model = load_model(src)
+    external = args.external_data or uses_external_data(model)
+    _progress(args, f"loaded {src} in {time.perf_counter() - start:.2f} s")
+    new, report = decompose(
+        model,
+        rank=args.rank,
+        energy=args.energy,
+        speedup=args.speedup,
+        ranks=ranks,
+        include=args.include,
+        exclude=args.exclude,
+        force=args.force,
+        input_shapes=dict(args.input_shape),
+        rank_multiple=args.rank_multiple,
+    )
+    del model
+    save_model(new, dst, external_data=external, inputs=(src,))
+    report.seconds = time.perf_counter() - start
+    if args.report:
+        _write_text_atomic(Path(args.report), report.to_json() + "\n")
+    print(format_report(report, args.quiet))
+    print(f"wrote {dst}" + (f" (+ {dst.name}.data)" if external else ""))
+    if args.verify:
+        del new
+        result = verify(src, dst)
+        print(format_verify(result))
+    return 0
+
+
+def _progress(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "quiet", False) and sys.stderr.isatty():
+        print(message, file=sys.stderr)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    layers = inspect(args.input, input_shapes=dict(args.input_shape))
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(layer) for layer in layers], indent=2))
+    else:
+        print(format_inspect(layers))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    if args.runs < 0:
+        raise LowRankError(f"--runs must be >= 0, got {args.runs}")
+    result = verify(
+        args.original, args.candidate, inputs=args.inputs, providers=providers, rtol=args.rtol, atol=args.atol, runs=args.runs, threads=args.threads
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_verify(result))
+    return 0 if result.passed else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        handler = {"decompose": _decompose, "inspect": _inspect, "verify": _verify}[args.command]
+        return handler(args)
+    except LowRankError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"{PROG}: error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug of ours: one line unless asked for the traceback
+        if os.environ.get("ONNX_LOWRANK_DEBUG"):
+            raise
+        print(f"{PROG}: internal error: {type(exc).__name__}: {exc} (set ONNX_LOWRANK_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Rank choice: per-layer policies and the global MAC-budget allocation (pure numpy).
+
+Every layer offers a list of :class:`Option` s — "leave it" (the original conv,
+error 0) and factorizations at given ranks, each with its MAC cost and its
+*relative squared kernel error* ``e = ||W − W_K||_F² / ||W||_F² = Σ_{k>K} s_k² / Σ s_k²``.
+
+Per-layer policies
+------------------
+* ``rank K``: every layer at ``min(K, full_rank)``.
+* ``energy E``: per layer the smallest K with ``Σ_{k≤K} s_k² ≥ E · Σ s_k²``.
+
+Global policy (``speedup S``)
+-----------------------------
+Find one option per layer minimising ``Σ_l e_l`` subject to
+``fixed + Σ_l macs_l ≤ total_before / S`` — a multiple-choice knapsack.
+Summing *relative* errors keeps layers of different weight scale comparable.
+
+Algorithm (:func:`allocate`): for each layer take the Pareto front of its
+options in the (macs, error) plane and its lower convex hull. Start every layer
+at its cheapest error-free option (the original, or the full-rank pair when
+that is cheaper), then repeatedly take, over all layers, the hull step with the
+least error added per MAC saved (a heap), until the budget holds. On the hull
+the slopes of a layer increase step by step, so this greedy solves the
+LP relaxation of the knapsack exactly (Sinha & Zoltners, 1979); the integer
+solution it stops at is worse than the true optimum by at most the error of the
+last step taken. A final coordinate pass then gives each layer, in turn, the
+least-error option (hull or not) that still fits the budget with the others
+fixed, which removes most of the overshoot of that last step. When the error
+is convex in the rank (true for the spatial and channel split alone, since
+``s_k`` decreases) every rank is on the hull and the greedy step is one rank.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from .factorization import Kind
+
+__all__ = [
+    "Infeasible",
+    "LayerChoices",
+    "Option",
+    "allocate",
+    "candidate_ranks",
+    "options_for",
+    "energy_rank",
+    "tail_errors",
+]
+
+@dataclass(frozen=True, order=True)
+class Option:
+    """One way to run a layer: ``kind=None`` is the original layer."""
+
+    macs: int
+    error: float
+    kind: Kind | None = None
+    rank: int = 0
+
+
+@dataclass
+class LayerChoices:
+    key: str
+    options: list[Option] = field(default_factory=list)
+
+    @property
+    def original(self) -> Option:
+        return next(o for o in self.options if o.kind is None)
+
+
+class Infeasible(ValueError):
+    """The budget cannot be met; ``best`` is the least total cost reachable."""
+
+    def __init__(self, message: str, best: float) -> None:
+        super().__init__(message)
+        self.best = best
+
+
+def tail_errors(singular_values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``e[K]`` for ``K = 0..R``: the relative squared error when keeping K components."""
+    sq = np.square(np.asarray(singular_values, dtype=np.float64)).sum(axis=0)
+    total = float(sq.sum())
+    if total == 0.0:
+        return np.zeros(sq.size + 1)
+    # reverse cumulative sum: e[K] = Σ_{k>=K} sq[k] / total; e[R] = 0
+    tail = np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]]) / total
+    return np.clip(tail, 0.0, 1.0)
+
+
+def energy_rank(singular_values: npt.NDArray[np.float64], energy: float) -> int:
+    """The smallest K keeping at least ``energy`` of ``Σ s²`` (summed over groups)."""
+    errors = tail_errors(singular_values)
+    # the first K whose lost energy is <= 1 - energy; tolerate rounding so energy=1 is the numerical rank
+    ok = np.nonzero(errors <= (1.0 - energy) + 1e-12)[0]
+    return max(int(ok[0]), 1)
+
+
+def candidate_ranks(full_rank: int, multiple: int = 1) -> list[int]:
+    """Ranks the allocator may choose: multiples of ``multiple`` and the full rank."""
+    if multiple <= 1 or full_rank <= multiple:
+        return list(range(1, full_rank + 1))
+    return sorted({*range(multiple, full_rank + 1, multiple), full_rank})
+
+
+def _hull(options: Sequence[Option]) -> list[Option]:
+    """Lower convex hull of the Pareto front, from most expensive (least error) to cheapest."""
+    front: list[Option] = []
+    for o in sorted(options, key=lambda o: (o.macs, o.error)):
+        if not front or o.error < front[-1].error:
+            front.append(o)
+    # front: macs ascending, error strictly descending
+    hull: list[Option] = []
+    for o in front:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b when it lies on or above the segment a -> o
+            if (b.error - a.error) * (o.macs - a.macs) >= (o.error - a.error) * (b.macs - a.macs):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull[::-1]
+
+
+def allocate(
+    layers: Sequence[LayerChoices],
+    budget: float,
+    fixed: float = 0.0,
+    cost: Callable[[Option], float] = lambda o: float(o.macs),
+) -> dict[str, Option]:
+    """Least total error with ``fixed + Σ cost(chosen) ≤ budget`` (see the module docstring)."""
+    cheapest = fixed + sum(min(cost(o) for o in layer.options) for layer in layers)
+    if cheapest > budget * (1 + 1e-12):
+        raise Infeasible(f"budget {budget:.6g} is below the least reachable cost {cheapest:.6g}", cheapest)
+    costed = {layer.key: [Option(int(cost(o)), o.error, o.kind, o.rank) for o in layer.options] for layer in layers}
+    originals = {layer.key: {(o.kind, o.rank): o for o in layer.options} for layer in layers}
+    hulls = {key: _hull(opts) for key, opts in costed.items()}
+    position = dict.fromkeys(hulls, 0)
+    total = fixed + sum(h[0].macs for h in hulls.values())
+    heap: list[tuple[float, str]] = []
+
+    def push(key: str) -> None:
+        h, i = hulls[key], position[key]
+        if i + 1 < len(h):
+            saved = h[i].macs - h[i + 1].macs
+            heapq.heappush(heap, ((h[i + 1].error - h[i].error) / saved, key))
+
+    for key in hulls:
+        push(key)
+    while total > budget and heap:
+        _, key = heapq.heappop(heap)
+        h, i = hulls[key], position[key]
+        total -= h[i].macs - h[i + 1].macs
+        position[key] = i + 1
+        push(key)
+    chosen = {key: hulls[key][position[key]] for key in hulls}
+    # coordinate polish: each layer takes the least-error option that still fits
+    improved = True
+    while improved:
+        improved = False
+        for key, opts in costed.items():
+            slack = budget - (total - chosen[key].macs)
+            fits = [o for o in opts if o.macs <= slack and o.error < chosen[key].error]
+            if fits:
+                best = min(fits, key=lambda o: (o.error, o.macs))
+                total += best.macs - chosen[key].macs
+                chosen[key] = best
+                improved = True
+    return {key: originals[key][(o.kind, o.rank)] for key, o in chosen.items()}
+
+
+def options_for(
+    key: str,
+    macs: int,
+    rank_macs: Mapping[Kind, int],
+    errors: Mapping[Kind, npt.NDArray[np.float64]],
+    multiple: int = 1,
+) -> LayerChoices:
+    """The leave option plus every candidate rank of each kind (``errors[kind][K]`` from :func:`tail_errors`)."""
+    options = [Option(macs, 0.0)]
+    for kind, per_rank in rank_macs.items():
+        full = errors[kind].size - 1
+        for r in candidate_ranks(full, multiple):
+            options.append(Option(per_rank * r, float(errors[kind][r]), kind, r))
+    return LayerChoices(key, options)

@@ -1,0 +1,86 @@
+"""What a conversion did, per layer and in total; the same fields as ``--report`` JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerReport", "Report", "InspectLayer"]
+
+
+@dataclass
+class LayerReport:
+    """One conv-like node of the input model.
+
+    ``relative_error`` is ``||W − W_K||_F / ||W||_F`` measured on the factors as
+    stored (in the model's dtype); ``optimal_error`` is the Eckart–Young optimum
+    from the singular values. ``macs_*`` are per inference at batch 1.
+    """
+
+    node: str
+    op_type: str
+    decomposed: bool
+    reason: str | None
+    kind: str | None = None
+    rank: int | None = None
+    full_rank: int | None = None
+    relative_error: float | None = None
+    optimal_error: float | None = None
+    macs_before: int = 0
+    macs_after: int = 0
+    vertical_node: str | None = None
+    horizontal_node: str | None = None
+    weight: str | None = None
+    weight_shape: list[int] | None = None
+    groups: int | None = None
+    shape_known: bool = False
+
+    @property
+    def mac_ratio(self) -> float:
+        return self.macs_before / self.macs_after if self.macs_after else 1.0
+
+
+@dataclass
+class Report:
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    layers: list[LayerReport] = field(default_factory=list)
+    policy: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def mac_ratio(self) -> float:
+        """Total Conv MACs before / after."""
+        return self.macs_before / self.macs_after if self.macs_after else 1.0
+
+    @property
+    def decomposed(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.decomposed]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mac_ratio"] = self.mac_ratio
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class InspectLayer:
+    """One conv as ``inspect`` sees it; ``energy_ranks`` maps an energy to ``[rank, layer MAC ratio]``."""
+
+    node: str
+    op_type: str
+    weight_shape: list[int] | None
+    groups: int | None
+    macs: int
+    eligible: bool
+    reason: str | None
+    full_rank: int | None = None
+    energy_ranks: dict[str, list[float]] = field(default_factory=dict)
+    input_spatial: list[int] | None = None
+    output_spatial: list[int] | None = None

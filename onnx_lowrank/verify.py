@@ -1,0 +1,302 @@
+"""Compare two models in onnxruntime: per-output error statistics and interleaved latency.
+
+Inputs are random (seeded) from the original model's input types and shapes —
+symbolic dims become 1 — or come from an ``.npz`` keyed by input name; an
+``.npz`` that also holds ``labels`` gives accuracy and top-1 agreement.
+Latency: both sessions are warmed up, then run alternately (the order flips
+each round so neither model always runs on a warm cache), thread spinning off;
+the medians and their ratio are reported.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+
+from .errors import LowRankError
+from .model_io import PROTOBUF_LIMIT, load_model
+
+__all__ = ["OutputStats", "VerifyResult", "compare_outputs", "make_session", "random_inputs", "verify"]
+
+ModelLike = str | os.PathLike[str] | onnx.ModelProto
+
+_NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+@dataclass
+class OutputStats:
+    """Error of one output, candidate against original."""
+
+    name: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    p99_abs: float
+    relative_l2: float
+    cosine: float
+    required_atol: float  # the least atol that passes at the given rtol
+    passed: bool
+    top1_agreement: float | None = None
+    accuracy_original: float | None = None
+    accuracy_candidate: float | None = None
+
+
+@dataclass
+class VerifyResult:
+    outputs: list[OutputStats]
+    rtol: float
+    atol: float
+    providers: list[str]
+    original_ms: float | None = None
+    candidate_ms: float | None = None
+    runs: int = 0
+    samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Original latency / candidate latency (> 1: the candidate is faster)."""
+        if not self.original_ms or not self.candidate_ms:
+            return None
+        return self.original_ms / self.candidate_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        data["latency_ratio"] = self.latency_ratio
+        return data
+
+
+def make_session(model: ModelLike, providers: Sequence[str] | None = None, threads: int | None = None, optimization: str = "default") -> Any:
+    """An onnxruntime session; refuses providers this build does not have instead of falling back silently."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = list(providers) if providers else ["CPUExecutionProvider"]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise LowRankError(f"execution provider(s) {', '.join(missing)} not in this onnxruntime build (has: {', '.join(available)})")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # spinning threads steal the core the other session's timing needs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization != "default":
+        options.graph_optimization_level = levels[optimization]
+    if isinstance(model, onnx.ModelProto):
+        try:
+            small = model.ByteSize() <= PROTOBUF_LIMIT
+        except (ValueError, OverflowError):
+            small = False
+        if small:
+            source: Any = model.SerializeToString()
+            return _session(ort, source, options, wanted)
+        from .model_io import save_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            save_model(model, path, external_data=True)
+            return _session(ort, str(path), options, wanted)
+    return _session(ort, str(model), options, wanted)
+
+
+def _session(ort: Any, source: Any, options: Any, providers: list[str]) -> Any:
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LowRankError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def random_inputs(session: Any, seed: int = 0, batch: int = 1) -> dict[str, npt.NDArray[Any]]:
+    """Seeded random inputs for every input of ``session``; symbolic dims become 1 (batch: ``batch``)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    type_names = {
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(double)": np.float64,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+        "tensor(int8)": np.int8,
+        "tensor(uint8)": np.uint8,
+        "tensor(bool)": np.bool_,
+    }
+    for value in session.get_inputs():
+        dtype = type_names.get(value.type)
+        if dtype is None:
+            raise LowRankError(f"input {value.name!r} has type {value.type}; give inputs with --inputs")
+        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(value.shape)]
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[value.name] = rng.random(shape) < 0.5
+        else:
+            feeds[value.name] = rng.integers(0, 10, size=shape).astype(dtype)
+    return feeds
+
+
+def compare_outputs(
+    names: Sequence[str],
+    reference: Sequence[npt.NDArray[Any]],
+    candidate: Sequence[npt.NDArray[Any]],
+    rtol: float,
+    atol: float,
+    labels: npt.NDArray[Any] | None = None,
+) -> list[OutputStats]:
+    stats = []
+    for name, ref, cand in zip(names, reference, candidate):
+        a = np.asarray(ref, dtype=np.float64)
+        b = np.asarray(cand, dtype=np.float64)
+        if a.shape != b.shape:
+            raise LowRankError(f"output {name!r}: shapes differ, {list(a.shape)} vs {list(b.shape)}")
+        diff = np.abs(a - b)
+        finite = bool(np.all(np.isfinite(b)) or np.array_equal(np.isfinite(a), np.isfinite(b)))
+        ref_norm = float(np.linalg.norm(a))
+        cos_den = ref_norm * float(np.linalg.norm(b))
+        entry = OutputStats(
+            name=name,
+            shape=list(a.shape),
+            max_abs=float(diff.max()) if diff.size else 0.0,
+            max_rel=float((diff / np.maximum(np.abs(a), 1e-12)).max()) if diff.size else 0.0,
+            mean_abs=float(diff.mean()) if diff.size else 0.0,
+            p99_abs=float(np.percentile(diff, 99)) if diff.size else 0.0,
+            relative_l2=float(np.linalg.norm(a - b) / ref_norm) if ref_norm else float(np.linalg.norm(b)),
+            cosine=float(np.sum(a * b) / cos_den) if cos_den else 1.0,
+            required_atol=float(np.max(diff - rtol * np.abs(a), initial=0.0)),
+            passed=finite and bool(np.all(diff <= atol + rtol * np.abs(a))),
+        )
+        if a.ndim == 2 and a.shape[1] > 1:
+            top_a, top_b = a.argmax(axis=1), b.argmax(axis=1)
+            entry.top1_agreement = float(np.mean(top_a == top_b))
+            if labels is not None and len(labels) == a.shape[0]:
+                entry.accuracy_original = float(np.mean(top_a == labels))
+                entry.accuracy_candidate = float(np.mean(top_b == labels))
+        stats.append(entry)
+    return stats
+
+
+def _load_inputs(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise LowRankError(f"{p}: no such inputs file")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise LowRankError(f"{p}: not a readable .npz ({exc})") from None
+
+
+def _batches(feeds: Mapping[str, npt.NDArray[Any]], names: Sequence[str], fixed_batch: Mapping[str, int | None]) -> list[dict[str, npt.NDArray[Any]]]:
+    """Split an npz whose first axis is samples into batches the model accepts."""
+    out = []
+    count = min(len(feeds[n]) for n in names)
+    step = min((b for b in fixed_batch.values() if b), default=count) or count
+    for start in range(0, count, step):
+        out.append({n: feeds[n][start : start + step] for n in names})
+    return out
+
+
+def verify(
+    original: ModelLike,
+    candidate: ModelLike,
+    *,
+    inputs: str | os.PathLike[str] | Mapping[str, npt.NDArray[Any]] | None = None,
+    providers: Sequence[str] | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    seed: int = 0,
+) -> VerifyResult:
+    """Run both models in onnxruntime on the same inputs and compare (see the module docstring)."""
+    if not rtol >= 0 or not atol >= 0:
+        raise LowRankError(f"tolerances must be >= 0, got rtol={rtol} atol={atol}")
+    if isinstance(original, (str, os.PathLike)):
+        load_model(original)  # one-line errors for a missing or broken file before onnxruntime sees it
+    if isinstance(candidate, (str, os.PathLike)):
+        load_model(candidate)
+    ref = make_session(original, providers, threads)
+    cand = make_session(candidate, providers, threads)
+    names = [o.name for o in ref.get_outputs()]
+    cand_names = [o.name for o in cand.get_outputs()]
+    if names != cand_names:
+        raise LowRankError(f"outputs differ: {names} vs {cand_names}")
+    input_names = [i.name for i in ref.get_inputs()]
+    labels = None
+    if inputs is None:
+        batches = [random_inputs(ref, seed)]
+    else:
+        data = dict(_load_inputs(inputs)) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
+        labels = data.pop("labels", None)
+        missing = [n for n in input_names if n not in data]
+        if missing:
+            raise LowRankError(f"inputs file lacks model input(s): {', '.join(missing)}")
+        fixed = {i.name: (i.shape[0] if i.shape and isinstance(i.shape[0], int) else None) for i in ref.get_inputs()}
+        batches = _batches(data, input_names, fixed)
+    ref_out: list[list[npt.NDArray[Any]]] = []
+    cand_out: list[list[npt.NDArray[Any]]] = []
+    try:
+        for feed in batches:
+            ref_out.append(ref.run(names, feed))
+            cand_out.append(cand.run(names, feed))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LowRankError(f"onnxruntime failed to run: {first}") from None
+    merged_ref = [np.concatenate([b[i] for b in ref_out]) if len(ref_out) > 1 else ref_out[0][i] for i in range(len(names))]
+    merged_cand = [np.concatenate([b[i] for b in cand_out]) if len(cand_out) > 1 else cand_out[0][i] for i in range(len(names))]
+    stats = compare_outputs(names, merged_ref, merged_cand, rtol, atol, labels)
+    result = VerifyResult(stats, rtol, atol, list(cand.get_providers()), samples=sum(len(next(iter(b.values()))) for b in batches))
+    if runs > 0:
+        result.original_ms, result.candidate_ms = interleaved_latency(ref, cand, batches[0], runs, warmup)
+        result.runs = runs
+    return result
+
+
+def interleaved_latency(first: Any, second: Any, feed: Mapping[str, Any], runs: int, warmup: int = 3) -> tuple[float, float]:
+    """Median milliseconds of each session over interleaved runs (order flipped every round)."""
+    for _ in range(warmup):
+        first.run(None, feed)
+        second.run(None, feed)
+    times: tuple[list[float], list[float]] = ([], [])
+    sessions = (first, second)
+    for i in range(runs):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for j in order:
+            t0 = time.perf_counter()
+            sessions[j].run(None, feed)
+            times[j].append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(times[0]), statistics.median(times[1])
