@@ -1,0 +1,56 @@
+"""Small ONNX models for the tests, built with onnx.helper and seeded numpy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+
+def conv_model(
+    *,
+    n: int = 8,
+    c: int = 6,
+    kernel: Sequence[int] = (3, 3),
+    group: int = 1,
+    bias: bool = True,
+    input_shape: Sequence[Any] = (1, 6, 12, 12),
+    attrs: dict[str, Any] | None = None,
+    seed: int = 0,
+    dtype: int = TensorProto.FLOAT,
+    opset: int = 17,
+    name: str = "conv",
+) -> onnx.ModelProto:
+    """One Conv from input ``x`` to output ``y`` with an initializer weight (and bias)."""
+    rng = np.random.default_rng(seed)
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    w = rng.standard_normal((n, c // group, *kernel)).astype(np_dtype)
+    inits = [numpy_helper.from_array(w, "W")]
+    inputs = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np_dtype), "B"))
+        inputs.append("B")
+    node = helper.make_node("Conv", inputs, ["y"], name=name, group=group, **(attrs or {}))
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", dtype, list(input_shape))],
+        [helper.make_tensor_value_info("y", dtype, ["n", "c", "h", "w"][: len(input_shape)])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 8)
+    return model
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of ``model`` in onnxruntime on CPU (no graph optimizations: the graph as written)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
