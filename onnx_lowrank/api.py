@@ -1,7 +1,24 @@
 """The library entry points: :func:`decompose` and :func:`inspect`.
 
-This module turns a user's policy into ranks (via :mod:`onnx_lowrank.ranks`),
-drives the graph pass and builds the report. It knows nothing of the CLI.
+This module turns a user's policy into one (kind, rank) per layer — via
+:mod:`onnx_lowrank.ranks` — drives the graph passes and builds the report. It
+knows nothing of the CLI.
+
+Layers: ``Conv`` (spatial split of Tai et al., or channel split), ``ConvTranspose``
+(spatial split) and ``Gemm``/``MatMul`` with a constant weight (channel split,
+i.e. a truncated SVD of the matrix). ``kinds`` restricts the splits offered.
+How each policy picks per layer:
+
+* ``rank K``: the spatial split at ``min(K, full rank)`` where the layer allows
+  it, else the channel split (when allowed).
+* ``energy E``: per allowed kind the least rank keeping ``E`` of Σ s²; the kind
+  with fewer MACs at that rank.
+* ``ranks {node: K | {"rank": K, "kind": ...}}``: as ``rank``, for the named nodes only.
+* ``speedup S`` and/or ``params_ratio R``: every allowed kind at every rank
+  competes in one allocation (see :mod:`onnx_lowrank.ranks`).
+
+A weight shared by several layers is factored once: its layers form one
+allocation unit and get the same kind and rank.
 """
 
 from __future__ import annotations
@@ -10,55 +27,97 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
 from .errors import LowRankError
-from .factorization import Decomposition, Factors, decompose_kernel, reconstruct, singular_values
+from .factorization import Decomposition, Factors, Kind, decompose_kernel, reconstruct, singular_values
 from .model_io import load_model
-from .passes.conv_decomposition import ConvSite, apply_factors, find_conv_sites
-from .ranks import Infeasible, LayerChoices, Option, allocate, candidate_ranks, energy_rank, tail_errors
+from .passes._rewrite import Site, apply_factors
+from .passes.conv_decomposition import find_conv_sites
+from .passes.fc_decomposition import find_fc_sites
+from .passes.fold_batchnorm import fold_batchnorm
+from .ranks import Infeasible, LayerChoices, Option, allocate, allocate_two, candidate_ranks, energy_rank, tail_errors
 from .report import InspectLayer, LayerReport, Report
 from .shapes import infer_shapes
 
-__all__ = ["DEFAULT_SPEEDUP", "decompose", "inspect", "count_params"]
+__all__ = ["DEFAULT_KINDS", "DEFAULT_SPEEDUP", "count_params", "decompose", "inspect"]
 
 DEFAULT_SPEEDUP = 2.0
+DEFAULT_KINDS: tuple[Kind, ...] = ("spatial", "channel")
+ALL_KINDS: tuple[Kind, ...] = ("spatial", "channel")
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
+Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
 class _Policy:
-    name: str  # "rank" | "energy" | "speedup" | "ranks"
-    value: float | Mapping[str, int]
+    rank: int | None = None
+    energy: float | None = None
+    speedup: float | None = None
+    params_ratio: float | None = None
+    ranks: Mapping[str, tuple[int, Kind | None]] | None = None
+
+    @property
+    def name(self) -> str:
+        if self.rank is not None:
+            return "rank"
+        if self.energy is not None:
+            return "energy"
+        if self.ranks is not None:
+            return "ranks"
+        return "budget"
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        for field in ("rank", "energy", "speedup", "params_ratio"):
+            if getattr(self, field) is not None:
+                out[field] = getattr(self, field)
+        return out
+
+
+def _parse_ranks(ranks: Mapping[str, Any]) -> dict[str, tuple[int, Kind | None]]:
+    parsed: dict[str, tuple[int, Kind | None]] = {}
+    for node, value in ranks.items():
+        kind: Any = None
+        if isinstance(value, Mapping):
+            kind = value.get("kind")
+            value = value.get("rank")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LowRankError(f"ranks: node {node!r} has rank {value!r}; ranks must be whole numbers >= 1")
+        if kind is not None and kind not in ALL_KINDS:
+            raise LowRankError(f"ranks: node {node!r} has kind {kind!r}; kinds are {', '.join(ALL_KINDS)}")
+        parsed[str(node)] = (value, kind)
+    return parsed
 
 
 def _policy(
-    rank: int | None, energy: float | None, speedup: float | None, ranks: Mapping[str, int] | None
+    rank: int | None, energy: float | None, speedup: float | None, params_ratio: float | None, ranks: Mapping[str, Any] | None
 ) -> _Policy:
-    given = {k: v for k, v in (("rank", rank), ("energy", energy), ("speedup", speedup), ("ranks", ranks)) if v is not None}
-    if len(given) > 1:
-        raise LowRankError(f"choose one rank policy, got {' and '.join('--' + k for k in given)}")
-    if not given:
-        return _Policy("speedup", DEFAULT_SPEEDUP)
-    name, value = next(iter(given.items()))
-    if name == "rank" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise LowRankError(f"--rank must be a whole number >= 1, got {value!r}")
-    if name == "energy" and not (isinstance(value, (int, float)) and 0.0 < float(value) <= 1.0):
-        raise LowRankError(f"--energy must be in (0, 1], got {value!r}")
-    if name == "speedup" and not (isinstance(value, (int, float)) and math.isfinite(value) and float(value) >= 1.0):
-        raise LowRankError(f"--speedup must be a number >= 1, got {value!r}")
-    if name == "ranks":
-        if not isinstance(value, Mapping):
-            raise LowRankError("ranks must map node names to ranks")
-        for node, r in value.items():
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                raise LowRankError(f"ranks: node {node!r} has rank {r!r}; ranks must be whole numbers >= 1")
-    return _Policy(name, value)  # type: ignore[arg-type]
+    per_layer = {k: v for k, v in (("rank", rank), ("energy", energy), ("ranks", ranks)) if v is not None}
+    budgets = {k: v for k, v in (("speedup", speedup), ("params-ratio", params_ratio)) if v is not None}
+    if len(per_layer) > 1 or (per_layer and budgets):
+        raise LowRankError(f"choose one rank policy, got {' and '.join('--' + k for k in [*per_layer, *budgets])}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise LowRankError(f"--rank must be a whole number >= 1, got {rank!r}")
+    if energy is not None and not (isinstance(energy, (int, float)) and 0.0 < float(energy) <= 1.0):
+        raise LowRankError(f"--energy must be in (0, 1], got {energy!r}")
+    if speedup is not None and not (isinstance(speedup, (int, float)) and math.isfinite(speedup) and float(speedup) >= 1.0):
+        raise LowRankError(f"--speedup must be a number >= 1, got {speedup!r}")
+    if params_ratio is not None and not (isinstance(params_ratio, (int, float)) and 0.0 < float(params_ratio) <= 1.0):
+        raise LowRankError(f"--params-ratio must be in (0, 1], got {params_ratio!r}")
+    if ranks is not None:
+        if not isinstance(ranks, Mapping) or not ranks:
+            raise LowRankError("ranks must be a non-empty mapping of node name to rank")
+        return _Policy(ranks=_parse_ranks(ranks))
+    if not per_layer and not budgets:
+        return _Policy(speedup=DEFAULT_SPEEDUP)
+    return _Policy(rank=rank, energy=energy, speedup=speedup, params_ratio=params_ratio)
 
 
 def _regex(pattern: str | None, flag: str) -> re.Pattern[str] | None:
@@ -68,6 +127,16 @@ def _regex(pattern: str | None, flag: str) -> re.Pattern[str] | None:
         return re.compile(pattern)
     except re.error as exc:
         raise LowRankError(f"{flag}: invalid regular expression {pattern!r} ({exc})") from None
+
+
+def _kinds(kinds: Sequence[str] | None) -> tuple[Kind, ...]:
+    if kinds is None:
+        return DEFAULT_KINDS
+    chosen = tuple(dict.fromkeys(kinds))
+    bad = [k for k in chosen if k not in ALL_KINDS]
+    if bad or not chosen:
+        raise LowRankError(f"--kinds: unknown kind(s) {', '.join(bad) or '(none)'}; choose from {', '.join(ALL_KINDS)}")
+    return chosen  # type: ignore[return-value]
 
 
 def _as_model(model: ModelLike) -> onnx.ModelProto:
@@ -83,7 +152,7 @@ def count_params(model: onnx.ModelProto) -> int:
     return sum(math.prod(t.dims) for t in external_data_helper._get_all_tensors(model))
 
 
-def _stored_error(site: ConvSite, factors: Factors) -> float:
+def _stored_error(site: Site, factors: Factors) -> float:
     """``||W − W_K|| / ||W||`` with the factors rounded to the dtype they are written in."""
     assert site.weight is not None
     dtype = helper.tensor_dtype_to_np_dtype(site.weight.data_type)
@@ -94,87 +163,113 @@ def _stored_error(site: ConvSite, factors: Factors) -> float:
         factors.second.astype(dtype).astype(np.float64),
         factors.singular_values,
     )
-    w = site.weight.values.astype(np.float64)
+    w = site.kernel().astype(np.float64)
     norm = float(np.linalg.norm(w))
     if norm == 0.0:
         return 0.0
     return float(np.linalg.norm(w - reconstruct(rounded, site.groups)) / norm)
 
 
-class _Group:
-    """Sites that share one weight (factored once, one rank for all)."""
+class _Unit:
+    """Sites that share one weight: factored once, one kind and rank for all."""
 
-    def __init__(self, sites: list[ConvSite]) -> None:
+    def __init__(self, sites: list[Site], kinds: list[Kind]) -> None:
         self.sites = sites
-        first = sites[0]
-        assert first.weight is not None and first.cost is not None
-        self.decomposition: Decomposition = decompose_kernel(first.weight.values, first.groups, "spatial")
-        self.errors = tail_errors(self.decomposition.s)
+        self.kinds = kinds
+        self._decompositions: dict[Kind, Decomposition] = {}
         self.macs = sum(s.cost.macs for s in sites if s.cost)
-        self.rank_macs = sum(s.cost.rank_macs("spatial") for s in sites if s.cost)
+        first = sites[0]
+        assert first.cost is not None
+        self.params = first.cost.params  # the weight is stored once
+        self.rank_macs = {k: sum(s.cost.rank_macs[k] for s in sites if s.cost) for k in kinds}
+        self.rank_params = {k: first.cost.rank_params[k] for k in kinds}
+        self.bias = first.cost.bias
 
     @property
     def key(self) -> str:
         return self.sites[0].key
 
+    def decomposition(self, kind: Kind) -> Decomposition:
+        if kind not in self._decompositions:
+            site = self.sites[0]
+            self._decompositions[kind] = decompose_kernel(site.kernel(), site.groups, kind)
+        return self._decompositions[kind]
+
+    def errors(self, kind: Kind) -> np.ndarray:
+        return tail_errors(self.decomposition(kind).s)
+
     def choices(self, multiple: int) -> LayerChoices:
-        options = [Option(self.macs, 0.0)]
-        for r in candidate_ranks(self.decomposition.full_rank, multiple):
-            options.append(Option(self.rank_macs * r, float(self.errors[r]), "spatial", r))
+        options = [Option(self.macs, 0.0, None, 0, self.params)]
+        for kind in self.kinds:
+            errors = self.errors(kind)
+            for r in candidate_ranks(errors.size - 1, multiple):
+                options.append(Option(self.rank_macs[kind] * r, float(errors[r]), kind, r, self.rank_params[kind] * r + self.bias))
         return LayerChoices(self.key, options)
 
 
-def _group_sites(sites: list[ConvSite], ranks: Mapping[str, int] | None) -> list[_Group]:
-    buckets: dict[tuple[object, ...], list[ConvSite]] = {}
-    for site in sites:
-        key = (site.weight_key, site.groups, ranks.get(site.key) if ranks else None)
-        buckets.setdefault(key, []).append(site)
-    return [_Group(v) for v in buckets.values()]
+def _round(rank: int, full: int, multiple: int) -> int:
+    return min(full, -(-rank // multiple) * multiple) if multiple > 1 and rank < full else min(rank, full)
 
 
-def _choose(groups: list[_Group], policy: _Policy, fixed_macs: int, force: bool, multiple: int) -> dict[str, tuple[int | None, str | None]]:
-    """Rank per group key, or ``None`` with the reason the group is left alone."""
-    chosen: dict[str, tuple[int | None, str | None]] = {}
-    if policy.name == "speedup":
-        target = float(policy.value)  # type: ignore[arg-type]
-        before = fixed_macs + sum(g.macs for g in groups)
-        try:
-            picks = allocate([g.choices(multiple) for g in groups], before / target, fixed=fixed_macs)
-        except Infeasible as exc:
-            best = before / exc.best if exc.best else float("inf")
+def _choose_per_layer(unit: _Unit, policy: _Policy, force: bool, multiple: int) -> tuple[Kind | None, int, str | None]:
+    if policy.rank is not None or policy.ranks is not None:
+        if policy.ranks is not None:
+            rank, wanted = policy.ranks[unit.key]
+            if wanted is not None and wanted not in unit.kinds:
+                return None, 0, f"ranks file asks for kind {wanted!r}, which this layer does not allow"
+            kind: Kind = wanted or unit.kinds[0]
+        else:
+            rank, kind = int(policy.rank), unit.kinds[0]  # type: ignore[arg-type]
+        r = _round(rank, unit.decomposition(kind).full_rank, multiple)
+    else:
+        candidates = []
+        for k in unit.kinds:
+            r_k = _round(energy_rank(unit.decomposition(k).s, float(policy.energy)), unit.decomposition(k).full_rank, multiple)  # type: ignore[arg-type]
+            candidates.append((unit.rank_macs[k] * r_k, k, r_k))
+        _, kind, r = min(candidates)
+    pair = unit.rank_macs[kind] * r
+    if pair >= unit.macs and not force:
+        return None, r, f"{kind} rank {r} would not cut MACs ({pair:,} >= {unit.macs:,}); --force decomposes anyway"
+    return kind, r, None
+
+
+def _choose_budget(
+    units: list[_Unit], policy: _Policy, fixed_macs: int, fixed_params: int, params_total: int, force: bool, multiple: int
+) -> dict[str, tuple[Kind | None, int, str | None]]:
+    layers = [u.choices(multiple) for u in units]
+    before = fixed_macs + sum(u.macs for u in units)
+    try:
+        if policy.params_ratio is None:
+            picks = allocate(layers, before / float(policy.speedup), fixed=fixed_macs)  # type: ignore[arg-type]
+        else:
+            mac_budget = before / float(policy.speedup) if policy.speedup else float("inf")
+            picks = allocate_two(layers, mac_budget, policy.params_ratio * params_total, fixed_macs, fixed_params)
+    except Infeasible as exc:
+        if policy.params_ratio is not None and "parameter" in str(exc):
+            best = exc.best / params_total if params_total else 1.0
             raise LowRankError(
-                f"--speedup {target:g} cannot be reached: the most any allocation gives is {best:.3g}x "
-                "(every eligible layer at its smallest rank)"
+                f"--params-ratio {policy.params_ratio:g} cannot be reached: the least reachable is {best:.3g} (all at rank 1)"
             ) from None
-        for g in groups:
-            pick = picks[g.key]
-            if pick.kind is None:
-                if force:
-                    chosen[g.key] = (g.decomposition.full_rank, None)
-                else:
-                    chosen[g.key] = (None, f"left as is by --speedup {target:g}: other layers lose less accuracy per MAC saved")
-            else:
-                chosen[g.key] = (pick.rank, None)
-        return chosen
-    for g in groups:
-        full = g.decomposition.full_rank
-        if policy.name == "rank":
-            r = min(int(policy.value), full)  # type: ignore[call-overload]
-        elif policy.name == "energy":
-            r = energy_rank(g.decomposition.s, float(policy.value))  # type: ignore[arg-type]
+        best_speedup = before / exc.best if exc.best else float("inf")
+        raise LowRankError(
+            f"--speedup {policy.speedup:g} cannot be reached: the most any allocation gives is {best_speedup:.3g}x "
+            "(every eligible layer at its smallest rank)"
+        ) from None
+    chosen: dict[str, tuple[Kind | None, int, str | None]] = {}
+    what = " and ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in policy.describe().items() if k in ("speedup", "params_ratio"))
+    for unit in units:
+        pick = picks[unit.key]
+        if pick.kind is not None:
+            chosen[unit.key] = (pick.kind, pick.rank, None)
+        elif force:
+            kind = unit.kinds[0]
+            chosen[unit.key] = (kind, unit.decomposition(kind).full_rank, None)
         else:
-            r = min(int(policy.value[g.key]), full)  # type: ignore[index]
-        if multiple > 1 and r < full:
-            r = min(full, -(-r // multiple) * multiple)
-        pair = g.rank_macs * r
-        if pair >= g.macs and not force:
-            chosen[g.key] = (None, f"rank {r} would not cut MACs (pair {pair:,} >= original {g.macs:,}); --force decomposes anyway")
-        else:
-            chosen[g.key] = (r, None)
+            chosen[unit.key] = (None, 0, f"left as is by {what}: other layers lose less per MAC/parameter saved")
     return chosen
 
 
-def _layer_report(site: ConvSite, reason: str | None) -> LayerReport:
+def _layer_report(site: Site, reason: str | None) -> LayerReport:
     w = site.weight.values if site.weight is not None else None
     macs = site.cost.macs if site.cost else 0
     return LayerReport(
@@ -191,106 +286,133 @@ def _layer_report(site: ConvSite, reason: str | None) -> LayerReport:
     )
 
 
+def find_sites(model: onnx.ModelProto, shapes: Mapping[str, Any]) -> list[Site]:
+    """Every conv-like and fully connected node of the model, convs first."""
+    return [*find_conv_sites(model, dict(shapes)), *find_fc_sites(model, dict(shapes))]
+
+
 def decompose(
     model: ModelLike,
     *,
     rank: int | None = None,
     energy: float | None = None,
     speedup: float | None = None,
-    ranks: Mapping[str, int] | None = None,
+    params_ratio: float | None = None,
+    ranks: Mapping[str, Any] | None = None,
     include: str | None = None,
     exclude: str | None = None,
     force: bool = False,
+    kinds: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     rank_multiple: int = 1,
+    fold_bn: bool = True,
+    progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
-    """Decompose the model's Conv layers; return the new model and what was done.
+    """Decompose the model's layers; return the new model and what was done.
 
-    Exactly one policy may be given: ``rank`` (every layer, clipped to its full
-    rank), ``energy`` (per layer, the least rank keeping that share of Σ s²),
-    ``speedup`` (total Conv MACs before/after ≥ the target with the least total
-    relative squared error; the default, at 2) or ``ranks`` (node name → rank;
-    other layers are left alone). ``include``/``exclude`` are regular expressions
-    searched in node names. ``force`` decomposes layers even where the pair costs
-    more MACs than the original. ``input_shapes`` fixes symbolic input dims for
-    the cost model. ``rank_multiple`` rounds ranks up to a multiple (kernels of
-    onnxruntime favour multiples of 8 or 16).
+    One per-layer policy may be given — ``rank`` (every layer, clipped to its
+    full rank), ``energy`` (per layer, the least rank keeping that share of
+    Σ s²) or ``ranks`` (node name → rank; other layers are left alone) — or the
+    global budgets ``speedup`` (total MACs before/after ≥ S) and/or
+    ``params_ratio`` (parameters after/before ≤ R), met with the least total
+    relative squared error. With nothing given: ``speedup=2``.
 
-    ``model`` is a path or a ``ModelProto``; a given ``ModelProto`` is copied, never changed.
-    Raises :class:`LowRankError` for bad arguments or models.
+    ``kinds`` lists the splits offered (``"spatial"``, ``"channel"``; default
+    both). ``include``/``exclude`` are regular expressions searched in node
+    names. ``force`` decomposes layers even where the pair costs more MACs.
+    ``input_shapes`` fixes symbolic input dims for the cost model.
+    ``rank_multiple`` rounds ranks up to a multiple. ``fold_bn`` first folds
+    BatchNormalization into the Conv before it. ``progress(done, total, name)``
+    is called as layers are factored.
+
+    ``model`` is a path or a ``ModelProto``; a given ``ModelProto`` is copied,
+    never changed. Raises :class:`LowRankError` for bad arguments or models.
     """
     start = time.perf_counter()
-    policy = _policy(rank, energy, speedup, ranks)
+    policy = _policy(rank, energy, speedup, params_ratio, ranks)
+    allowed = _kinds(kinds)
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise LowRankError(f"rank multiple must be a whole number >= 1, got {rank_multiple!r}")
     include_re, exclude_re = _regex(include, "--include"), _regex(exclude, "--exclude")
     proto = _as_model(model)
-    shapes = infer_shapes(proto, input_shapes)
-    sites = find_conv_sites(proto, shapes)
     params_before = count_params(proto)
-    if policy.name == "ranks":
-        keys = {s.key for s in sites}
-        unknown = sorted(set(policy.value) - keys)  # type: ignore[arg-type]
+    folded: list[tuple[str, str]] = []
+    if fold_bn:
+        proto, fold = fold_batchnorm(proto)
+        folded = fold.folded
+    shapes = infer_shapes(proto, input_shapes)
+    sites = find_sites(proto, shapes)
+    if policy.ranks is not None:
+        unknown = sorted(set(policy.ranks) - {s.key for s in sites})
         if unknown:
-            raise LowRankError(f"ranks file names nodes that are not Convs of the model: {', '.join(unknown[:5])}")
+            raise LowRankError(f"ranks file names nodes that are not decomposable layers of the model: {', '.join(unknown[:5])}")
 
     reasons: dict[str, str | None] = {}
-    selected: list[ConvSite] = []
+    selected: list[Site] = []
     for site in sites:
-        reason = site.reason
+        reason = None if site.available(allowed) else site.why_not(allowed)
         if reason is None and include_re is not None and not include_re.search(site.key):
             reason = "not matched by --include"
         if reason is None and exclude_re is not None and exclude_re.search(site.key):
             reason = "matched by --exclude"
-        if reason is None and policy.name == "ranks" and site.key not in policy.value:  # type: ignore[operator]
+        if reason is None and policy.ranks is not None and site.key not in policy.ranks:
             reason = "not named in the ranks file"
         reasons[site.key] = reason
         if reason is None:
             selected.append(site)
 
-    groups = _group_sites(selected, policy.value if policy.name == "ranks" else None)  # type: ignore[arg-type]
-    fixed = sum(s.cost.macs for s in sites if s.cost and s not in selected)
-    chosen = _choose(groups, policy, fixed, force, rank_multiple)
+    buckets: dict[tuple[object, ...], list[Site]] = {}
+    for site in selected:
+        rank_key = policy.ranks.get(site.key) if policy.ranks else None
+        buckets.setdefault((site.weight_key, type(site), site.groups, rank_key), []).append(site)
+    units = [_Unit(group, group[0].available(allowed)) for group in buckets.values()]
+
+    fixed_macs = sum(s.cost.macs for s in sites if s.cost and s not in selected)
+    fixed_params = params_before - sum(u.params for u in units)
+    if policy.name == "budget":
+        chosen = _choose_budget(units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple)
+    else:
+        chosen = {u.key: _choose_per_layer(u, policy, force, rank_multiple) for u in units}
 
     layers = {site.key: _layer_report(site, reasons[site.key]) for site in sites}
-    plan: list[tuple[ConvSite, Factors]] = []
-    for g in groups:
-        r, why = chosen[g.key]
-        if r is None:
-            for site in g.sites:
+    plan: list[tuple[Site, Factors]] = []
+    for done, unit in enumerate(units, 1):
+        kind, r, why = chosen[unit.key]
+        for site in unit.sites:
+            layers[site.key].full_rank = unit.decomposition(unit.kinds[0]).full_rank
+        if kind is None:
+            for site in unit.sites:
                 layers[site.key].reason = why
             continue
-        factors = g.decomposition.factors(r)
-        error = _stored_error(g.sites[0], factors)
-        for site in g.sites:
+        decomposition = unit.decomposition(kind)
+        factors = decomposition.factors(r)
+        error = _stored_error(unit.sites[0], factors)
+        for site in unit.sites:
             plan.append((site, factors))
             layer = layers[site.key]
             layer.decomposed = True
-            layer.kind = "spatial"
+            layer.kind = kind
             layer.rank = factors.rank
-            layer.full_rank = g.decomposition.full_rank
+            layer.full_rank = decomposition.full_rank
             layer.relative_error = error
             layer.optimal_error = factors.relative_error
-            layer.macs_after = site.cost.pair_macs("spatial", factors.rank) if site.cost else 0
-    for g in groups:  # full rank is worth reporting for layers left alone, too
-        for site in g.sites:
-            layers[site.key].full_rank = g.decomposition.full_rank
+            layer.macs_after = site.cost.pair_macs(kind, factors.rank) if site.cost else 0
+        if progress is not None:
+            progress(done, len(units), unit.key)
 
     proto, made = apply_factors(proto, plan)
     for key, names in made.items():
         layers[key].vertical_node = names.first
         layers[key].horizontal_node = names.second
     layer_list = [layers[s.key] for s in sites]
-    policy_dict: dict[str, object] = {"name": policy.name, "force": force, "rank_multiple": rank_multiple}
-    if policy.name != "ranks":
-        policy_dict["value"] = policy.value
     report = Report(
         macs_before=sum(layer.macs_before for layer in layer_list),
         macs_after=sum(layer.macs_after for layer in layer_list),
         params_before=params_before,
         params_after=count_params(proto),
         layers=layer_list,
-        policy=policy_dict,
+        policy={**policy.describe(), "kinds": list(allowed), "force": force, "rank_multiple": rank_multiple, "fold_bn": fold_bn},
+        folded_batchnorms=[bn for _, bn in folded],
         seconds=time.perf_counter() - start,
     )
     return proto, report
@@ -299,29 +421,36 @@ def decompose(
 INSPECT_ENERGIES = (0.9, 0.99, 0.999)
 
 
-def inspect(model: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[InspectLayer]:
-    """Per conv: shape, groups, MACs, and the ranks keeping 90/99/99.9 % of the energy with their speedups."""
+def inspect(
+    model: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | None = None, kinds: Sequence[str] | None = None
+) -> list[InspectLayer]:
+    """Per layer: shape, groups, MACs, and the ranks keeping 90/99/99.9 % of the energy with their speedups.
+
+    The ranks are those of the first allowed kind of each layer (spatial where it applies).
+    """
+    allowed = _kinds(kinds)
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    sites = find_conv_sites(proto, infer_shapes(proto, input_shapes))
+    sites = find_sites(proto, infer_shapes(proto, input_shapes))
     result = []
     for site in sites:
         w = site.weight.values if site.weight is not None else None
+        usable = site.available(allowed)
         layer = InspectLayer(
             node=site.key,
             op_type=site.node.op_type,
             weight_shape=list(w.shape) if w is not None else None,
             groups=site.groups if w is not None else None,
             macs=site.cost.macs if site.cost else 0,
-            eligible=site.reason is None,
-            reason=site.reason,
-            input_spatial=list(site.cost.in_spatial) if site.cost and site.shape_known else None,
-            output_spatial=list(site.cost.out_spatial) if site.cost and site.shape_known else None,
+            eligible=bool(usable),
+            reason=None if usable else site.why_not(allowed),
         )
-        if site.reason is None and site.cost is not None and w is not None:
-            s = singular_values(w, site.groups, "spatial")
+        if usable and site.cost is not None:
+            kind = usable[0]
+            layer.kind = kind
+            s = singular_values(site.kernel(), site.groups, kind)
             layer.full_rank = int(s.shape[1])
             for e in INSPECT_ENERGIES:
                 r = energy_rank(s, e)
-                layer.energy_ranks[f"{e:g}"] = [r, site.cost.macs / site.cost.pair_macs("spatial", r)]
+                layer.energy_ranks[f"{e:g}"] = [r, site.cost.macs / max(site.cost.pair_macs(kind, r), 1)]
         result.append(layer)
     return result

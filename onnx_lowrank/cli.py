@@ -15,10 +15,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from . import __version__
-from .api import DEFAULT_SPEEDUP, decompose, inspect
+from .api import DEFAULT_KINDS, DEFAULT_SPEEDUP, decompose, inspect
 from .errors import LowRankError
 from .model_io import load_model, save_model, uses_external_data
 from .report import InspectLayer, Report
@@ -90,21 +90,41 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    d = sub.add_parser("decompose", help="write a decomposed copy of a model", description="Replace each Conv by a vertical and a horizontal conv.")
+    d = sub.add_parser(
+        "decompose", help="write a decomposed copy of a model", description="Replace each Conv by a vertical and a horizontal conv."
+    )
     d.add_argument("input", help="the ONNX model to read (never modified)")
     d.add_argument("output", help="where to write the decomposed model (written atomically)")
-    policy = d.add_mutually_exclusive_group()
-    policy.add_argument("--rank", type=_positive_int, help="every layer at this rank (clipped to its full rank)")
-    policy.add_argument("--energy", type=_energy, help="per layer, the least rank keeping this share of the squared singular values, in (0, 1]")
-    policy.add_argument(
-        "--speedup", type=_speedup, help=f"total Conv MACs before/after at least this, with the least error (default: --speedup {DEFAULT_SPEEDUP:g} when no policy is given)"
+    # the policies exclude each other except --speedup with --params-ratio; the library says which clash
+    d.add_argument("--rank", type=_positive_int, help="every layer at this rank (clipped to its full rank)")
+    d.add_argument("--energy", type=_energy, help="per layer, the least rank keeping this share of the squared singular values, in (0, 1]")
+    d.add_argument(
+        "--speedup",
+        type=_speedup,
+        help=f"total MACs before/after at least this, least error (default when no policy is given: {DEFAULT_SPEEDUP:g})",
     )
-    policy.add_argument("--ranks", metavar="FILE.json", help="JSON object: node name -> rank; other layers are left alone")
+    d.add_argument(
+        "--params-ratio", type=_energy, metavar="R", help="parameters after/before at most R, in (0, 1]; combines with --speedup"
+    )
+    d.add_argument(
+        "--ranks", metavar="FILE.json", help='JSON object: node name -> rank (or {"rank": K, "kind": "channel"}); others are left alone'
+    )
+    d.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help=f"splits to offer, comma-separated (default {','.join(DEFAULT_KINDS)})")
     d.add_argument("--include", metavar="REGEX", help="only layers whose node name matches")
     d.add_argument("--exclude", metavar="REGEX", help="leave layers whose node name matches")
-    d.add_argument("--force", action="store_true", help="decompose eligible layers even where the pair costs more MACs (full rank: an exactness check)")
+    d.add_argument(
+        "--force", action="store_true", help="decompose eligible layers even where the pair costs more MACs (full rank: an exactness check)"
+    )
+    d.add_argument("--no-fold-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them into the Conv first)")
     d.add_argument("--rank-multiple", type=_positive_int, default=1, metavar="M", help="round ranks up to a multiple of M (default 1)")
-    d.add_argument("--input-shape", type=_input_shape, action="append", default=[], metavar="NAME=1,3,224,224", help="fix an input's shape for the MAC model")
+    d.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        action="append",
+        default=[],
+        metavar="NAME=1,3,224,224",
+        help="fix an input's shape for the MAC model",
+    )
     d.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data beside the model")
     d.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     d.add_argument("--verify", action="store_true", help="run `verify` on the result")
@@ -140,10 +160,15 @@ def _count(n: float) -> str:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=False)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def _shape(weight_shape: list[int] | None, groups: int | None) -> str:
+    text = "x".join(map(str, weight_shape)) if weight_shape else "?"
+    return text + (f" g{groups}" if groups and groups > 1 else "")
 
 
 def format_report(report: Report, quiet: bool = False) -> str:
@@ -151,22 +176,20 @@ def format_report(report: Report, quiet: bool = False) -> str:
     if not quiet:
         rows = []
         for layer in report.layers:
-            shape = "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "?"
-            if layer.groups and layer.groups > 1:
-                shape += f" g{layer.groups}"
+            cells = [layer.node, layer.op_type, _shape(layer.weight_shape, layer.groups)]
             if layer.decomposed:
-                rows.append(
-                    [layer.node, shape, f"{layer.rank}/{layer.full_rank}", f"{layer.relative_error:.4f}",
-                     _count(layer.macs_before), _count(layer.macs_after), f"{layer.mac_ratio:.2f}x", ""]
-                )
+                cells += [str(layer.kind), f"{layer.rank}/{layer.full_rank}", f"{layer.relative_error:.4f}"]
+                cells += [_count(layer.macs_before), _count(layer.macs_after), f"{layer.mac_ratio:.2f}x", ""]
             else:
-                rows.append([layer.node, shape, "-", "-", _count(layer.macs_before), _count(layer.macs_after), "1.00x", f"skipped: {layer.reason}"])
-        out.append(_table(rows, ["node", "weight", "rank", "rel.err", "MACs", "MACs after", "ratio", "note"]))
-    n_dec = len(report.decomposed)
+                cells += ["-", "-", "-", _count(layer.macs_before), _count(layer.macs_after), "1.00x", f"skipped: {layer.reason}"]
+            rows.append(cells)
+        out.append(_table(rows, ["node", "op", "weight", "kind", "rank", "rel.err", "MACs", "MACs after", "ratio", "note"]))
+    if report.folded_batchnorms:
+        out.append(f"folded {len(report.folded_batchnorms)} BatchNormalization nodes into their Conv")
     out.append(
-        f"decomposed {n_dec} of {len(report.layers)} conv layers; Conv MACs {_count(report.macs_before)} -> "
+        f"decomposed {len(report.decomposed)} of {len(report.layers)} layers; MACs {_count(report.macs_before)} -> "
         f"{_count(report.macs_after)} ({report.mac_ratio:.2f}x fewer); parameters {_count(report.params_before)} -> "
-        f"{_count(report.params_after)}; {report.seconds:.2f} s"
+        f"{_count(report.params_after)} ({report.params_after / max(report.params_before, 1):.2f}x); {report.seconds:.2f} s"
     )
     return "\n".join(out)
 
@@ -175,10 +198,36 @@ def format_verify(result: VerifyResult) -> str:
     rows = []
     for o in result.outputs:
         rows.append(
-            [o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.mean_abs:.3g}", f"{o.p99_abs:.3g}",
-             f"{o.relative_l2:.3g}", f"{o.cosine:.6f}", f"{o.required_atol:.3g}", "PASS" if o.passed else "FAIL"]
+            [
+                o.name,
+                "x".join(map(str, o.shape)),
+                f"{o.max_abs:.3g}",
+                f"{o.max_rel:.3g}",
+                f"{o.mean_abs:.3g}",
+                f"{o.p99_abs:.3g}",
+                f"{o.relative_l2:.3g}",
+                f"{o.cosine:.6f}",
+                f"{o.required_atol:.3g}",
+                "PASS" if o.passed else "FAIL",
+            ]
         )
-    lines = [_table(rows, ["output", "shape", "max abs", "max rel", "mean abs", "p99 abs", "rel L2", "cosine", "req. atol", f"rtol={result.rtol:g} atol={result.atol:g}"])]
+    lines = [
+        _table(
+            rows,
+            [
+                "output",
+                "shape",
+                "max abs",
+                "max rel",
+                "mean abs",
+                "p99 abs",
+                "rel L2",
+                "cosine",
+                "req. atol",
+                f"rtol={result.rtol:g} atol={result.atol:g}",
+            ],
+        )
+    ]
     for o in result.outputs:
         if o.top1_agreement is not None:
             line = f"{o.name}: top-1 agreement {o.top1_agreement:.2%} over {o.shape[0]} samples"
@@ -197,20 +246,19 @@ def format_verify(result: VerifyResult) -> str:
 def format_inspect(layers: list[InspectLayer]) -> str:
     rows = []
     for layer in layers:
-        shape = "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "?"
-        if layer.groups and layer.groups > 1:
-            shape += f" g{layer.groups}"
-        cells = [layer.node, shape, _count(layer.macs)]
+        cells = [layer.node, layer.op_type, _shape(layer.weight_shape, layer.groups), _count(layer.macs)]
         if layer.eligible:
+            cells.append(str(layer.kind))
             for e in ("0.9", "0.99", "0.999"):
                 r, speedup = layer.energy_ranks[e]
                 cells.append(f"{int(r)}/{layer.full_rank} ({speedup:.2f}x)")
             cells.append("")
         else:
-            cells += ["-", "-", "-", f"skipped: {layer.reason}"]
+            cells += ["-", "-", "-", "-", f"skipped: {layer.reason}"]
         rows.append(cells)
     total = sum(layer.macs for layer in layers)
-    return _table(rows, ["node", "weight", "MACs", "90% energy", "99% energy", "99.9% energy", "note"]) + f"\n{len(layers)} conv layers, {_count(total)} Conv MACs"
+    table = _table(rows, ["node", "op", "weight", "MACs", "kind", "90% energy", "99% energy", "99.9% energy", "note"])
+    return table + f"\n{len(layers)} layers, {_count(total)} MACs"
 
 
 # --------------------------------------------------------------------------- commands
@@ -260,12 +308,15 @@ def _decompose(args: argparse.Namespace) -> int:
         rank=args.rank,
         energy=args.energy,
         speedup=args.speedup,
+        params_ratio=args.params_ratio,
         ranks=ranks,
+        kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
         include=args.include,
         exclude=args.exclude,
         force=args.force,
         input_shapes=dict(args.input_shape),
         rank_multiple=args.rank_multiple,
+        fold_bn=not args.no_fold_bn,
     )
     del model
     save_model(new, dst, external_data=external, inputs=(src,))
@@ -302,7 +353,14 @@ def _verify(args: argparse.Namespace) -> int:
     if args.runs < 0:
         raise LowRankError(f"--runs must be >= 0, got {args.runs}")
     result = verify(
-        args.original, args.candidate, inputs=args.inputs, providers=providers, rtol=args.rtol, atol=args.atol, runs=args.runs, threads=args.threads
+        args.original,
+        args.candidate,
+        inputs=args.inputs,
+        providers=providers,
+        rtol=args.rtol,
+        atol=args.atol,
+        runs=args.runs,
+        threads=args.threads,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_verify(result))
     return 0 if result.passed else 1
@@ -316,6 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LowRankError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader (head, less) went away: nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

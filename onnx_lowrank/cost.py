@@ -1,81 +1,111 @@
-"""Multiply-accumulate and parameter counts of a conv and of its decomposed forms.
+"""Multiply-accumulate and parameter counts of a layer and of its decomposed forms.
 
-Pure arithmetic on shapes; knows nothing of ONNX. A conv with kernel
-``(N, C_g, *S, kw)``, ``g`` groups, input spatial size ``(*I, W_in)`` and output
-spatial size ``(*O, W_out)`` costs ``N·C_g·|S|·kw·|O|·W_out`` MACs.
+Pure arithmetic on shapes; knows nothing of ONNX. Counts are per inference at
+batch 1. Every decomposed form costs ``rank_macs[kind] · K`` MACs and
+``rank_params[kind] · K`` weights (+ the bias), linear in the rank K, which is
+all the allocator in :mod:`onnx_lowrank.ranks` needs.
 
-Spatial pair at rank K (height strides, dilations and pads on the vertical conv,
-width ones on the horizontal conv):
+Conv, kernel ``(N, C_g, *S, kw)``, ``g`` groups, input ``(*I, W_in)``, output ``(*O, W_out)``:
 
-* vertical ``(g·K, C_g, *S, 1)``: its output is ``(*O, W_in)`` — it runs at the
-  full input width, since the width stride belongs to the horizontal conv;
-  ``g·K·C_g·|S|·|O|·W_in`` MACs.
-* horizontal ``(N, K, 1.., kw)``: ``N·K·kw·|O|·W_out`` MACs.
+* original: ``N·C_g·|S|·kw·|O|·W_out``
+* spatial pair (height geometry on the vertical conv, width on the horizontal):
+  vertical ``(g·K, C_g, *S, 1)`` runs at the *input* width — the width stride
+  belongs to the horizontal conv — ``g·K·C_g·|S|·|O|·W_in``; horizontal
+  ``(N, K, 1.., kw)``: ``N·K·kw·|O|·W_out``.
+* channel pair: ``(g·K, C_g, *S, kw)`` at the output size, then ``(N, K, 1..)``:
+  ``g·K·C_g·|S|·kw·|O|·W_out + N·K·|O|·W_out``.
 
-Channel pair at rank K: ``(g·K, C_g, *S, kw)`` at the output size, then
-``(N, K, 1..)`` pointwise: ``g·K·C_g·|S|·kw·|O|·W_out + N·K·|O|·W_out``.
+ConvTranspose, weight ``(C, N_g, *S, kw)``: every *input* pixel scatters into
+``N_g·|S|·kw`` outputs: ``C·N_g·|S|·kw·|I|·W_in``. Its spatial pair: vertical
+``(C, K, *S, 1)`` on the input, ``C·K·|S|·|I|·W_in``; horizontal ``(g·K, N_g, 1.., kw)``
+on the vertical output ``(*O, W_in)``: ``g·K·N_g·kw·|O|·W_in``.
 
-Both are linear in K, so a layer's cost is ``rank_cost · K`` and the allocator
-in :mod:`onnx_lowrank.ranks` only needs ``rank_cost`` and ``macs``.
+Fully connected, ``rows × in → out``: ``rows·in·out``; channel pair ``rows·K·(in + out)``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from .factorization import Kind
 
-__all__ = ["ConvCost"]
+__all__ = ["LayerCost", "conv_cost", "conv_transpose_cost", "fc_cost"]
 
 
 @dataclass(frozen=True)
-class ConvCost:
-    """MAC and parameter model of one conv (batch 1).
-
-    ``in_spatial``/``out_spatial`` are the input and output spatial sizes; when a
-    model's spatial size is unknown they are per output pixel (``out`` all 1 and
-    the input width = the width stride), which keeps ratios right.
-    """
-
-    out_channels: int
-    in_channels_per_group: int
-    kernel: tuple[int, ...]
-    groups: int
-    in_spatial: tuple[int, ...]
-    out_spatial: tuple[int, ...]
-    has_bias: bool
-
-    @property
-    def macs(self) -> int:
-        return self.out_channels * self.in_channels_per_group * math.prod(self.kernel) * math.prod(self.out_spatial)
+class LayerCost:
+    macs: int
+    weights: int
+    bias: int
+    rank_macs: Mapping[Kind, int] = field(default_factory=dict)
+    rank_params: Mapping[Kind, int] = field(default_factory=dict)
 
     @property
     def params(self) -> int:
-        weight = self.out_channels * self.in_channels_per_group * math.prod(self.kernel)
-        return weight + (self.out_channels if self.has_bias else 0)
-
-    def rank_macs(self, kind: Kind) -> int:
-        """MACs added by each unit of rank (the pair costs ``rank_macs · K``)."""
-        lead = math.prod(self.kernel[:-1])
-        out_lead = math.prod(self.out_spatial[:-1])
-        out_pixels = math.prod(self.out_spatial)
-        if kind == "spatial":
-            vertical = self.groups * self.in_channels_per_group * lead * out_lead * self.in_spatial[-1]
-            horizontal = self.out_channels * self.kernel[-1] * out_pixels
-            return vertical + horizontal
-        first = self.groups * self.in_channels_per_group * math.prod(self.kernel) * out_pixels
-        return first + self.out_channels * out_pixels
-
-    def rank_params(self, kind: Kind) -> int:
-        """Weights added by each unit of rank (bias excluded)."""
-        lead = math.prod(self.kernel[:-1])
-        if kind == "spatial":
-            return self.groups * self.in_channels_per_group * lead + self.out_channels * self.kernel[-1]
-        return self.groups * self.in_channels_per_group * math.prod(self.kernel) + self.out_channels
+        return self.weights + self.bias
 
     def pair_macs(self, kind: Kind, rank: int) -> int:
-        return self.rank_macs(kind) * rank
+        return self.rank_macs[kind] * rank
 
     def pair_params(self, kind: Kind, rank: int) -> int:
-        return self.rank_params(kind) * rank + (self.out_channels if self.has_bias else 0)
+        return self.rank_params[kind] * rank + self.bias
+
+
+def conv_cost(
+    out_channels: int,
+    in_per_group: int,
+    kernel: tuple[int, ...],
+    groups: int,
+    in_spatial: tuple[int, ...],
+    out_spatial: tuple[int, ...],
+    bias: bool,
+) -> LayerCost:
+    lead = math.prod(kernel[:-1])
+    out_lead, out_pixels = math.prod(out_spatial[:-1]), math.prod(out_spatial)
+    macs = out_channels * in_per_group * math.prod(kernel) * out_pixels
+    spatial = groups * in_per_group * lead * out_lead * in_spatial[-1] + out_channels * kernel[-1] * out_pixels
+    channel = groups * in_per_group * math.prod(kernel) * out_pixels + out_channels * out_pixels
+    return LayerCost(
+        macs=macs,
+        weights=out_channels * in_per_group * math.prod(kernel),
+        bias=out_channels if bias else 0,
+        rank_macs={"spatial": spatial, "channel": channel},
+        rank_params={
+            "spatial": groups * in_per_group * lead + out_channels * kernel[-1],
+            "channel": groups * in_per_group * math.prod(kernel) + out_channels,
+        },
+    )
+
+
+def conv_transpose_cost(
+    in_channels: int,
+    out_per_group: int,
+    kernel: tuple[int, ...],
+    groups: int,
+    in_spatial: tuple[int, ...],
+    out_spatial: tuple[int, ...],
+    bias: bool,
+) -> LayerCost:
+    lead = math.prod(kernel[:-1])
+    in_pixels = math.prod(in_spatial)
+    vertical = in_channels * lead * in_pixels
+    horizontal = groups * out_per_group * kernel[-1] * math.prod(out_spatial[:-1]) * in_spatial[-1]
+    return LayerCost(
+        macs=in_channels * out_per_group * math.prod(kernel) * in_pixels,
+        weights=in_channels * out_per_group * math.prod(kernel),
+        bias=groups * out_per_group if bias else 0,
+        rank_macs={"spatial": vertical + horizontal},
+        rank_params={"spatial": in_channels * lead + groups * out_per_group * kernel[-1]},
+    )
+
+
+def fc_cost(rows: int, in_features: int, out_features: int, bias: int) -> LayerCost:
+    return LayerCost(
+        macs=rows * in_features * out_features,
+        weights=in_features * out_features,
+        bias=bias,
+        rank_macs={"channel": rows * (in_features + out_features)},
+        rank_params={"channel": in_features + out_features},
+    )

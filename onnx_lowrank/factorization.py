@@ -41,8 +41,8 @@ import scipy.linalg
 __all__ = [
     "Decomposition",
     "Factors",
-    "decompose_kernel",
     "Kind",
+    "decompose_kernel",
     "factorize",
     "full_rank",
     "kernel_matrices",

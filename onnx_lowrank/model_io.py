@@ -70,7 +70,9 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise LowRankError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})") from None
+        raise LowRankError(
+            f"{p}: not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})"
+        ) from None
     except OSError as exc:
         raise LowRankError(f"{p}: cannot read ({exc.strerror or exc})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:

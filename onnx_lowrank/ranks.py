@@ -15,6 +15,15 @@ Find one option per layer minimising ``Σ_l e_l`` subject to
 ``fixed + Σ_l macs_l ≤ total_before / S`` — a multiple-choice knapsack.
 Summing *relative* errors keeps layers of different weight scale comparable.
 
+With a second budget on parameters (``--params-ratio``, alone or with
+``--speedup``), :func:`allocate_two` uses Lagrangian relaxation: for
+multipliers ``(a, b)`` each layer independently takes the option minimising
+``e + a·macs/M + b·params/P``; along each of a fan of directions ``b/a`` a
+bisection finds the least scale meeting both budgets, the best of these is
+kept and polished as below. Every solution found this way is optimal for the
+budgets it meets exactly (the Lagrangian sufficiency theorem); the gap to the
+asked budgets is what the grid of directions leaves.
+
 Algorithm (:func:`allocate`): for each layer take the Pareto front of its
 options in the (macs, error) plane and its lower convex hull. Start every layer
 at its cheapest error-free option (the original, or the full-rank pair when
@@ -46,11 +55,13 @@ __all__ = [
     "LayerChoices",
     "Option",
     "allocate",
+    "allocate_two",
     "candidate_ranks",
-    "options_for",
     "energy_rank",
+    "options_for",
     "tail_errors",
 ]
+
 
 @dataclass(frozen=True, order=True)
 class Option:
@@ -60,6 +71,7 @@ class Option:
     error: float
     kind: Kind | None = None
     rank: int = 0
+    params: int = 0
 
 
 @dataclass
@@ -136,7 +148,7 @@ def allocate(
     cheapest = fixed + sum(min(cost(o) for o in layer.options) for layer in layers)
     if cheapest > budget * (1 + 1e-12):
         raise Infeasible(f"budget {budget:.6g} is below the least reachable cost {cheapest:.6g}", cheapest)
-    costed = {layer.key: [Option(int(cost(o)), o.error, o.kind, o.rank) for o in layer.options] for layer in layers}
+    costed = {layer.key: [Option(int(cost(o)), o.error, o.kind, o.rank, o.params) for o in layer.options] for layer in layers}
     originals = {layer.key: {(o.kind, o.rank): o for o in layer.options} for layer in layers}
     hulls = {key: _hull(opts) for key, opts in costed.items()}
     position = dict.fromkeys(hulls, 0)
@@ -187,3 +199,88 @@ def options_for(
         for r in candidate_ranks(full, multiple):
             options.append(Option(per_rank * r, float(errors[kind][r]), kind, r))
     return LayerChoices(key, options)
+
+
+def _polish(costed: Mapping[str, Sequence[Option]], chosen: dict[str, Option], mac_budget: float, param_budget: float) -> None:
+    """Give each layer, in turn, the least-error option that keeps both totals within budget."""
+    total_m = sum(o.macs for o in chosen.values())
+    total_p = sum(o.params for o in chosen.values())
+    improved = True
+    while improved:
+        improved = False
+        for key, opts in costed.items():
+            current = chosen[key]
+            slack_m = mac_budget - (total_m - current.macs)
+            slack_p = param_budget - (total_p - current.params)
+            fits = [o for o in opts if o.macs <= slack_m and o.params <= slack_p and o.error < current.error]
+            if fits:
+                best = min(fits, key=lambda o: (o.error, o.macs, o.params))
+                total_m += best.macs - current.macs
+                total_p += best.params - current.params
+                chosen[key] = best
+                improved = True
+
+
+def allocate_two(
+    layers: Sequence[LayerChoices],
+    mac_budget: float,
+    param_budget: float,
+    fixed_macs: float = 0.0,
+    fixed_params: float = 0.0,
+    directions: int = 33,
+) -> dict[str, Option]:
+    """Least total error with MACs and parameters both within budget (see the module docstring)."""
+    budget_m, budget_p = mac_budget - fixed_macs, param_budget - fixed_params
+    least_m = sum(min(o.macs for o in layer.options) for layer in layers)
+    least_p = sum(min(o.params for o in layer.options) for layer in layers)
+    if least_m > budget_m * (1 + 1e-12):
+        raise Infeasible("MAC budget below the least reachable", fixed_macs + least_m)
+    if least_p > budget_p * (1 + 1e-12):
+        raise Infeasible("parameter budget below the least reachable", fixed_params + least_p)
+    arrays = [
+        (
+            layer.key,
+            np.array([o.error for o in layer.options]),
+            np.array([o.macs for o in layer.options], dtype=np.float64),
+            np.array([o.params for o in layer.options], dtype=np.float64),
+        )
+        for layer in layers
+    ]
+    scale_m = max(sum(float(m.max()) for _, _, m, _ in arrays), 1.0)
+    scale_p = max(sum(float(p.max()) for _, _, _, p in arrays), 1.0)
+
+    def pick(a: float, b: float) -> tuple[list[int], float, float, float]:
+        idx, tm, tp, te = [], 0.0, 0.0, 0.0
+        for _, e, m, p in arrays:
+            i = int(np.argmin(e + a * m / scale_m + b * p / scale_p))
+            idx.append(i)
+            tm, tp, te = tm + m[i], tp + p[i], te + e[i]
+        return idx, tm, tp, te
+
+    best: tuple[float, list[int]] | None = None
+    for j in range(directions):
+        theta = (np.pi / 2) * j / (directions - 1)
+        ca, cb = float(np.cos(theta)), float(np.sin(theta))
+        lo, hi = 0.0, 1.0
+        while hi <= 1e12:  # grow the multipliers until both budgets hold (a zero multiplier may never get there)
+            _, tm, tp, _ = pick(hi * ca, hi * cb)
+            if tm <= budget_m and tp <= budget_p:
+                break
+            hi *= 4.0
+        else:
+            continue
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            _, tm, tp, _ = pick(mid * ca, mid * cb)
+            if tm <= budget_m and tp <= budget_p:
+                hi = mid
+            else:
+                lo = mid
+        idx, tm, tp, te = pick(hi * ca, hi * cb)
+        if tm <= budget_m and tp <= budget_p and (best is None or te < best[0]):
+            best = (te, idx)
+    if best is None:  # no direction reached both budgets: start from the cheapest in MACs that fits
+        raise Infeasible("no allocation meets both budgets", fixed_macs + least_m)
+    chosen = {layer.key: layer.options[i] for layer, i in zip(layers, best[1], strict=True)}
+    _polish({layer.key: layer.options for layer in layers}, chosen, budget_m, budget_p)
+    return chosen

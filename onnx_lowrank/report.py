@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LayerReport", "Report", "InspectLayer"]
+__all__ = ["InspectLayer", "LayerReport", "Report"]
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Report:
     params_after: int
     layers: list[LayerReport] = field(default_factory=list)
     policy: dict[str, Any] = field(default_factory=dict)
+    folded_batchnorms: list[str] = field(default_factory=list)  # BatchNormalization nodes folded into their Conv
     seconds: float = 0.0
 
     @property
@@ -71,7 +72,7 @@ class Report:
 
 @dataclass
 class InspectLayer:
-    """One conv as ``inspect`` sees it; ``energy_ranks`` maps an energy to ``[rank, layer MAC ratio]``."""
+    """One layer as ``inspect`` sees it; ``energy_ranks`` maps an energy to ``[rank, layer MAC ratio]``."""
 
     node: str
     op_type: str
@@ -81,6 +82,5 @@ class InspectLayer:
     eligible: bool
     reason: str | None
     full_rank: int | None = None
+    kind: str | None = None
     energy_ranks: dict[str, list[float]] = field(default_factory=dict)
-    input_spatial: list[int] | None = None
-    output_spatial: list[int] | None = None

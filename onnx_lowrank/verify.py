@@ -91,7 +91,9 @@ class VerifyResult:
         return data
 
 
-def make_session(model: ModelLike, providers: Sequence[str] | None = None, threads: int | None = None, optimization: str = "default") -> Any:
+def make_session(
+    model: ModelLike, providers: Sequence[str] | None = None, threads: int | None = None, optimization: str = "default"
+) -> Any:
     """An onnxruntime session; refuses providers this build does not have instead of falling back silently."""
     import onnxruntime as ort
 
@@ -177,7 +179,7 @@ def compare_outputs(
     labels: npt.NDArray[Any] | None = None,
 ) -> list[OutputStats]:
     stats = []
-    for name, ref, cand in zip(names, reference, candidate):
+    for name, ref, cand in zip(names, reference, candidate, strict=False):
         a = np.asarray(ref, dtype=np.float64)
         b = np.asarray(cand, dtype=np.float64)
         if a.shape != b.shape:
@@ -219,7 +221,9 @@ def _load_inputs(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]:
         raise LowRankError(f"{p}: not a readable .npz ({exc})") from None
 
 
-def _batches(feeds: Mapping[str, npt.NDArray[Any]], names: Sequence[str], fixed_batch: Mapping[str, int | None]) -> list[dict[str, npt.NDArray[Any]]]:
+def _batches(
+    feeds: Mapping[str, npt.NDArray[Any]], names: Sequence[str], fixed_batch: Mapping[str, int | None]
+) -> list[dict[str, npt.NDArray[Any]]]:
     """Split an npz whose first axis is samples into batches the model accepts."""
     out = []
     count = min(len(feeds[n]) for n in names)

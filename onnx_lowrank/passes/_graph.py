@@ -1,0 +1,235 @@
+"""Scopes, constants and clean-up shared by the graph passes.
+
+The passes edit the ``ModelProto`` in place rather than through a separate IR:
+that keeps every field the user had (metadata, doc strings, value_info, node
+order, functions, training info) and holds one copy of the weights.
+A *namespace* is the main graph with its nested subgraphs, or one model-local
+function with its nested subgraphs: names are unique within it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["Names", "Scope", "WeightSource", "add_constant", "attrs", "iter_scopes", "namespace_names", "remove_unused", "resolve_weight"]
+
+
+@dataclass(eq=False)
+class Scope:
+    """A graph or function body, with the outer scopes its nodes can see."""
+
+    nodes: onnx.RepeatedCompositeFieldContainer[onnx.NodeProto]  # type: ignore[name-defined]
+    graph: onnx.GraphProto | None
+    function: onnx.FunctionProto | None
+    parent: Scope | None
+    namespace: int  # 0: the main graph tree; i+1: model.functions[i] and its subgraphs
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    producers: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    inputs: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of_graph(cls, graph: onnx.GraphProto, parent: Scope | None, namespace: int) -> Scope:
+        scope = cls(graph.node, graph, None, parent, namespace)
+        scope.initializers = {t.name: t for t in graph.initializer}
+        scope.inputs = {v.name for v in graph.input}
+        scope.producers = {o: n for n in graph.node for o in n.output if o}
+        return scope
+
+    @classmethod
+    def of_function(cls, function: onnx.FunctionProto, namespace: int) -> Scope:
+        scope = cls(function.node, None, function, None, namespace)
+        scope.inputs = set(function.input)
+        scope.producers = {o: n for n in function.node for o in n.output if o}
+        return scope
+
+
+def iter_scopes(model: onnx.ModelProto) -> Iterator[Scope]:
+    """Every graph and function body of the model, outer scopes first."""
+
+    def walk(scope: Scope) -> Iterator[Scope]:
+        yield scope
+        for node in list(scope.nodes):
+            for attr in node.attribute:
+                subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for g in subgraphs:
+                    yield from walk(Scope.of_graph(g, scope, scope.namespace))
+
+    yield from walk(Scope.of_graph(model.graph, None, 0))
+    for i, function in enumerate(model.functions):
+        yield from walk(Scope.of_function(function, i + 1))
+
+
+@dataclass
+class WeightSource:
+    """Where a conv's weight comes from: a constant tensor, maybe through Identity/Cast."""
+
+    name: str  # the constant tensor (initializer or Constant output) holding the values
+    scope: Scope  # the scope that defines it
+    values: npt.NDArray[np.generic]
+    data_type: int  # element type as stored
+    cast_to: int | None  # element type after the Cast chain, when there is one
+
+
+def attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _tensor_of_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
+
+
+def resolve_weight(name: str, scope: Scope) -> WeightSource | str:
+    """The constant behind ``name`` or the reason it is not one."""
+    cast_to: int | None = None
+    current: Scope | None = scope
+    hops = 0
+    while current is not None and hops < 64:
+        hops += 1
+        if name in current.initializers:
+            # an initializer listed as a graph input too is taken as the constant it is in practice
+            # (IR < 4 requires the listing; exporters' keep_initializers_as_inputs produces it)
+            tensor = current.initializers[name]
+            return WeightSource(name, current, numpy_helper.to_array(tensor), tensor.data_type, cast_to)
+        if name in current.inputs:
+            return "weight is an input of its graph or function, not a constant"
+        producer = current.producers.get(name)
+        if producer is None:
+            current = current.parent
+            continue
+        op = producer.op_type
+        if op == "Constant":
+            tensor = _tensor_of_constant(producer)
+            if tensor is None:
+                return "weight Constant has no tensor value"
+            return WeightSource(name, current, numpy_helper.to_array(tensor), tensor.data_type, cast_to)
+        if op == "Identity":
+            name = producer.input[0]
+            continue
+        if op == "Cast":
+            if cast_to is None:
+                cast_to = int(attrs(producer)["to"])  # type: ignore[call-overload]
+            name = producer.input[0]
+            continue
+        if op == "DequantizeLinear":
+            return "weight is quantized (DequantizeLinear)"
+        return f"weight is computed at run time (by {op})"
+    return "weight is not a constant (produced outside any known scope)"
+
+
+class Names:
+    """Unique names within one namespace (a graph tree or a function)."""
+
+    def __init__(self, used: set[str]) -> None:
+        self.used = used
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name = f"{base}_{i}"
+            i += 1
+        self.used.add(name)
+        return name
+
+
+def namespace_names(model: onnx.ModelProto) -> dict[int, Names]:
+    used: dict[int, set[str]] = {}
+    for scope in iter_scopes(model):
+        names = used.setdefault(scope.namespace, set())
+        for node in scope.nodes:
+            names.add(node.name)
+            names.update(node.input)
+            names.update(node.output)
+        if scope.graph is not None:
+            names.update(t.name for t in scope.graph.initializer)
+            names.update(v.name for v in scope.graph.input)
+            names.update(v.name for v in scope.graph.output)
+        if scope.function is not None:
+            names.update(scope.function.input)
+            names.update(scope.function.output)
+    return {ns: Names(names) for ns, names in used.items()}
+
+
+def remove_unused(model: onnx.ModelProto, touched: set[tuple[int, str]]) -> None:
+    """Drop the constants (and Identity/Cast chains) the rewrite left without a consumer."""
+    pending = set(touched)
+    while pending:
+        uses: dict[tuple[int, str], int] = {}
+        for scope in iter_scopes(model):
+            for node in scope.nodes:
+                for name in node.input:
+                    uses[(scope.namespace, name)] = uses.get((scope.namespace, name), 0) + 1
+                for attr in node.attribute:  # function-attribute references are rare; be safe
+                    if attr.ref_attr_name:
+                        uses[(scope.namespace, attr.ref_attr_name)] = 1
+            if scope.graph is not None:
+                for value in scope.graph.output:
+                    uses[(scope.namespace, value.name)] = uses.get((scope.namespace, value.name), 0) + 1
+            if scope.function is not None:
+                for name in scope.function.output:
+                    uses[(scope.namespace, name)] = uses.get((scope.namespace, name), 0) + 1
+        next_pending: set[tuple[int, str]] = set()
+        for scope in iter_scopes(model):
+            for ns, name in pending:
+                if ns != scope.namespace or uses.get((ns, name), 0):
+                    continue
+                if scope.graph is not None:
+                    for i, t in enumerate(scope.graph.initializer):
+                        if t.name == name:
+                            del scope.graph.initializer[i]
+                            for j, v in enumerate(scope.graph.input):
+                                if v.name == name:
+                                    del scope.graph.input[j]
+                                    break
+                            break
+                for i, n in enumerate(scope.nodes):
+                    if name in n.output and n.op_type in ("Constant", "Identity", "Cast") and len(n.output) == 1:
+                        next_pending.update((ns, x) for x in n.input if x)
+                        del scope.nodes[i]
+                        break
+        pending = next_pending
+
+
+def add_constant(
+    model: onnx.ModelProto,
+    names: Names,
+    owner: Scope,
+    user: Scope,
+    before: int,
+    base: str,
+    tensor_values: npt.NDArray[np.generic],
+    cast_to: int | None = None,
+) -> tuple[str, int]:
+    """Store a constant where ``user``'s node at index ``before`` can read it.
+
+    In a graph it becomes an initializer of ``owner`` (the scope that held the
+    original weight); in a function body, a Constant node inserted before the
+    user. With ``cast_to`` a Cast node follows. Returns the name to read and how
+    many nodes were inserted into ``user`` before ``before``.
+    """
+    stored = names.fresh(base)
+    tensor = numpy_helper.from_array(tensor_values, stored)
+    inserted = 0
+    if owner.graph is not None:
+        owner.graph.initializer.append(tensor)
+        owner.initializers[stored] = tensor
+        if owner.parent is None and model.ir_version < 4:  # IR 3 lists every initializer as an input
+            owner.graph.input.append(helper.make_tensor_value_info(stored, tensor.data_type, list(tensor.dims)))
+    else:
+        node = helper.make_node("Constant", [], [stored], name=names.fresh(stored + "/constant"), value=tensor)
+        user.nodes.insert(before, node)
+        inserted += 1
+    if cast_to is None:
+        return stored, inserted
+    cast_out = names.fresh(stored + "/cast")
+    cast = helper.make_node("Cast", [stored], [cast_out], name=names.fresh(stored + "/Cast"), to=cast_to)
+    user.nodes.insert(before + inserted, cast)
+    return cast_out, inserted + 1

@@ -1,0 +1,136 @@
+"""Graph pass: replace fully connected layers (Gemm, MatMul) by two thin ones.
+
+Math: a weight ``W`` (``out × in``) has the truncated SVD ``W ≈ Q·P`` with
+``P = √S_K V_Kᵀ`` (``K × in``) and ``Q = U_K √S_K`` (``out × K``), the
+Eckart–Young optimum of ``||W − W_K||_F`` (the "channel" kind of
+:mod:`onnx_lowrank.factorization` on ``W`` seen as an ``(out, in, 1)`` kernel).
+
+* ``Y = α·A'·B' + β·C`` (Gemm, ``B' = Wᵀ``) becomes
+  ``T = Gemm(A, P, transA=transA, transB=1)`` then
+  ``Y = Gemm(T, Q, C, alpha=α, beta=β, transB=1)``: ``transA`` stays on the
+  first node, ``alpha``/``beta`` and the bias ``C`` on the second.
+* ``Y = MatMul(X, B)`` with a constant ``B`` (``in × out``, ``W = Bᵀ``) becomes
+  ``T = MatMul(X, Pᵀ)`` then ``Y = MatMul(T, Qᵀ)``.
+
+Preconditions: the weight is the second input, a 2-D floating-point constant
+(Identity/Cast chains allowed); a MatMul's first input is not constant. A
+``K`` at or above ``in·out / (in + out)`` saves nothing, which the planner
+sees in the cost model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import helper
+
+from ..cost import fc_cost
+from ..factorization import Factors, Kind
+from ..shapes import Shape
+from ._graph import Scope, attrs, iter_scopes, resolve_weight
+from ._rewrite import FLOAT_TYPES, Site, node_key
+
+__all__ = ["FCSite", "find_fc_sites"]
+
+FC_OPS = {"Gemm", "MatMul"}
+
+
+class FCSite(Site):
+    """A Gemm or MatMul whose second input is a constant matrix."""
+
+    trans_b: bool = False
+
+    @classmethod
+    def build(cls, node: onnx.NodeProto, scope: Scope, shapes: dict[str, Shape], key: str) -> FCSite:
+        site = cls(key, node, scope)
+        if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            site.reason = f"{node.op_type} with {len(node.input)} inputs in domain {node.domain!r}"
+            return site
+        weight = resolve_weight(node.input[1], scope)
+        if isinstance(weight, str):
+            site.reason = weight
+            return site
+        w = weight.values
+        if weight.data_type not in FLOAT_TYPES or (weight.cast_to is not None and weight.cast_to not in FLOAT_TYPES):
+            site.reason = f"weight type {onnx.TensorProto.DataType.Name(weight.data_type)} is not floating point"
+            return site
+        if w.ndim != 2:
+            site.reason = f"weight of shape {tuple(w.shape)} is not a matrix"
+            return site
+        if node.op_type == "MatMul" and not isinstance(resolve_weight(node.input[0], scope), str):
+            site.reason = "both MatMul inputs are constant"
+            return site
+        if not np.all(np.isfinite(w.astype(np.float64))):
+            site.reason = "weight has non-finite values"
+            return site
+        site.weight = weight
+        a = attrs(node)
+        site.trans_b = node.op_type == "Gemm" and bool(a.get("transB", 0))
+        out_features, in_features = (w.shape[0], w.shape[1]) if site.trans_b else (w.shape[1], w.shape[0])
+        x_shape = shapes.get(node.input[0])
+        rows = 1
+        if x_shape is not None and all(d is not None for d in x_shape):
+            dims = [int(d) for d in x_shape]  # type: ignore[arg-type]
+            if node.op_type == "Gemm":
+                rows = dims[1] if a.get("transA", 0) else dims[0]
+            else:
+                rows = math.prod(dims[:-1])
+            site.shape_known = True
+        bias = 0
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+            c_shape = shapes.get(node.input[2])
+            bias = math.prod(int(d or 1) for d in c_shape) if c_shape else out_features
+        site.cost = fc_cost(rows, int(in_features), int(out_features), bias)
+        site.kinds = {"channel": None, "spatial": "fully connected layer: no spatial split"}
+        return site
+
+    def kernel(self) -> npt.NDArray[np.generic]:
+        """``W`` (out × in) as an ``(out, in, 1)`` kernel."""
+        assert self.weight is not None
+        w = self.weight.values
+        return (w if self.trans_b else w.T)[:, :, None]
+
+    def storage(self, factors: Factors) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        p = factors.first[:, :, 0]  # (K, in)
+        q = factors.second[:, :, 0]  # (out, K)
+        if self.node.op_type == "Gemm":
+            return p, q  # both read with transB=1
+        return p.T, q.T
+
+    def labels(self, kind: Kind) -> tuple[str, str]:
+        return ("reduce", "expand")
+
+    def emit(self, kind: Kind, first_w: str, second_w: str, middle: str, names: tuple[str, str]) -> tuple[onnx.NodeProto, onnx.NodeProto]:
+        node = self.node
+        if node.op_type == "MatMul":
+            return (
+                helper.make_node("MatMul", [node.input[0], first_w], [middle], name=names[0], domain=node.domain),
+                helper.make_node("MatMul", [middle, second_w], list(node.output), name=names[1], domain=node.domain),
+            )
+        a = attrs(node)
+        first: dict[str, Any] = {"transB": 1}
+        if a.get("transA", 0):
+            first["transA"] = 1
+        second: dict[str, Any] = {"transB": 1}
+        for name in ("alpha", "beta"):
+            if name in a:
+                second[name] = a[name]
+        bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+        return (
+            helper.make_node("Gemm", [node.input[0], first_w], [middle], name=names[0], domain=node.domain, **first),
+            helper.make_node("Gemm", [middle, second_w, *bias], list(node.output), name=names[1], domain=node.domain, **second),
+        )
+
+
+def find_fc_sites(model: onnx.ModelProto, shapes: dict[str, Shape]) -> list[Site]:
+    """Every Gemm and MatMul with a constant weight; others are reported with a reason."""
+    sites: list[Site] = []
+    for scope in iter_scopes(model):
+        for node in scope.nodes:
+            if node.op_type in FC_OPS:
+                sites.append(FCSite.build(node, scope, shapes, node_key(node, scope.function)))
+    return sites
