@@ -20,7 +20,7 @@ from typing import NoReturn
 from . import __version__
 from .api import DEFAULT_KINDS, DEFAULT_SPEEDUP, decompose, inspect
 from .errors import LowRankError
-from .model_io import load_model, save_model, uses_external_data
+from .model_io import load_model_with_layout, save_model
 from .report import InspectLayer, Report
 from .verify import VerifyResult, verify
 
@@ -300,8 +300,8 @@ def _decompose(args: argparse.Namespace) -> int:
         raise LowRankError(f"{args.report}: report folder does not exist")
     ranks = _read_ranks(args.ranks) if args.ranks else None
     start = time.perf_counter()
-    model = load_model(src)
-    external = args.external_data or uses_external_data(model)
+    model, was_external = load_model_with_layout(src)
+    external = args.external_data or was_external
     _progress(args, f"loaded {src} in {time.perf_counter() - start:.2f} s")
     new, report = decompose(
         model,

@@ -22,7 +22,7 @@ from onnx import external_data_helper
 
 from .errors import LowRankError
 
-__all__ = ["PROTOBUF_LIMIT", "load_model", "save_model", "uses_external_data"]
+__all__ = ["PROTOBUF_LIMIT", "load_model", "load_model_with_layout", "save_model", "uses_external_data"]
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto cannot exceed 2 GiB
 
@@ -58,6 +58,11 @@ def _check_external(model: onnx.ModelProto, base: Path) -> None:
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read an ONNX model with its external data, or raise :class:`LowRankError`."""
+    return load_model_with_layout(path)[0]
+
+
+def load_model_with_layout(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
+    """:func:`load_model`, and whether the file kept its weights as external data."""
     p = Path(path)
     if not p.exists():
         raise LowRankError(f"{p}: no such file")
@@ -78,9 +83,10 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
         raise LowRankError(f"{p}: not an ONNX model (no IR version or empty graph)")
     _check_external(model, p.parent)
-    if uses_external_data(model):
+    external = uses_external_data(model)
+    if external:
         external_data_helper.load_external_data_for_model(model, str(p.parent))
-    return model
+    return model, external
 
 
 def _check_destination(path: Path, sources: tuple[Path, ...]) -> None:
@@ -127,7 +133,8 @@ def save_model(
             )
             # save_model moved the tensors out of `model`; bring them back so the caller's object is unchanged
             external_data_helper.load_external_data_for_model(model, str(staging))
-            os.replace(staging / data_name, dest.parent / data_name)
+            if (staging / data_name).exists():  # absent when every tensor is under the size threshold
+                os.replace(staging / data_name, dest.parent / data_name)
         else:
             onnx.save_model(model, str(staged))
         os.replace(staged, dest)
