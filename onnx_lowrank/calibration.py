@@ -133,9 +133,10 @@ def _show(dims: Sequence[int | str | None]) -> str:
 
 def _read_npz(path: Path) -> dict[str, Array]:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise LowRankError(f"{path}: a single array, not an .npz of named inputs")
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise LowRankError(f"{path}: a single array, not an .npz of named inputs (name .npy files after the inputs, in a folder)")
+        with data:
             return {k: np.asarray(data[k]) for k in data.files}
     except LowRankError:
         raise
@@ -200,7 +201,7 @@ def load_calibration(source: CalibrationSource, model: ModelLike | None = None) 
     elif isinstance(source, Mapping):
         arrays = {str(k): np.asarray(v) for k, v in source.items()}
     elif isinstance(source, Iterable):
-        arrays = _concat_batches(source)  # type: ignore[arg-type]
+        arrays = _concat_batches(source)
     else:
         raise LowRankError(f"calibration data must be a path, a mapping or an iterable of mappings, got {type(source).__name__}")
     if not arrays:
@@ -408,7 +409,7 @@ def horizontal_geometry(node: onnx.NodeProto, kernel_dims: Sequence[int]) -> Hor
             auto = value.decode() if isinstance(value, bytes) else str(value)
     if r < 1 or any(k != 1 for k in kernel[:-1]) or any(s != 1 for s in strides[:-1]):
         return f"horizontal conv has kernel {kernel} / strides {strides}, not 1 on the leading axes"
-    if auto in ("NOTSET", "") and (any(pads[:r - 1]) or any(pads[r:2 * r - 1])):
+    if auto in ("NOTSET", "") and (any(pads[: r - 1]) or any(pads[r : 2 * r - 1])):
         return "horizontal conv pads a leading axis"
     explicit = (pads[r - 1], pads[2 * r - 1]) if auto in ("NOTSET", "") else None
     return HorizontalGeometry(int(kernel[-1]), int(strides[-1]), int(dilations[-1]), groups, explicit, auto or "NOTSET")
@@ -614,6 +615,9 @@ def _refit_one(
     vertical, horizontal = nodes.get(layer.vertical_node or ""), nodes.get(layer.horizontal_node or "")
     if vertical is None or horizontal is None:
         result.reason = "not in the main graph (functions and subgraphs keep the data-free factors)"
+        return result
+    if horizontal.op_type != "Conv" or horizontal.domain not in ("", "ai.onnx"):
+        result.reason = f"second node is a {horizontal.op_type}; the refit handles conv pairs only"
         return result
     readers = _readers(graph)
     weight = _constant(graph, horizontal.input[1], readers)

@@ -298,6 +298,13 @@ def _decompose(args: argparse.Namespace) -> int:
         raise LowRankError(f"{dst}: output would overwrite the input model")
     if args.report and not Path(args.report).parent.is_dir():
         raise LowRankError(f"{args.report}: report folder does not exist")
+    if args.report and Path(args.report).is_dir():
+        raise LowRankError(f"{args.report}: report path is a directory")
+    protected = {src.resolve(): "input model", dst.resolve(): "output model"}
+    if args.ranks:
+        protected.setdefault(Path(args.ranks).resolve(), "ranks file")
+    if args.report and Path(args.report).resolve() in protected:  # the report must not replace a file this run reads or writes
+        raise LowRankError(f"{args.report}: the report would overwrite the {protected[Path(args.report).resolve()]}")
     ranks = _read_ranks(args.ranks) if args.ranks else None
     start = time.perf_counter()
     model, was_external = load_model_with_layout(src)

@@ -31,6 +31,7 @@ cast the factors to the model's dtype.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +43,7 @@ __all__ = [
     "Decomposition",
     "Factors",
     "Kind",
+    "Method",
     "decompose_kernel",
     "factorize",
     "full_rank",
@@ -117,12 +119,17 @@ def _svd(matrix: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
     return u, s, vt
 
 
+def _matrix_shape(weight_shape: tuple[int, ...], groups: int, kind: Kind) -> tuple[int, int]:
+    n, c, *spatial = weight_shape
+    lead, kw = math.prod(spatial[:-1]), spatial[-1]
+    if kind == "spatial":
+        return c * lead, (n // groups) * kw
+    return n // groups, c * lead * kw
+
+
 def singular_values(weight: npt.NDArray[np.generic], groups: int, kind: Kind = "spatial") -> FloatArray:
     """All singular values, shape ``(groups, full_rank)``, each row descending."""
-    if not np.all(np.isfinite(weight)):
-        raise ValueError("kernel has non-finite values")
-    mats = kernel_matrices(weight, groups, kind)
-    return np.stack([scipy.linalg.svdvals(m, check_finite=False) for m in mats])
+    return decompose_kernel(weight, groups, kind).s
 
 
 def relative_error(singular_values: FloatArray, rank: int) -> float:
@@ -135,32 +142,107 @@ def relative_error(singular_values: FloatArray, rank: int) -> float:
     return float(np.sqrt(max(tail, 0.0) / total))
 
 
-@dataclass(frozen=True)
-class Decomposition:
-    """The thin SVD of every group's kernel matrix, from which factors at any rank are cut."""
+Method = Literal["auto", "svd", "gram"]
+GRAM_ABOVE = 256  # under "auto", the smallest matrix side from which the Gram route is taken
 
-    kind: Kind
-    weight_shape: tuple[int, ...]
-    groups: int
-    u: FloatArray  # (groups, rows, R)
-    s: FloatArray  # (groups, R)
-    vt: FloatArray  # (groups, R, cols)
+
+class Decomposition:
+    """The spectrum of every group's kernel matrix, and the optimal factors at any rank.
+
+    Two exact routes, chosen by ``method`` (``"auto"``: ``"svd"`` when the
+    smaller side of the matrix is at most 256, else ``"gram"``):
+
+    * ``"svd"``: one thin SVD (LAPACK gesdd) per group, kept for every rank asked.
+    * ``"gram"``: for ``M`` (``m × n``, ``m ≤ n``; else ``Mᵀ``) the eigenvalues
+      of ``G = M·Mᵀ`` give ``s²`` without any vectors; the factors at rank K
+      take only the top-K eigenvectors ``U_K`` of ``G`` (LAPACK evr with an
+      index range), then ``U_Kᵀ·M = S_K·V_Kᵀ``, whose row norms are the ``s_k``
+      used for scaling. ``U_K·U_Kᵀ·M`` is the orthogonal projection of M on its
+      top-K left singular space — the Eckart–Young optimum — however
+      inaccurate the tiny eigenvalues are. Cost: one ``m²n`` product and an
+      ``m × m`` eigenproblem instead of a full SVD, and eigenvectors only for
+      the layers and ranks actually written.
+
+    The weight is held by reference and made into float64 matrices one group at
+    a time, so memory stays near one float64 copy of a group plus ``G``.
+    """
+
+    def __init__(self, weight: npt.NDArray[np.generic], groups: int, kind: Kind = "spatial", method: Method = "auto") -> None:
+        _check_kernel(weight, groups)
+        if not np.all(np.isfinite(weight)):
+            raise ValueError("kernel has non-finite values")
+        self.weight = weight
+        self.groups = groups
+        self.kind: Kind = kind
+        self.weight_shape = tuple(int(d) for d in weight.shape)
+        self._rows, self._cols = _matrix_shape(self.weight_shape, groups, kind)
+        if method == "auto":
+            method = "gram" if min(self._rows, self._cols) > GRAM_ABOVE else "svd"
+        self.method: Method = method
+        self._svd: list[tuple[FloatArray, FloatArray, FloatArray]] = []
+        self._grams: list[FloatArray] = []
+        self._s: FloatArray | None = None
+
+    def _matrix(self, g: int) -> FloatArray:
+        n_g = self.weight_shape[0] // self.groups
+        return kernel_matrices(self.weight[g * n_g : (g + 1) * n_g], 1, self.kind)[0]
+
+    @property
+    def s(self) -> FloatArray:
+        """Singular values, ``(groups, full_rank)``, each row descending."""
+        if self._s is None:
+            if self.method == "svd":
+                self._svd = [_svd(self._matrix(g)) for g in range(self.groups)]
+                self._s = np.stack([p[1] for p in self._svd])
+            else:
+                values = []
+                for g in range(self.groups):
+                    m = self._matrix(g)
+                    gram = m @ m.T if self._rows <= self._cols else m.T @ m
+                    self._grams.append(gram)
+                    eig = scipy.linalg.eigvalsh(gram, check_finite=False)[::-1]
+                    values.append(np.sqrt(np.clip(eig, 0.0, None)))
+                self._s = np.stack(values)
+        return self._s
 
     @property
     def full_rank(self) -> int:
-        return int(self.s.shape[1])
+        return min(self._rows, self._cols)
+
+    def _group_factors(self, g: int, k: int) -> tuple[FloatArray, FloatArray]:
+        """``left`` (rows × K) and ``right`` (K × cols), ``left @ right = M_K``, both scaled by √s."""
+        if self.method == "svd":
+            u, s, vt = self._svd[g]
+            root = np.sqrt(s[:k])
+            return u[:, :k] * root, root[:, None] * vt[:k]
+        m = self._matrix(g)
+        gram = self._grams[g]
+        size = gram.shape[0]
+        _, basis = scipy.linalg.eigh(gram, subset_by_index=[size - k, size - 1], driver="evr", check_finite=False)
+        basis = basis[:, ::-1]
+        wide = self._rows <= self._cols
+        projected = basis.T @ m if wide else (m @ basis).T  # (K, other side): S_K V_Kᵀ, or S_K U_Kᵀ
+        norms = np.linalg.norm(projected, axis=1)
+        order = np.argsort(-norms, kind="stable")
+        basis, projected, norms = basis[:, order], projected[order], norms[order]
+        root = np.sqrt(norms)
+        scaled = projected / np.where(root > 0, root, 1.0)[:, None]  # an exactly-zero direction contributes 0 either way
+        if wide:  # left = U_K √s, right = √s V_Kᵀ
+            return basis * root, scaled
+        return scaled.T, (basis * root).T  # left = U_K √s, right = √s V_Kᵀ (V from the Gram side)
 
     def factors(self, rank: int) -> Factors:
         """The optimal rank-``rank`` factors (rank clipped to the full rank)."""
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        s = self.s
         n, c, *spatial = self.weight_shape
         n_g = n // self.groups
         k = min(rank, self.full_rank)
-        root = np.sqrt(self.s[:, :k])  # (g, K)
-        left = self.u[:, :, :k] * root[:, None, :]  # (g, rows, K)
-        right = root[:, :, None] * self.vt[:, :k, :]  # (g, K, cols)
         g = self.groups
+        pairs = [self._group_factors(i, k) for i in range(g)]
+        left = np.stack([p[0] for p in pairs])  # (g, rows, K)
+        right = np.stack([p[1] for p in pairs])  # (g, K, cols)
         if self.kind == "spatial":
             first = left.transpose(0, 2, 1).reshape(g * k, c, *spatial[:-1], 1)
             second = right.reshape(g, k, n_g, spatial[-1]).transpose(0, 2, 1, 3)
@@ -168,23 +250,12 @@ class Decomposition:
         else:
             first = right.reshape(g * k, c, *spatial)
             second = left.reshape(n, k, *([1] * len(spatial)))
-        return Factors(self.kind, k, np.ascontiguousarray(first), np.ascontiguousarray(second), self.s)
+        return Factors(self.kind, k, np.ascontiguousarray(first), np.ascontiguousarray(second), s)
 
 
-def decompose_kernel(weight: npt.NDArray[np.generic], groups: int, kind: Kind = "spatial") -> Decomposition:
-    """SVD of ``weight`` (``(N, C/groups, *spatial)``) for the given split, in float64."""
-    if not np.all(np.isfinite(weight)):
-        raise ValueError("kernel has non-finite values")
-    mats = kernel_matrices(weight, groups, kind)
-    parts = [_svd(m) for m in mats]
-    return Decomposition(
-        kind=kind,
-        weight_shape=tuple(int(d) for d in weight.shape),
-        groups=groups,
-        u=np.stack([p[0] for p in parts]),
-        s=np.stack([p[1] for p in parts]),
-        vt=np.stack([p[2] for p in parts]),
-    )
+def decompose_kernel(weight: npt.NDArray[np.generic], groups: int, kind: Kind = "spatial", method: Method = "auto") -> Decomposition:
+    """The :class:`Decomposition` of ``weight`` (``(N, C/groups, *spatial)``) for the given split."""
+    return Decomposition(weight, groups, kind, method)
 
 
 def factorize(weight: npt.NDArray[np.generic], groups: int, rank: int, kind: Kind = "spatial") -> Factors:
@@ -198,19 +269,19 @@ def factorize(weight: npt.NDArray[np.generic], groups: int, rank: int, kind: Kin
 
 
 def reconstruct(factors: Factors, groups: int) -> FloatArray:
-    """``W_K`` rebuilt from the factors (used by tests and error checks)."""
+    """``W_K`` rebuilt from the factors (matrix products per group)."""
     k = factors.rank
-    first, second = factors.first, factors.second
-    n = second.shape[0]
-    n_g = n // groups
+    first, second = factors.first.astype(np.float64), factors.second.astype(np.float64)
+    n_g = second.shape[0] // groups
     parts = []
     for g in range(groups):
         f = first[g * k : (g + 1) * k]  # (K, C, ...)
-        s = second[g * n_g : (g + 1) * n_g]  # (n_g, K, ...)
+        h = second[g * n_g : (g + 1) * n_g]  # (n_g, K, ...)
         if factors.kind == "spatial":
-            v = f[..., 0]  # (K, C, *S)
-            h = s.reshape(n_g, k, s.shape[-1])  # (n_g, K, kw)
-            parts.append(np.einsum("kc...,nkj->nc...j", v, h))
+            c, lead, kw = f.shape[1], f.shape[2:-1], h.shape[-1]
+            horizontal = h.reshape(n_g, k, kw).transpose(1, 0, 2).reshape(k, n_g * kw)
+            m = (f.reshape(k, -1).T @ horizontal).reshape(c, *lead, n_g, kw)  # M[(c, s), (n, j)]
+            parts.append(np.moveaxis(m, -2, 0))
         else:
-            parts.append(np.einsum("nk,kc...->nc...", s.reshape(n_g, k), f))
+            parts.append((h.reshape(n_g, k) @ f.reshape(k, -1)).reshape(n_g, *f.shape[1:]))
     return np.concatenate(parts, axis=0)

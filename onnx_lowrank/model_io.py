@@ -120,6 +120,7 @@ def save_model(
             external_data = True
     data_name = dest.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    moved: Path | None = None  # the data file once renamed into place: removed again if the model's rename fails
     try:
         staged = staging / dest.name
         if external_data:
@@ -134,11 +135,14 @@ def save_model(
             # save_model moved the tensors out of `model`; bring them back so the caller's object is unchanged
             external_data_helper.load_external_data_for_model(model, str(staging))
             if (staging / data_name).exists():  # absent when every tensor is under the size threshold
-                os.replace(staging / data_name, dest.parent / data_name)
+                moved = dest.parent / data_name
+                os.replace(staging / data_name, moved)
         else:
             onnx.save_model(model, str(staged))
         os.replace(staged, dest)
     except OSError as exc:
+        if moved is not None:
+            moved.unlink(missing_ok=True)
         raise LowRankError(f"{dest}: cannot write ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

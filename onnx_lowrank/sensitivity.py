@@ -117,7 +117,7 @@ class LayerSensitivity:
     seconds: float = 0.0
 
     def options(self) -> LayerChoices:
-        """"Leave as is" and every measured rank, for :func:`onnx_lowrank.ranks.allocate`."""
+        """The original layer (damage 0) and every measured rank, for :func:`onnx_lowrank.ranks.allocate`."""
         opts = [Option(self.macs, 0.0)]
         opts += [Option(self.rank_macs * r, d, "spatial", r) for r, d in zip(self.ranks, self.damage, strict=True)]
         return LayerChoices(self.node, opts)
@@ -144,9 +144,11 @@ class Sensitivity:
 
 
 def _node_by_key(graph: onnx.GraphProto, key: str) -> onnx.NodeProto | None:
+    """The main-graph node reported as ``key`` (its name, else its first output)."""
     for node in graph.node:
         if (node.name or (node.output[0] if node.output else "")) == key:
-            return node
+            found: onnx.NodeProto = node
+            return found
     return None
 
 
@@ -226,7 +228,9 @@ def _run(session: Any, names: list[str], feed: Mapping[str, Array]) -> list[Arra
 # --------------------------------------------------------------------------- measurement
 
 
-def _candidate_ranks(s: FloatArray, full: int, macs: int, rank_macs: int, energies: Sequence[float], speedups: Sequence[float]) -> list[int]:
+def _candidate_ranks(
+    s: FloatArray, full: int, macs: int, rank_macs: int, energies: Sequence[float], speedups: Sequence[float]
+) -> list[int]:
     ranks = {min(energy_rank(s, e), full) for e in energies}
     ranks |= {max(1, math.floor(macs / (sp * rank_macs))) for sp in speedups if sp > 0}
     return sorted(r for r in ranks if 1 <= r < full and rank_macs * r < macs)
@@ -265,12 +269,21 @@ def _measure_layer(
         return 0, layer.reason or "not decomposed in the main graph"
     v_init = _initializer(graph, vertical.input[1])
     h_init = _initializer(graph, horizontal.input[1])
-    b_name = horizontal.input[2] if len(horizontal.input) > 2 and horizontal.input[2] else None
-    b_init = _initializer(graph, b_name) if b_name else None
-    if v_init is None or h_init is None or (b_name and b_init is None):
-        return 0, "the pair's kernels or bias are not plain initializers"
+    if v_init is None or h_init is None:
+        return 0, "the pair's kernels are not plain initializers"
+    if len(horizontal.input) < 3 or not horizontal.input[2]:
+        # a conv without bias gets a zero one, as the refit gives it a bias of its own
+        dtype = helper.tensor_dtype_to_np_dtype(h_init.data_type)
+        zero = numpy_helper.from_array(np.zeros(h_init.dims[0], dtype), f"{horizontal.name}.bias")
+        graph.initializer.append(zero)
+        del horizontal.input[2:]
+        horizontal.input.append(zero.name)
+    b_init = _initializer(graph, horizontal.input[2])
+    if b_init is None:
+        return 0, "the pair's bias is not a plain initializer"
     v_full, h_full = numpy_helper.to_array(v_init), numpy_helper.to_array(h_init)
-    b0 = numpy_helper.to_array(b_init).astype(np.float64).reshape(-1) if b_init is not None else None
+    b_dtype = helper.tensor_dtype_to_np_dtype(b_init.data_type)
+    b0 = numpy_helper.to_array(b_init).astype(np.float64).reshape(-1)
     geometry = horizontal_geometry(horizontal, h_full.shape)
     if isinstance(geometry, str):
         return 0, geometry
@@ -286,34 +299,29 @@ def _measure_layer(
         return 0, f"suffix reads {missing[0]!r}, which the original model does not compute"
     types = _elem_types(decomposed)
     t_name, y_name = vertical.output[0], horizontal.output[0]
-    weights = {v_init.name: v_init.data_type, h_init.name: h_init.data_type}
-    if b_init is not None:
-        weights[b_init.name] = b_init.data_type
-    cut = {name: int(cache[0][name].dtype.num and helper.np_dtype_to_tensor_dtype(cache[0][name].dtype)) for name in frontier}
+    weights = {v_init.name: v_init.data_type, h_init.name: h_init.data_type, b_init.name: b_init.data_type}
+    cut = {name: helper.np_dtype_to_tensor_dtype(cache[0][name].dtype) for name in frontier}
     wanted = {name: types.get(name, v_init.data_type) for name in [*outputs, t_name, y_name]}
     suffix = prefix_model(decomposed, wanted, {**cut, **weights})
     session = make_session(suffix, threads=threads)
     names = list(wanted)
     r_max = max(ranks)
 
-    def feed(batch: Mapping[str, Array], v: Array, h: Array, b: FloatArray | None) -> dict[str, Array]:
+    def feed(batch: Mapping[str, Array], v: Array, h: Array, b: FloatArray) -> dict[str, Array]:
         f = {name: batch[name] for name in frontier}
         f[v_init.name] = v
         f[h_init.name] = h.astype(h_full.dtype)
-        if b_init is not None and b is not None:
-            f[b_init.name] = b.astype(numpy_helper.to_array(b_init).dtype)
+        f[b_init.name] = b.astype(b_dtype)
         return f
 
     passes = 0
     equations = NormalEquations(geometry, r_max, int(h_full.shape[0])) if refit else None
     if equations is not None:
-        v_max = _slice_vertical(v_full, groups, full, r_max)
         for batch in cache:
             # the full-rank pair reproduces the layer: its horizontal output is the target Y
             out = dict(zip(names, _run(session, names, feed(batch, v_full, h_full, b0)), strict=True))
             equations.add(_slice_channels(out[t_name], groups, full, r_max), out[y_name])
         passes += 1
-        del v_max
     for r in ranks:
         v_r = _slice_vertical(v_full, groups, full, r)
         h_r = np.ascontiguousarray(h_full[:, :r]).astype(np.float64)
@@ -321,8 +329,6 @@ def _measure_layer(
         if equations is not None:
             theta = equations.solve(pack(h_r, b0, groups), ridge, rank=r)
             h_r, b_r = unpack(theta, h_r.shape)
-            if b_init is None:  # the suffix has no bias input to put a refit bias in: fit without one
-                b_r = None
         change = 0.0
         for batch in cache:
             got = dict(zip(names, _run(session, names, feed(batch, v_r, h_r, b_r)), strict=True))
@@ -363,8 +369,8 @@ def measure_sensitivity(
     specs: list[LayerSensitivity] = []
     skipped: dict[str, str] = {}
     for layer in base.layers:
-        if not layer.decomposed or layer.full_rank is None:
-            continue
+        if not layer.decomposed or layer.full_rank is None or layer.op_type != "Conv" or layer.kind != "spatial":
+            continue  # counted in the fixed MACs: fully connected layers and ineligible convs are left alone
         if _node_by_key(graph, layer.node) is None:
             skipped[layer.node] = "not in the main graph"
             continue
@@ -386,8 +392,9 @@ def measure_sensitivity(
     fetch = list(dict.fromkeys(fetch))
     cache: list[dict[str, Array]] = []
     count = 0
+    fed = {i.name for i in session.get_inputs()}
     for batch in iter_batches(proto, data, batch_size, limit=samples):
-        values = dict(zip(fetch, _run(session, fetch, {k: v for k, v in batch.items() if k in {i.name for i in session.get_inputs()}}), strict=True))
+        values = dict(zip(fetch, _run(session, fetch, {k: v for k, v in batch.items() if k in fed}), strict=True))
         values.update({k: v for k, v in batch.items() if k not in values})  # graph inputs read directly by a suffix
         cache.append(values)
         count += len(next(iter(batch.values())))
@@ -441,9 +448,7 @@ def allocate_ranks(sensitivity: Sensitivity, speedup: float) -> dict[str, int]:
         picks = allocate([layer.options() for layer in sensitivity.layers], budget, fixed=sensitivity.fixed_macs)
     except Infeasible as exc:
         best = sensitivity.total_macs / exc.best if exc.best else float("inf")
-        raise LowRankError(
-            f"speedup {speedup:g} cannot be reached with the measured ranks: the most they give is {best:.3g}x"
-        ) from None
+        raise LowRankError(f"speedup {speedup:g} cannot be reached with the measured ranks: the most they give is {best:.3g}x") from None
     return {key: option.rank for key, option in picks.items() if option.kind is not None}
 
 

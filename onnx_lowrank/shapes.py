@@ -10,6 +10,7 @@ set to 1; other symbolic dims stay unknown unless ``overrides`` gives a shape.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import onnx
@@ -24,7 +25,8 @@ _SMALL = 4096  # bytes; smaller tensors keep their data (Reshape targets, pads, 
 
 def _large_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     for tensor in external_data_helper._get_all_tensors(model):
-        if tensor.ByteSize() > _SMALL:
+        # element count, not ByteSize(): sizing a large message costs a pass over it
+        if math.prod(tensor.dims) * 2 > _SMALL:
             yield tensor
 
 

@@ -14,6 +14,7 @@ import os
 import statistics
 import tempfile
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -215,9 +216,12 @@ def _load_inputs(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]:
     if not p.is_file():
         raise LowRankError(f"{p}: no such inputs file")
     try:
+        with open(p, "rb") as f:
+            if f.read(2) != b"PK":  # np.load would take a .npy or a pickle, or fail on an empty file with EOFError
+                raise ValueError("not a zip archive")
         with np.load(p, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise LowRankError(f"{p}: not a readable .npz ({exc})") from None
 
 

@@ -128,7 +128,7 @@ def _weight_site(site: Site, node: onnx.NodeProto, scope: Scope) -> npt.NDArray[
     if w.ndim < 3:
         site.reason = f"weight of shape {tuple(w.shape)} is not a conv kernel"
         return None
-    if not np.all(np.isfinite(w.astype(np.float64))):
+    if not np.isfinite(w).all():
         site.reason = "weight has non-finite values"
         return None
     return w

@@ -64,7 +64,7 @@ class FCSite(Site):
         if node.op_type == "MatMul" and not isinstance(resolve_weight(node.input[0], scope), str):
             site.reason = "both MatMul inputs are constant"
             return site
-        if not np.all(np.isfinite(w.astype(np.float64))):
+        if not np.isfinite(w).all():
             site.reason = "weight has non-finite values"
             return site
         site.weight = weight
