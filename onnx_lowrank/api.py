@@ -233,6 +233,53 @@ def _choose_per_layer(unit: _Unit, policy: _Policy, force: bool, multiple: int) 
     return kind, r, None
 
 
+# Under a MAC budget alone, a layer holding under this share of the MACs whose weight has more elements than
+# SCREEN_WEIGHTS is not offered: it can save almost nothing, and its factorization (the fully connected layers
+# of VGG: 100 M weights) would cost more time than all the convolutions together.
+SCREEN_MAC_SHARE = 0.01
+SCREEN_WEIGHTS = 1_000_000
+
+
+def _screen_for_macs(units: list[_Unit], reasons: dict[str, str | None], total_macs: int) -> list[_Unit]:
+    kept = []
+    for unit in units:
+        share = unit.macs / total_macs if total_macs else 0.0
+        if share < SCREEN_MAC_SHARE and unit.params > SCREEN_WEIGHTS:
+            for site in unit.sites:
+                reasons[site.key] = (
+                    f"holds {share:.2%} of the MACs with {unit.params:,} weights: not offered to --speedup alone "
+                    "(--params-ratio or --rank/--energy decompose it)"
+                )
+            continue
+        kept.append(unit)
+    return kept
+
+
+def _spectra(units: list[_Unit], progress: Progress | None, workers: int) -> None:
+    """Singular values of every unit and kind, in parallel threads (LAPACK releases the GIL)."""
+    jobs = [(unit, kind) for unit in units for kind in unit.kinds]
+    if not jobs:
+        return
+
+    def run(job: tuple[_Unit, Kind]) -> str:
+        unit, kind = job
+        unit.decomposition(kind).s  # noqa: B018 - computes and caches the spectrum
+        return unit.key
+
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for done, key in enumerate(pool.map(run, jobs), 1):
+                if progress is not None:
+                    progress(done, len(jobs), key)
+    else:
+        for done, job in enumerate(jobs, 1):
+            key = run(job)
+            if progress is not None:
+                progress(done, len(jobs), key)
+
+
 def _choose_budget(
     units: list[_Unit], policy: _Policy, fixed_macs: int, fixed_params: int, params_total: int, force: bool, multiple: int
 ) -> dict[str, tuple[Kind | None, int, str | None]]:
@@ -307,6 +354,7 @@ def decompose(
     rank_multiple: int = 1,
     fold_bn: bool = True,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Decompose the model's layers; return the new model and what was done.
 
@@ -323,12 +371,14 @@ def decompose(
     ``input_shapes`` fixes symbolic input dims for the cost model.
     ``rank_multiple`` rounds ranks up to a multiple. ``fold_bn`` first folds
     BatchNormalization into the Conv before it. ``progress(done, total, name)``
-    is called as layers are factored.
+    is called as layers are analysed. ``workers`` threads compute the spectra
+    (default: the number of CPUs, at most 4).
 
     ``model`` is a path or a ``ModelProto``; a given ``ModelProto`` is copied,
     never changed. Raises :class:`LowRankError` for bad arguments or models.
     """
     start = time.perf_counter()
+    workers = workers or min(os.cpu_count() or 1, 4)
     policy = _policy(rank, energy, speedup, params_ratio, ranks)
     allowed = _kinds(kinds)
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
@@ -366,6 +416,10 @@ def decompose(
         rank_key = policy.ranks.get(site.key) if policy.ranks else None
         buckets.setdefault((site.weight_key, type(site), site.groups, rank_key), []).append(site)
     units = [_Unit(group, group[0].available(allowed)) for group in buckets.values()]
+    if policy.name == "budget" and policy.params_ratio is None:
+        units = _screen_for_macs(units, reasons, sum(s.cost.macs for s in sites if s.cost))
+        selected = [site for unit in units for site in unit.sites]
+    _spectra(units, progress, workers)
 
     fixed_macs = sum(s.cost.macs for s in sites if s.cost and s not in selected)
     fixed_params = params_before - sum(u.params for u in units)
@@ -376,7 +430,7 @@ def decompose(
 
     layers = {site.key: _layer_report(site, reasons[site.key]) for site in sites}
     plan: list[tuple[Site, Factors]] = []
-    for done, unit in enumerate(units, 1):
+    for unit in units:
         kind, r, why = chosen[unit.key]
         for site in unit.sites:
             layers[site.key].full_rank = unit.decomposition(unit.kinds[0]).full_rank
@@ -397,8 +451,6 @@ def decompose(
             layer.relative_error = error
             layer.optimal_error = factors.relative_error
             layer.macs_after = site.cost.pair_macs(kind, factors.rank) if site.cost else 0
-        if progress is not None:
-            progress(done, len(units), unit.key)
 
     proto, made = apply_factors(proto, plan)
     for key, names in made.items():

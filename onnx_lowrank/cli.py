@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .api import DEFAULT_KINDS, DEFAULT_SPEEDUP, decompose, inspect
@@ -310,21 +310,26 @@ def _decompose(args: argparse.Namespace) -> int:
     model, was_external = load_model_with_layout(src)
     external = args.external_data or was_external
     _progress(args, f"loaded {src} in {time.perf_counter() - start:.2f} s")
-    new, report = decompose(
-        model,
-        rank=args.rank,
-        energy=args.energy,
-        speedup=args.speedup,
-        params_ratio=args.params_ratio,
-        ranks=ranks,
-        kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
-        include=args.include,
-        exclude=args.exclude,
-        force=args.force,
-        input_shapes=dict(args.input_shape),
-        rank_multiple=args.rank_multiple,
-        fold_bn=not args.no_fold_bn,
-    )
+    bar = _ProgressBar(not args.quiet)
+    try:
+        new, report = decompose(
+            model,
+            rank=args.rank,
+            energy=args.energy,
+            speedup=args.speedup,
+            params_ratio=args.params_ratio,
+            ranks=ranks,
+            kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+            include=args.include,
+            exclude=args.exclude,
+            force=args.force,
+            input_shapes=dict(args.input_shape),
+            rank_multiple=args.rank_multiple,
+            fold_bn=not args.no_fold_bn,
+            progress=bar,
+        )
+    finally:
+        bar.close()
     del model
     save_model(new, dst, external_data=external, inputs=(src,))
     report.seconds = time.perf_counter() - start
@@ -342,6 +347,44 @@ def _decompose(args: argparse.Namespace) -> int:
 def _progress(args: argparse.Namespace, message: str) -> None:
     if not getattr(args, "quiet", False) and sys.stderr.isatty():
         print(message, file=sys.stderr)
+
+
+class _ProgressBar:
+    """A bar on stderr for conversions that take more than a moment; silent when stderr is not a terminal.
+
+    tqdm draws it when installed; otherwise one line is rewritten in place.
+    """
+
+    DELAY = 1.0  # seconds before anything is drawn: quick conversions stay quiet
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.bar: Any = None
+        self.drawn = False
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.enabled or time.perf_counter() - self.start < self.DELAY:
+            return
+        if self.bar is None:
+            try:
+                from tqdm import tqdm  # optional; imported only when a bar is due
+
+                self.bar = tqdm(total=total, desc="analysing layers", unit="layer", file=sys.stderr, leave=False)
+            except ImportError:
+                self.bar = False
+        if self.bar:
+            self.bar.n = done
+            self.bar.set_postfix_str(name[-30:], refresh=True)
+        else:
+            print(f"\ranalysing layers {done}/{total} {name[-40:]:<40}", end="", file=sys.stderr, flush=True)
+            self.drawn = True
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        elif self.drawn:
+            print("\r" + " " * 70 + "\r", end="", file=sys.stderr, flush=True)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -47,6 +47,27 @@ def conv_model(
     return model
 
 
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    initializers: dict[str, np.ndarray] | None = None,
+    *,
+    opset: int = 17,
+) -> onnx.ModelProto:
+    """A model from nodes, graph inputs/outputs and named numpy initializers (IR version <= 8)."""
+    inits = [numpy_helper.from_array(v, k) for k, v in (initializers or {}).items()]
+    graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 8)
+    return model
+
+
+def conv_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the main graph's Conv nodes, in graph order."""
+    return [n.name for n in model.graph.node if n.op_type == "Conv"]
+
+
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of ``model`` in onnxruntime on CPU (no graph optimizations: the graph as written)."""
     options = ort.SessionOptions()

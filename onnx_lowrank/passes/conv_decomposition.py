@@ -235,6 +235,7 @@ class ConvTransposeSite(Site):
     output_padding: tuple[int, ...] = ()
     output_shape: tuple[int, ...] | None = None  # the spatial target, when the node gives one
     in_width: int | None = None
+    in_spatial: tuple[int, ...] | None = None
 
     @classmethod
     def build(cls, node: onnx.NodeProto, scope: Scope, shapes: dict[str, Shape], key: str) -> ConvTransposeSite:
@@ -265,6 +266,7 @@ class ConvTransposeSite(Site):
             spatial_reason = "output_shape with unknown input width: cannot split it per axis"
         if in_spatial is not None:
             site.in_width = in_spatial[-1]
+            site.in_spatial = in_spatial
             if site.output_shape is not None:
                 out = site.output_shape
             elif site.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
@@ -302,6 +304,20 @@ class ConvTransposeSite(Site):
         second_t = second.reshape(g, n_g, k, *second.shape[2:]).swapaxes(1, 2).reshape(g * k, n_g, *second.shape[2:])
         return first_t, second_t
 
+    def _output_shape_pads(self) -> tuple[int, ...] | None:
+        """The pads the spec derives from ``output_shape`` (NOTSET: the odd pixel at the start), or None if one is negative."""
+        assert self.output_shape is not None and self.in_spatial is not None
+        begins, ends = [], []
+        for n, k, s, d, op, out in zip(
+            self.in_spatial, self.kernel_shape, self.strides, self.dilations, self.output_padding, self.output_shape, strict=True
+        ):
+            total = s * (n - 1) + op + (k - 1) * d + 1 - out
+            if total < 0:
+                return None
+            begins.append(total - total // 2)
+            ends.append(total // 2)
+        return (*begins, *ends)
+
     def emit(self, kind: Kind, first_w: str, second_w: str, middle: str, names: tuple[str, str]) -> tuple[onnx.NodeProto, onnx.NodeProto]:
         node = self.node
         r = len(self.kernel_shape)
@@ -320,14 +336,18 @@ class ConvTransposeSite(Site):
             "dilations": [*ones, self.dilations[-1]],
             "output_padding": [*zeros, self.output_padding[-1]],
         }
-        if self.output_shape is not None:
+        # output_shape as the explicit pads it implies: onnx shape inference drops the spatial dims of a
+        # ConvTranspose whose output_shape is below its input size, and the second node then fails to load
+        explicit = self._output_shape_pads() if self.output_shape is not None and self.auto_pad == "NOTSET" else None
+        if self.output_shape is not None and explicit is None:
             assert self.in_width is not None
             first["output_shape"] = [*self.output_shape[:-1], self.in_width]
             second["output_shape"] = list(self.output_shape)
         if self.auto_pad != "NOTSET":
             first["auto_pad"] = second["auto_pad"] = self.auto_pad
         else:
-            begins, ends = self.pads[:r], self.pads[r:]
+            pads = explicit if explicit is not None else self.pads
+            begins, ends = pads[:r], pads[r:]
             first["pads"] = [*begins[:-1], 0, *ends[:-1], 0]
             second["pads"] = [*zeros, begins[-1], *zeros, ends[-1]]
         bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
