@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -355,6 +356,8 @@ def decompose(
     fold_bn: bool = True,
     progress: Progress | None = None,
     workers: int | None = None,
+    measure: bool = False,
+    threads: int = 1,
 ) -> tuple[onnx.ModelProto, Report]:
     """Decompose the model's layers; return the new model and what was done.
 
@@ -372,7 +375,9 @@ def decompose(
     ``rank_multiple`` rounds ranks up to a multiple. ``fold_bn`` first folds
     BatchNormalization into the Conv before it. ``progress(done, total, name)``
     is called as layers are analysed. ``workers`` threads compute the spectra
-    (default: the number of CPUs, at most 4).
+    (default: the number of CPUs, at most 4). ``measure`` (with ``speedup``)
+    chooses ranks by latency timed in onnxruntime with ``threads`` intra-op
+    threads instead of MACs, and checks the whole model (``Report.latency``).
 
     ``model`` is a path or a ``ModelProto``; a given ``ModelProto`` is copied,
     never changed. Raises :class:`LowRankError` for bad arguments or models.
@@ -428,30 +433,14 @@ def decompose(
     else:
         chosen = {u.key: _choose_per_layer(u, policy, force, rank_multiple) for u in units}
 
-    layers = {site.key: _layer_report(site, reasons[site.key]) for site in sites}
-    plan: list[tuple[Site, Factors]] = []
-    for unit in units:
-        kind, r, why = chosen[unit.key]
-        for site in unit.sites:
-            layers[site.key].full_rank = unit.decomposition(unit.kinds[0]).full_rank
-        if kind is None:
-            for site in unit.sites:
-                layers[site.key].reason = why
-            continue
-        decomposition = unit.decomposition(kind)
-        factors = decomposition.factors(r)
-        error = _stored_error(unit.sites[0], factors)
-        for site in unit.sites:
-            plan.append((site, factors))
-            layer = layers[site.key]
-            layer.decomposed = True
-            layer.kind = kind
-            layer.rank = factors.rank
-            layer.full_rank = decomposition.full_rank
-            layer.relative_error = error
-            layer.optimal_error = factors.relative_error
-            layer.macs_after = site.cost.pair_macs(kind, factors.rank) if site.cost else 0
+    measured: dict[str, Any] = {}
+    if measure:
+        if policy.name != "budget" or policy.params_ratio is not None:
+            raise LowRankError("--measure goes with --speedup alone")
+        chosen, measured = _measured_choice(proto, shapes, units, policy, threads, rank_multiple)
 
+    layers = {site.key: _layer_report(site, reasons[site.key]) for site in sites}
+    plan = _plan(units, chosen, layers)
     proto, made = apply_factors(proto, plan)
     for key, names in made.items():
         layers[key].vertical_node = names.first
@@ -463,11 +452,165 @@ def decompose(
         params_before=params_before,
         params_after=count_params(proto),
         layers=layer_list,
-        policy={**policy.describe(), "kinds": list(allowed), "force": force, "rank_multiple": rank_multiple, "fold_bn": fold_bn},
+        policy={
+            **policy.describe(),
+            "kinds": list(allowed),
+            "force": force,
+            "rank_multiple": rank_multiple,
+            "fold_bn": fold_bn,
+            "measure": measure,
+        },
         folded_batchnorms=[bn for _, bn in folded],
+        latency=measured,
         seconds=time.perf_counter() - start,
     )
     return proto, report
+
+
+def _plan(
+    units: list[_Unit], chosen: Mapping[str, tuple[Kind | None, int, str | None]], layers: dict[str, LayerReport]
+) -> list[tuple[Site, Factors]]:
+    """The factors to write per site, filling in the layer reports on the way."""
+    plan: list[tuple[Site, Factors]] = []
+    for unit in units:
+        kind, r, why = chosen[unit.key]
+        for site in unit.sites:
+            if site.key in layers:
+                layers[site.key].full_rank = unit.decomposition(unit.kinds[0]).full_rank
+        if kind is None:
+            for site in unit.sites:
+                if site.key in layers:
+                    layers[site.key].reason = why
+            continue
+        decomposition = unit.decomposition(kind)
+        factors = decomposition.factors(r)
+        error = _stored_error(unit.sites[0], factors) if layers else 0.0
+        for site in unit.sites:
+            plan.append((site, factors))
+            layer = layers.get(site.key)
+            if layer is None:
+                continue
+            layer.decomposed = True
+            layer.kind = kind
+            layer.rank = factors.rank
+            layer.full_rank = decomposition.full_rank
+            layer.relative_error = error
+            layer.optimal_error = factors.relative_error
+            layer.macs_after = site.cost.pair_macs(kind, factors.rank) if site.cost else 0
+    return plan
+
+
+MEASURE_STEP = 8  # timed ranks are multiples of this (or of --rank-multiple when larger): onnxruntime's kernels block by 8
+MEASURE_POINTS = 10  # at most this many timed ranks per layer and kind
+
+
+def _measured_choice(
+    proto: onnx.ModelProto,
+    shapes: Mapping[str, Any],
+    units: list[_Unit],
+    policy: _Policy,
+    threads: int,
+    multiple: int,
+) -> tuple[dict[str, tuple[Kind | None, int, str | None]], dict[str, Any]]:
+    """Ranks from measured latency: each layer's options are timed in onnxruntime, the whole model checked.
+
+    The allocator of :mod:`onnx_lowrank.ranks` runs on measured milliseconds instead of MACs; an option slower
+    than the original layer is never offered. The result is then timed as a whole model against the original
+    (interleaved runs); when it falls short of the target, the latency budget is tightened by the shortfall
+    and the allocation redone (at most four rounds).
+    """
+    from .latency import LayerTimer
+    from .verify import interleaved_latency, make_session, random_inputs
+
+    target = float(policy.speedup)  # type: ignore[arg-type]
+    timer = LayerTimer(proto.opset_import, threads=threads)
+    step = max(multiple, MEASURE_STEP)
+    original_session = make_session(proto, threads=threads)
+    feeds = random_inputs(original_session)
+    choices: list[LayerChoices] = []
+    unit_ms: dict[str, float] = {}
+    for unit in units:
+        times = [timer.original(site, shapes) for site in unit.sites]
+        if any(t is None for t in times):
+            continue  # unknown input shape: cannot be timed, left as is
+        base = float(sum(times))  # type: ignore[arg-type]
+        unit_ms[unit.key] = base
+        options = [Option(int(base * 1e6), 0.0, None, 0)]
+        for kind in unit.kinds:
+            errors = unit.errors(kind)
+            full = errors.size - 1
+            limit = min(full, unit.macs // max(unit.rank_macs[kind], 1))
+            grid = list(range(step, limit + 1, step)) or ([limit] if limit >= 1 else [])
+            if len(grid) > MEASURE_POINTS:
+                grid = sorted({grid[round(i * (len(grid) - 1) / (MEASURE_POINTS - 1))] for i in range(MEASURE_POINTS)})
+            for r in grid:
+                pair = sum(timer.pair(site, shapes, kind, r) or 0.0 for site in unit.sites)
+                if pair < base:  # never offer a layer that gets slower
+                    options.append(Option(int(pair * 1e6), float(errors[r]), kind, r))
+        choices.append(LayerChoices(unit.key, options))
+    _timed_runs(original_session, feeds, 2)  # warm-up
+    before_ms = statistics.median(_timed_runs(original_session, feeds, 10))
+    fixed = max(before_ms - sum(unit_ms.values()), 0.0)
+    budget = before_ms / target
+    history: list[dict[str, float]] = []
+    rounds: list[tuple[float, float, dict[str, Option]]] = []  # measured ratio, total error, picks
+    for _ in range(4):
+        try:
+            picks = allocate(choices, budget * 1e6, fixed=fixed * 1e6)
+        except Infeasible as exc:
+            if rounds:
+                break
+            reachable = before_ms / (exc.best / 1e6) if exc.best else float("inf")
+            raise LowRankError(f"--speedup {target:g} --measure cannot be reached: timed layers allow at most {reachable:.3g}x") from None
+        predicted = before_ms / ((fixed * 1e6 + sum(o.macs for o in picks.values())) / 1e6)
+        candidate = _candidate(proto, shapes, units, picks)
+        orig_ms, cand_ms = interleaved_latency(original_session, make_session(candidate, threads=threads), feeds, runs=20)
+        ratio = orig_ms / cand_ms
+        history.append({"predicted_speedup": predicted, "measured_speedup": ratio, "original_ms": orig_ms, "candidate_ms": cand_ms})
+        rounds.append((ratio, sum(o.error for o in picks.values()), picks))
+        if ratio >= target:
+            break
+        budget *= ratio / target  # ask for the shortfall again
+    meeting = [r for r in rounds if r[0] >= target]
+    # the least error among rounds that met the target, else the fastest round
+    best = min(meeting, key=lambda r: r[1]) if meeting else max(rounds, key=lambda r: r[0])
+    picks = best[2]
+    chosen: dict[str, tuple[Kind | None, int, str | None]] = {}
+    for unit in units:
+        pick = picks.get(unit.key)
+        if pick is None:
+            chosen[unit.key] = (None, 0, "input shape unknown: cannot be timed for --measure")
+        elif pick.kind is None:
+            chosen[unit.key] = (None, 0, f"left as is by --speedup {target:g} --measure: slower or costlier in accuracy per ms saved")
+        else:
+            chosen[unit.key] = (pick.kind, pick.rank, None)
+    final = history[rounds.index(best)]
+    info = {**final, "target": target, "threads": threads, "rounds": history, "layers_timed": timer.timed}
+    return chosen, info
+
+
+def _timed_runs(session: Any, feeds: Mapping[str, Any], runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        out.append((time.perf_counter() - t0) * 1000.0)
+    return out
+
+
+def _candidate(proto: onnx.ModelProto, shapes: Mapping[str, Any], units: list[_Unit], picks: Mapping[str, Option]) -> onnx.ModelProto:
+    """A decomposed copy of ``proto`` for timing; ``proto`` itself is left as it is."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    sites = {site.key: site for site in find_sites(copy, shapes)}
+    plan = []
+    for unit in units:
+        pick = picks.get(unit.key)
+        if pick is None or pick.kind is None:
+            continue
+        factors = unit.decomposition(pick.kind).factors(pick.rank)
+        plan += [(sites[site.key], factors) for site in unit.sites]
+    return apply_factors(copy, plan)[0]
 
 
 INSPECT_ENERGIES = (0.9, 0.99, 0.999)

@@ -64,6 +64,15 @@ result says why):
 Every model input must be in the calibration data with its samples on axis 0
 and the other dims as the model declares them; a model with a fixed batch size
 is fed in batches of that size (left-over samples are dropped).
+
+Usage::
+
+    decomposed, report = decompose(model, speedup=2)
+    data = load_calibration("calibration.npz", model)      # or a folder of <input>.npy, arrays, batches
+    refit_model = refit(model, decomposed, report, data)   # or refit_layers(...) for per-layer errors and time
+
+Cost: per decomposed layer, one pass of the original model's prefix (up to
+the layer) and one of the decomposed model's prefix over the calibration set.
 """
 
 from __future__ import annotations
@@ -262,7 +271,7 @@ def iter_batches(
 # --------------------------------------------------------------------------- graph helpers
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Every name read inside the node's subgraphs (outer-scope reads among them)."""
     names: set[str] = set()
     for attr in node.attribute:
@@ -270,7 +279,7 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
         for g in graphs:
             for inner in g.node:
                 names.update(i for i in inner.input if i)
-                names |= _subgraph_reads(inner)
+                names |= subgraph_reads(inner)
     return names
 
 
@@ -290,7 +299,7 @@ def prefix_model(model: onnx.ModelProto, outputs: Mapping[str, int], inputs: Map
         if any(o in needed and o not in cut for o in node.output):
             keep.append(node)
             needed.update(i for i in node.input if i)
-            needed |= _subgraph_reads(node)
+            needed |= subgraph_reads(node)
     keep.reverse()
     result = onnx.ModelProto(
         ir_version=model.ir_version,
@@ -325,7 +334,7 @@ class _Constant:
 def _readers(graph: onnx.GraphProto) -> dict[str, int]:
     count: dict[str, int] = {}
     for node in graph.node:
-        for name in {*node.input, *_subgraph_reads(node)}:
+        for name in {*node.input, *subgraph_reads(node)}:
             count[name] = count.get(name, 0) + 1
     for value in graph.output:
         count[value.name] = count.get(value.name, 0) + 1
@@ -658,7 +667,10 @@ def _refit_one(
     h, b = unpack(theta, h0.shape)
     # score the factors as they will be stored (rounded to the model's dtype)
     stored_h = h.astype(_np_dtype(weight.tensor.data_type)).astype(np.float64)
-    bias_type = bias.tensor.data_type if bias is not None else weight.tensor.data_type
+    in_place = bias is not None and bias.readers <= 1
+    # a bias of the conv's own is written where it is stored; a new one is read by the conv directly,
+    # so it takes the type the conv computes in (after any Cast)
+    bias_type = bias.tensor.data_type if bias is not None and in_place else weight.data_type
     stored_b = b.astype(_np_dtype(bias_type)).astype(np.float64)
     norm = float(eq.target.sum())
     before = eq.residual(prior)
@@ -671,7 +683,7 @@ def _refit_one(
         result.seconds = time.perf_counter() - start
         return result
     _write(weight.tensor, h)
-    if bias is not None and bias.readers <= 1:
+    if bias is not None and in_place:
         _write(bias.tensor, b)
     else:
         # no bias, or one shared with other nodes: give this conv a bias of its own

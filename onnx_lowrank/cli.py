@@ -115,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--force", action="store_true", help="decompose eligible layers even where the pair costs more MACs (full rank: an exactness check)"
     )
+    d.add_argument("--measure", action="store_true", help="with --speedup: choose ranks by latency timed in onnxruntime, not MACs")
+    d.add_argument(
+        "--threads", type=_positive_int, default=1, help="onnxruntime intra-op threads for --measure and --verify timing (default 1)"
+    )
     d.add_argument("--no-fold-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them into the Conv first)")
     d.add_argument("--rank-multiple", type=_positive_int, default=1, metavar="M", help="round ranks up to a multiple of M (default 1)")
     d.add_argument(
@@ -184,6 +188,13 @@ def format_report(report: Report, quiet: bool = False) -> str:
                 cells += ["-", "-", "-", _count(layer.macs_before), _count(layer.macs_after), "1.00x", f"skipped: {layer.reason}"]
             rows.append(cells)
         out.append(_table(rows, ["node", "op", "weight", "kind", "rank", "rel.err", "MACs", "MACs after", "ratio", "note"]))
+    if report.latency:
+        lat = report.latency
+        out.append(
+            f"measured in onnxruntime ({lat['threads']} thread(s)): {lat['original_ms']:.3f} ms -> {lat['candidate_ms']:.3f} ms, "
+            f"{lat['measured_speedup']:.2f}x (predicted {lat['predicted_speedup']:.2f}x, target {lat['target']:g}x, "
+            f"{len(lat['rounds'])} round(s), {lat['layers_timed']} layer models timed)"
+        )
     if report.folded_batchnorms:
         out.append(f"folded {len(report.folded_batchnorms)} BatchNormalization nodes into their Conv")
     out.append(
@@ -327,6 +338,8 @@ def _decompose(args: argparse.Namespace) -> int:
             rank_multiple=args.rank_multiple,
             fold_bn=not args.no_fold_bn,
             progress=bar,
+            measure=args.measure,
+            threads=args.threads,
         )
     finally:
         bar.close()
@@ -339,7 +352,7 @@ def _decompose(args: argparse.Namespace) -> int:
     print(f"wrote {dst}" + (f" (+ {dst.name}.data)" if external else ""))
     if args.verify:
         del new
-        result = verify(src, dst)
+        result = verify(src, dst, threads=args.threads)
         print(format_verify(result))
     return 0
 

@@ -50,6 +50,7 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     policy: dict[str, Any] = field(default_factory=dict)
     folded_batchnorms: list[str] = field(default_factory=list)  # BatchNormalization nodes folded into their Conv
+    latency: dict[str, Any] = field(default_factory=dict)  # with --measure: predicted and measured speedup, per round
     seconds: float = 0.0
 
     @property

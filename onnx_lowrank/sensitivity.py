@@ -79,6 +79,7 @@ from .calibration import (
     load_calibration,
     pack,
     prefix_model,
+    subgraph_reads,
     unpack,
 )
 from .errors import LowRankError
@@ -152,16 +153,6 @@ def _node_by_key(graph: onnx.GraphProto, key: str) -> onnx.NodeProto | None:
     return None
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attr in node.attribute:
-        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            for inner in g.node:
-                names.update(i for i in inner.input if i)
-                names |= _subgraph_reads(inner)
-    return names
-
-
 def _suffix(graph: onnx.GraphProto, start: onnx.NodeProto) -> tuple[list[str], list[str]]:
     """``(frontier, outputs)`` of the nodes downstream of ``start`` (itself included).
 
@@ -174,14 +165,14 @@ def _suffix(graph: onnx.GraphProto, start: onnx.NodeProto) -> tuple[list[str], l
     tainted: set[str] = set(start.output)
     nodes = [start]
     for node in graph.node[index + 1 :]:
-        reads = {*node.input, *_subgraph_reads(node)}
+        reads = {*node.input, *subgraph_reads(node)}
         if reads & tainted:
             nodes.append(node)
             tainted.update(node.output)
     produced = {o for n in nodes for o in n.output}
     frontier: list[str] = []
     for node in nodes:
-        for name in [*node.input, *sorted(_subgraph_reads(node))]:
+        for name in [*node.input, *sorted(subgraph_reads(node))]:
             if name and name not in produced and name not in constants and name not in frontier:
                 frontier.append(name)
     outputs = [v.name for v in graph.output if v.name in tainted]

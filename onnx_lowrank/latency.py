@@ -1,0 +1,153 @@
+"""Timing layers and models in onnxruntime, for rank choice by measured latency.
+
+MACs are not latency: a thin pair of convs runs below its MAC ratio when its
+channel counts miss the blocked kernels of onnxruntime's CPU convolution, and
+small layers are bound by memory, not arithmetic. :class:`LayerTimer` builds a
+one-node model per layer (the original) and a two-node model per candidate
+(kind, rank), at the layer's real input shape, and times each in onnxruntime:
+warm-up runs, then the median of ``runs`` runs, thread spinning off. Timings are
+cached per (geometry, kind, rank, threads), so layers of the same shape — the
+repeated blocks of ResNets — are timed once.
+
+Between timed ranks the latency is interpolated linearly: a pair's work grows
+linearly in K, and the steps of the kernel blocking are caught by timing at
+multiples of the blocking width.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .factorization import Factors, Kind
+from .passes._rewrite import Site
+from .shapes import Shape
+
+__all__ = ["LayerTimer", "time_model"]
+
+
+def _session(model: onnx.ModelProto, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def time_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], threads: int = 1, runs: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of one model."""
+    return _median_ms(_session(model, threads), feeds, runs, warmup)
+
+
+class LayerTimer:
+    """Times layers alone and their decomposed pairs, at the layer's real input shape."""
+
+    def __init__(self, opset_imports: Sequence[onnx.OperatorSetIdProto], threads: int = 1, runs: int = 7, warmup: int = 2) -> None:
+        self.opset_imports = list(opset_imports)
+        self.threads = threads
+        self.runs = runs
+        self.warmup = warmup
+        self.cache: dict[tuple[Any, ...], float] = {}
+        self.rng = np.random.default_rng(0)
+        self.timed = 0  # how many models were actually timed (the rest came from the cache)
+
+    def _input(self, site: Site, shapes: Mapping[str, Shape]) -> tuple[int, ...] | None:
+        shape = shapes.get(site.node.input[0])
+        if shape is None or any(d is None for d in shape):
+            return None
+        return tuple(int(d) for d in shape)  # type: ignore[arg-type]
+
+    def _dtype(self, site: Site) -> int:
+        assert site.weight is not None
+        return site.weight.cast_to or site.weight.data_type
+
+    def _key(self, site: Site, x_shape: tuple[int, ...], kind: Kind | None, rank: int) -> tuple[Any, ...]:
+        assert site.weight is not None
+        node_attrs = tuple(sorted((a.name, str(helper.get_attribute_value(a))) for a in site.node.attribute))
+        return (site.node.op_type, node_attrs, x_shape, tuple(site.weight.values.shape), len(site.node.input) > 2, kind, rank, self.threads)
+
+    def _time(self, site: Site, x_shape: tuple[int, ...], nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> float:
+        dtype = self._dtype(site)
+        np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+        x_name = site.node.input[0]
+        graph = helper.make_graph(
+            nodes,
+            "layer",
+            [helper.make_tensor_value_info(x_name, dtype, list(x_shape))],
+            [helper.make_tensor_value_info(site.node.output[0], dtype, None)],
+            inits,
+        )
+        model = helper.make_model(graph, opset_imports=self.opset_imports)
+        feeds = {x_name: self.rng.standard_normal(x_shape).astype(np_dtype)}
+        self.timed += 1
+        return _median_ms(_session(model, self.threads), feeds, self.runs, self.warmup)
+
+    def _bias(self, site: Site) -> list[onnx.TensorProto]:
+        node = site.node
+        if len(node.input) < 3 or not node.input[2] or site.cost is None:
+            return []
+        np_dtype = helper.tensor_dtype_to_np_dtype(self._dtype(site))
+        length = site.cost.bias or 1
+        return [numpy_helper.from_array(self.rng.standard_normal(length).astype(np_dtype), node.input[2])]
+
+    def original(self, site: Site, shapes: Mapping[str, Shape]) -> float | None:
+        """Milliseconds of the layer as it is, or None when its input shape is unknown."""
+        x_shape = self._input(site, shapes)
+        if x_shape is None or site.weight is None:
+            return None
+        key = self._key(site, x_shape, None, 0)
+        if key not in self.cache:
+            np_dtype = helper.tensor_dtype_to_np_dtype(self._dtype(site))
+            weight = numpy_helper.from_array(self.rng.standard_normal(site.weight.values.shape).astype(np_dtype), site.node.input[1])
+            node = onnx.NodeProto()
+            node.CopyFrom(site.node)
+            self.cache[key] = self._time(site, x_shape, [node], [weight, *self._bias(site)])
+        return self.cache[key]
+
+    def pair(self, site: Site, shapes: Mapping[str, Shape], kind: Kind, rank: int) -> float | None:
+        """Milliseconds of the decomposed pair at ``rank``, or None when the input shape is unknown."""
+        x_shape = self._input(site, shapes)
+        if x_shape is None or site.weight is None:
+            return None
+        key = self._key(site, x_shape, kind, rank)
+        if key not in self.cache:
+            kernel_shape = site.kernel().shape
+            n, c, *spatial = kernel_shape
+            g = site.groups
+            if kind == "spatial":
+                first_shape = (g * rank, c, *spatial[:-1], 1)
+                second_shape = (n, rank, *([1] * (len(spatial) - 1)), spatial[-1])
+            else:
+                first_shape = (g * rank, c, *spatial)
+                second_shape = (n, rank, *([1] * len(spatial)))
+            factors = Factors(kind, rank, self.rng.standard_normal(first_shape), self.rng.standard_normal(second_shape), np.ones((g, rank)))
+            first_values, second_values = site.storage(factors)
+            np_dtype = helper.tensor_dtype_to_np_dtype(self._dtype(site))
+            inits = [
+                numpy_helper.from_array(first_values.astype(np_dtype), "first.weight"),
+                numpy_helper.from_array(second_values.astype(np_dtype), "second.weight"),
+                *self._bias(site),
+            ]
+            nodes = list(site.emit(kind, "first.weight", "second.weight", "middle", ("first", "second")))
+            self.cache[key] = self._time(site, x_shape, nodes, inits)
+        return self.cache[key]
