@@ -28,7 +28,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ DEFAULT_SPEEDUP = 2.0
 DEFAULT_KINDS: tuple[Kind, ...] = ("spatial", "channel")
 ALL_KINDS: tuple[Kind, ...] = ("spatial", "channel")
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
+CalibrationSource = str | os.PathLike[str] | Mapping[str, Any] | Iterable[Mapping[str, Any]]
 Progress = Callable[[int, int, str], None]
 
 
@@ -358,6 +359,10 @@ def decompose(
     workers: int | None = None,
     measure: bool = False,
     threads: int = 1,
+    calibration: CalibrationSource | None = None,
+    refit: bool | None = None,
+    sensitivity: bool | None = None,
+    samples: int = 128,
 ) -> tuple[onnx.ModelProto, Report]:
     """Decompose the model's layers; return the new model and what was done.
 
@@ -379,9 +384,109 @@ def decompose(
     chooses ranks by latency timed in onnxruntime with ``threads`` intra-op
     threads instead of MACs, and checks the whole model (``Report.latency``).
 
+    ``calibration`` (an ``.npz`` or a folder of ``<input>.npy``, arrays keyed by
+    input name with samples on axis 0, or an iterable of such batches) makes the
+    conversion data-aware: with ``speedup`` alone, ranks are allocated by each
+    layer's measured damage to the model's outputs on ``samples`` of it
+    (``sensitivity``, default on; see :mod:`onnx_lowrank.sensitivity`), and the
+    horizontal factors and biases are refit in closed form to the original
+    layers' outputs (``refit``, default on; see :mod:`onnx_lowrank.calibration`).
+
     ``model`` is a path or a ``ModelProto``; a given ``ModelProto`` is copied,
     never changed. Raises :class:`LowRankError` for bad arguments or models.
     """
+    options: dict[str, Any] = dict(
+        rank=rank,
+        energy=energy,
+        speedup=speedup,
+        params_ratio=params_ratio,
+        ranks=ranks,
+        include=include,
+        exclude=exclude,
+        force=force,
+        kinds=kinds,
+        input_shapes=input_shapes,
+        rank_multiple=rank_multiple,
+        fold_bn=fold_bn,
+        progress=progress,
+        workers=workers,
+        measure=measure,
+        threads=threads,
+    )
+    if calibration is None:
+        if refit or sensitivity:
+            raise LowRankError("refit and sensitivity allocation need calibration data")
+        return _decompose(model, **options)
+    return _decompose_calibrated(model, options, calibration, refit is not False, sensitivity is not False, samples)
+
+
+def _decompose_calibrated(
+    model: ModelLike, options: dict[str, Any], calibration: CalibrationSource, refit: bool, sensitivity: bool, samples: int
+) -> tuple[onnx.ModelProto, Report]:
+    from .calibration import load_calibration, refit_layers
+    from .sensitivity import allocate_ranks, measure_sensitivity
+
+    start = time.perf_counter()
+    source = _as_model(model)
+    data = load_calibration(calibration, source)
+    policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
+    measured = None
+    allocation = "kernel error"
+    if sensitivity and policy.name == "budget" and policy.params_ratio is None and not options["measure"]:
+        measured = measure_sensitivity(
+            source, data, samples=samples, include=options["include"], exclude=options["exclude"], threads=options["threads"] or None
+        )
+        target = float(policy.speedup)  # type: ignore[arg-type]
+        try:
+            ranks = allocate_ranks(measured, target)
+        except LowRankError as exc:  # the measured layers alone cannot reach it: the kernel-error allocation can
+            allocation = f"kernel error ({exc})"
+            ranks = {}
+        if ranks:
+            allocation = "sensitivity"
+            options = {**options, "speedup": None, "ranks": ranks, "kinds": ["spatial"]}
+    new, report = _decompose(source, **options)
+    report.policy["allocation"] = allocation
+    if allocation == "sensitivity":
+        report.policy.update(name="budget", speedup=float(policy.speedup))  # type: ignore[arg-type]
+        for layer in report.layers:
+            if layer.reason == "not named in the ranks file":
+                layer.reason = f"left as is by --speedup {policy.speedup:g}: other layers harm the outputs less per MAC saved"
+    if measured is not None:
+        curves = {layer.node: [[r, d] for r, d in zip(layer.ranks, layer.damage, strict=True)] for layer in measured.layers}
+        for layer in report.layers:
+            layer.sensitivity = curves.get(layer.node)
+        report.calibration["sensitivity"] = {"samples": measured.samples, "evaluations": measured.evaluations, "seconds": measured.seconds}
+    if refit and report.decomposed:
+        result = refit_layers(source, new, report, data, threads=options["threads"] or None)
+        new = result.model
+        report.calibration["refit"] = result.to_dict()
+    report.calibration["samples"] = len(next(iter(data.values()))) if data else 0
+    report.seconds = time.perf_counter() - start
+    return new, report
+
+
+def _decompose(
+    model: ModelLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    speedup: float | None = None,
+    params_ratio: float | None = None,
+    ranks: Mapping[str, Any] | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    force: bool = False,
+    kinds: Sequence[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    rank_multiple: int = 1,
+    fold_bn: bool = True,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    measure: bool = False,
+    threads: int = 1,
+) -> tuple[onnx.ModelProto, Report]:
+    """The data-free conversion; :func:`decompose` documents the arguments."""
     start = time.perf_counter()
     workers = workers or min(os.cpu_count() or 1, 4)
     policy = _policy(rank, energy, speedup, params_ratio, ranks)

@@ -35,6 +35,7 @@ class LayerReport:
     weight_shape: list[int] | None = None
     groups: int | None = None
     shape_known: bool = False
+    sensitivity: list[list[float]] | None = None  # with calibration: [rank, damage to the outputs] measured alone
 
     @property
     def mac_ratio(self) -> float:
@@ -51,6 +52,7 @@ class Report:
     policy: dict[str, Any] = field(default_factory=dict)
     folded_batchnorms: list[str] = field(default_factory=list)  # BatchNormalization nodes folded into their Conv
     latency: dict[str, Any] = field(default_factory=dict)  # with --measure: predicted and measured speedup, per round
+    calibration: dict[str, Any] = field(default_factory=dict)  # with calibration data: samples, sensitivity cost, refit per layer
     seconds: float = 0.0
 
     @property

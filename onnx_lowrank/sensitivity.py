@@ -79,6 +79,7 @@ from .calibration import (
     load_calibration,
     pack,
     prefix_model,
+    single_threaded_blas,
     subgraph_reads,
     unpack,
 )
@@ -396,18 +397,19 @@ def measure_sensitivity(
     measured: list[LayerSensitivity] = []
     for spec in specs:
         t0 = time.perf_counter()
-        passes, reason = _measure_layer(
-            proto,
-            spec.node,
-            cache,
-            reference,
-            spec,
-            refit=refit,
-            ridge=ridge,
-            energies=energies,
-            layer_speedups=layer_speedups,
-            threads=threads,
-        )
+        with single_threaded_blas():
+            passes, reason = _measure_layer(
+                proto,
+                spec.node,
+                cache,
+                reference,
+                spec,
+                refit=refit,
+                ridge=ridge,
+                energies=energies,
+                layer_speedups=layer_speedups,
+                threads=threads,
+            )
         spec.seconds = time.perf_counter() - t0
         evaluations += passes
         if reason is not None:
