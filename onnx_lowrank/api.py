@@ -336,8 +336,18 @@ def _layer_report(site: Site, reason: str | None) -> LayerReport:
 
 
 def find_sites(model: onnx.ModelProto, shapes: Mapping[str, Any]) -> list[Site]:
-    """Every conv-like and fully connected node of the model, convs first."""
-    return [*find_conv_sites(model, dict(shapes)), *find_fc_sites(model, dict(shapes))]
+    """Every conv-like and fully connected node of the model, convs first, each under a unique key.
+
+    Exporters sometimes repeat node names; a repeated key gets ``#2``, ``#3``, … in graph order.
+    """
+    sites = [*find_conv_sites(model, dict(shapes)), *find_fc_sites(model, dict(shapes))]
+    seen: dict[str, int] = {}
+    for site in sites:
+        count = seen.get(site.key, 0) + 1
+        seen[site.key] = count
+        if count > 1:
+            site.key = f"{site.key}#{count}"
+    return sites
 
 
 def decompose(

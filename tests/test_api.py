@@ -77,9 +77,10 @@ def constant_identity_model() -> onnx.ModelProto:
 
 
 def computed_weight_model() -> onnx.ModelProto:
-    """A Conv whose weight is ``Add`` of two initializers (a tensor computed at run time)."""
+    """A Conv whose weight is ``Add`` of an initializer and a graph input (a tensor computed at run time)."""
     nodes = [helper.make_node("Add", ["Wa", "Wb"], ["W"], name="add"), conv("c", "x", "W", "y")]
-    return make_model(nodes, [vi("x", [1, 6, 10, 10])], [vi("y", [1, 8, 10, 10])], {"Wa": kernel(3, 8, 6), "Wb": kernel(4, 8, 6)})
+    inputs = [vi("x", [1, 6, 10, 10]), vi("Wb", [8, 6, 3, 3])]
+    return make_model(nodes, inputs, [vi("y", [1, 8, 10, 10])], {"Wa": kernel(3, 8, 6)})
 
 
 def input_weight_model() -> onnx.ModelProto:
@@ -430,9 +431,10 @@ def test_bad_paths_raise(tmp_path: Path) -> None:
 def test_inspect_fields(tmp_path: Path) -> None:
     """inspect() returns an InspectLayer per conv with ranks at 0.9/0.99/0.999; ineligible ones say why."""
     model = chain_model(("c1", "c2"))
-    # then a Conv "c" whose weight is computed at run time, reading the chain's output
+    # then a Conv "c" whose weight is computed at run time (from a graph input), reading the chain's output
     model.graph.node.extend([helper.make_node("Add", ["Wa", "Wb"], ["Wc"], name="add"), conv("c", "y", "Wc", "z")])
-    model.graph.initializer.extend([numpy_helper.from_array(kernel(3, 8, 6), "Wa"), numpy_helper.from_array(kernel(4, 8, 6), "Wb")])
+    model.graph.initializer.extend([numpy_helper.from_array(kernel(3, 8, 6), "Wa")])
+    model.graph.input.append(vi("Wb", [8, 6, 3, 3]))
     model.graph.output[0].CopyFrom(vi("z", [1, 8, 10, 10]))
     before = model.SerializeToString()
     layers = inspect(model)

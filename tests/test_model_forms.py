@@ -130,13 +130,32 @@ def test_quantized_weight_and_qlinearconv_are_skipped_with_reason() -> None:
 
 def test_runtime_weight_is_skipped_with_reason() -> None:
     nodes = [
-        helper.make_node("Add", ["W0", "W1"], ["W"], name="add"),
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("ReduceMean", ["r"], ["m"], name="mean", keepdims=1),
+        helper.make_node("Mul", ["W0", "m"], ["W"], name="scale"),
         helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1]),
     ]
-    model = _graph_model(nodes, [numpy_helper.from_array(_weight(), "W0"), numpy_helper.from_array(_weight(), "W1")])
+    model = _graph_model(nodes, [numpy_helper.from_array(_weight(), "W0")])
     _, report = decompose(model, rank=4)
     assert not report.layers[0].decomposed
-    assert "Add" in (report.layers[0].reason or "")
+    assert "ReduceMean" in (report.layers[0].reason or "")
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_constant_expression_weight_is_folded(opset: int) -> None:
+    # a TF-style kernel (kh, kw, C, N) transposed to (N, C, kh, kw) and scaled, as exporters leave it unfolded
+    hwio = _weight((3, 3, 6, 8))
+    nodes = [
+        helper.make_node("Transpose", ["W_hwio"], ["W_t"], name="to_oihw", perm=[3, 2, 0, 1]),
+        helper.make_node("Mul", ["W_t", "scale"], ["W"], name="scale_w"),
+        helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    inits = [numpy_helper.from_array(hwio, "W_hwio"), numpy_helper.from_array(np.array(0.5, np.float32), "scale")]
+    model = _graph_model(nodes, inits, opset=opset)
+    out, report = _check_exact(model, kinds=["spatial"])
+    assert report.layers[0].decomposed
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Conv"]  # the folded chain is gone
+    assert {t.name for t in out.graph.initializer} == {"conv/vertical.weight", "conv/horizontal.weight"}
 
 
 # --------------------------------------------------------------------------- precisions
@@ -384,3 +403,17 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path: P
     session = ort.InferenceSession(str(tmp_path / "big.onnx"), providers=["CPUExecutionProvider"])
     x = _x((1, 32, 12, 12))
     _assert_same(run(loaded, {"x": x})[0], session.run(None, {"x": x})[0])
+
+
+def test_repeated_node_names_are_reported_apart() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "W2"], ["b"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+    ]
+    model = _graph_model(nodes, [numpy_helper.from_array(_weight(), "W"), numpy_helper.from_array(_weight(), "W2")])
+    out, report = _check_exact(model, kinds=["spatial"])
+    assert [layer.node for layer in report.layers] == ["conv", "conv#2"]
+    assert all(layer.decomposed for layer in report.layers)
+    names = [n.name for n in out.graph.node]
+    assert len(set(names)) == len(names)

@@ -9,7 +9,7 @@ function with its nested subgraphs: names are unique within it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +32,7 @@ class Scope:
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     producers: dict[str, onnx.NodeProto] = field(default_factory=dict)
     inputs: set[str] = field(default_factory=set)
+    opset: int = 0  # version of the default domain, for evaluating constant expressions
 
     @classmethod
     def of_graph(cls, graph: onnx.GraphProto, parent: Scope | None, namespace: int) -> Scope:
@@ -58,11 +59,20 @@ def iter_scopes(model: onnx.ModelProto) -> Iterator[Scope]:
             for attr in node.attribute:
                 subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
                 for g in subgraphs:
-                    yield from walk(Scope.of_graph(g, scope, scope.namespace))
+                    inner = Scope.of_graph(g, scope, scope.namespace)
+                    inner.opset = scope.opset
+                    yield from walk(inner)
 
-    yield from walk(Scope.of_graph(model.graph, None, 0))
+    def default_opset(imports: Iterable[onnx.OperatorSetIdProto]) -> int:
+        return next((o.version for o in imports if o.domain in ("", "ai.onnx")), 0)
+
+    main = Scope.of_graph(model.graph, None, 0)
+    main.opset = default_opset(model.opset_import)
+    yield from walk(main)
     for i, function in enumerate(model.functions):
-        yield from walk(Scope.of_function(function, i + 1))
+        scope = Scope.of_function(function, i + 1)
+        scope.opset = default_opset(function.opset_import) or main.opset
+        yield from walk(scope)
 
 
 @dataclass
@@ -87,8 +97,67 @@ def _tensor_of_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
+# pure ops whose output is a constant when their inputs are: exporters leave such chains on weights when they
+# do not fold constants (a Transpose of a TF kernel, a Reshape, a Mul by a scale)
+FOLDABLE = {
+    "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Slice", "Gather", "Expand", "Tile",
+    "Mul", "Div", "Add", "Sub", "Neg", "Sqrt", "Reciprocal", "Pow", "Identity", "Cast",
+}  # fmt: skip
+MAX_FOLD_DEPTH = 16
+
+
+def _constant_value(name: str, scope: Scope, depth: int = 0) -> npt.NDArray[np.generic] | str:
+    """The value of ``name`` when it is a constant expression, else the reason it is not."""
+    current: Scope | None = scope
+    while current is not None:
+        if name in current.initializers:
+            return numpy_helper.to_array(current.initializers[name])
+        if name in current.inputs:
+            return f"computed at run time (from input {name!r})"
+        producer = current.producers.get(name)
+        if producer is None:
+            current = current.parent
+            continue
+        if producer.op_type == "Constant":
+            tensor = _tensor_of_constant(producer)
+            return numpy_helper.to_array(tensor) if tensor is not None else "a Constant without a tensor value"
+        if producer.op_type == "DequantizeLinear":
+            return "quantized (DequantizeLinear)"
+        if producer.op_type not in FOLDABLE or producer.domain not in ("", "ai.onnx") or depth >= MAX_FOLD_DEPTH:
+            return f"computed at run time (by {producer.op_type})"
+        values = []
+        for item in producer.input:
+            value = _constant_value(item, current, depth + 1) if item else None
+            if isinstance(value, str):
+                return value
+            values.append(value)
+        return _evaluate(producer, values, current.opset)
+    return "not a constant (produced outside any known scope)"
+
+
+def _evaluate(node: onnx.NodeProto, values: list[npt.NDArray[np.generic] | None], opset: int) -> npt.NDArray[np.generic] | str:
+    """Run one node of a constant expression with onnx's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
+    copy = helper.make_node(node.op_type, names, ["out"], domain=node.domain)
+    copy.attribute.extend(node.attribute)
+    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in zip(names, values, strict=True) if v is not None]
+    graph = helper.make_graph([copy], "fold", [], [helper.make_empty_tensor_value_info("out")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset or onnx.defs.onnx_opset_version())])
+    try:
+        return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+    except Exception as exc:  # the reference evaluator's errors have no common base
+        return f"computed by a {node.op_type} that could not be evaluated ({type(exc).__name__})"
+
+
 def resolve_weight(name: str, scope: Scope) -> WeightSource | str:
-    """The constant behind ``name`` or the reason it is not one."""
+    """The constant behind ``name`` or the reason it is not one.
+
+    Identity and Cast nodes are followed (the Cast is remembered so factors are
+    stored before it); a pure expression of constants (:data:`FOLDABLE`) is
+    evaluated and stands for a weight of its own.
+    """
     cast_to: int | None = None
     current: Scope | None = scope
     hops = 0
@@ -119,9 +188,14 @@ def resolve_weight(name: str, scope: Scope) -> WeightSource | str:
                 cast_to = int(attrs(producer)["to"])  # type: ignore[call-overload]
             name = producer.input[0]
             continue
-        if op == "DequantizeLinear":
-            return "weight is quantized (DequantizeLinear)"
-        return f"weight is computed at run time (by {op})"
+        value = _constant_value(name, current)
+        if isinstance(value, str):
+            return f"weight is {value}"
+        try:
+            data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+        except (KeyError, TypeError, ValueError):
+            return f"weight has dtype {value.dtype}"
+        return WeightSource(name, current, value, data_type, cast_to)
     return "weight is not a constant (produced outside any known scope)"
 
 
@@ -159,7 +233,7 @@ def namespace_names(model: onnx.ModelProto) -> dict[int, Names]:
 
 
 def remove_unused(model: onnx.ModelProto, touched: set[tuple[int, str]]) -> None:
-    """Drop the constants (and Identity/Cast chains) the rewrite left without a consumer."""
+    """Drop the constants (and the constant expressions feeding them) the rewrite left without a consumer."""
     pending = set(touched)
     while pending:
         uses: dict[tuple[int, str], int] = {}
@@ -191,7 +265,7 @@ def remove_unused(model: onnx.ModelProto, touched: set[tuple[int, str]]) -> None
                                     break
                             break
                 for i, n in enumerate(scope.nodes):
-                    if name in n.output and n.op_type in ("Constant", "Identity", "Cast") and len(n.output) == 1:
+                    if name in n.output and (n.op_type == "Constant" or n.op_type in FOLDABLE) and len(n.output) == 1:
                         next_pending.update((ns, x) for x in n.input if x)
                         del scope.nodes[i]
                         break
