@@ -185,7 +185,8 @@ class Decomposition:
 
     def _matrix(self, g: int) -> FloatArray:
         n_g = self.weight_shape[0] // self.groups
-        return kernel_matrices(self.weight[g * n_g : (g + 1) * n_g], 1, self.kind)[0]
+        matrix: FloatArray = kernel_matrices(self.weight[g * n_g : (g + 1) * n_g], 1, self.kind)[0]
+        return matrix
 
     @property
     def s(self) -> FloatArray:

@@ -146,7 +146,7 @@ def _session(ort: Any, source: Any, options: Any, providers: list[str]) -> Any:
 def random_inputs(session: Any, seed: int = 0, batch: int = 1) -> dict[str, npt.NDArray[Any]]:
     """Seeded random inputs for every input of ``session``; symbolic dims become 1 (batch: ``batch``)."""
     rng = np.random.default_rng(seed)
-    feeds = {}
+    feeds: dict[str, npt.NDArray[Any]] = {}
     type_names = {
         "tensor(float)": np.float32,
         "tensor(float16)": np.float16,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -93,7 +94,8 @@ def attrs(node: onnx.NodeProto) -> dict[str, object]:
 def _tensor_of_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
     for attr in node.attribute:
         if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return attr.t
+            tensor: onnx.TensorProto = attr.t
+            return tensor
     return None
 
 
@@ -146,7 +148,8 @@ def _evaluate(node: onnx.NodeProto, values: list[npt.NDArray[np.generic] | None]
     graph = helper.make_graph([copy], "fold", [], [helper.make_empty_tensor_value_info("out")], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset or onnx.defs.onnx_opset_version())])
     try:
-        return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+        outputs: Any = ReferenceEvaluator(model).run(None, {})
+        return np.asarray(outputs[0])
     except Exception as exc:  # the reference evaluator's errors have no common base
         return f"computed by a {node.op_type} that could not be evaluated ({type(exc).__name__})"
 
@@ -176,10 +179,10 @@ def resolve_weight(name: str, scope: Scope) -> WeightSource | str:
             continue
         op = producer.op_type
         if op == "Constant":
-            tensor = _tensor_of_constant(producer)
-            if tensor is None:
+            constant = _tensor_of_constant(producer)
+            if constant is None:
                 return "weight Constant has no tensor value"
-            return WeightSource(name, current, numpy_helper.to_array(tensor), tensor.data_type, cast_to)
+            return WeightSource(name, current, numpy_helper.to_array(constant), constant.data_type, cast_to)
         if op == "Identity":
             name = producer.input[0]
             continue

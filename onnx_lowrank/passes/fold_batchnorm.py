@@ -105,7 +105,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldResult]
                 bad = next((s for s in [*sources, bias_source] if isinstance(s, str)), None)
                 if bad is not None:
                     reason = f"a parameter is not constant: {bad}"
-                elif sources[0].data_type not in _FLOATS:  # type: ignore[union-attr]
+                elif not isinstance(sources[0], str) and sources[0].data_type not in _FLOATS:
                     reason = "Conv weight is not floating point"
             if reason is not None:
                 result.refused[bn.name or bn.output[0]] = reason
