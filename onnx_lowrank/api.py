@@ -319,7 +319,7 @@ def _choose_budget(
 
 
 def _layer_report(site: Site, reason: str | None) -> LayerReport:
-    w = site.weight.values if site.weight is not None else None
+    shape = site.weight.shape if site.weight is not None else None
     macs = site.cost.macs if site.cost else 0
     return LayerReport(
         node=site.key,
@@ -329,8 +329,8 @@ def _layer_report(site: Site, reason: str | None) -> LayerReport:
         macs_before=macs,
         macs_after=macs,
         weight=site.weight.name if site.weight else None,
-        weight_shape=list(w.shape) if w is not None else None,
-        groups=site.groups if w is not None else None,
+        weight_shape=list(shape) if shape is not None else None,
+        groups=site.groups if shape is not None else None,
         shape_known=site.shape_known,
     )
 
@@ -743,7 +743,7 @@ def inspect(
     sites = find_sites(proto, infer_shapes(proto, input_shapes))
     result = []
     for site in sites:
-        w = site.weight.values if site.weight is not None else None
+        w = site.weight if site.weight is not None else None
         usable = site.available(allowed)
         layer = InspectLayer(
             node=site.key,

@@ -84,7 +84,7 @@ class LayerTimer:
     def _key(self, site: Site, x_shape: tuple[int, ...], kind: Kind | None, rank: int) -> tuple[Any, ...]:
         assert site.weight is not None
         node_attrs = tuple(sorted((a.name, str(helper.get_attribute_value(a))) for a in site.node.attribute))
-        return (site.node.op_type, node_attrs, x_shape, tuple(site.weight.values.shape), len(site.node.input) > 2, kind, rank, self.threads)
+        return (site.node.op_type, node_attrs, x_shape, site.weight.shape, len(site.node.input) > 2, kind, rank, self.threads)
 
     def _time(self, site: Site, x_shape: tuple[int, ...], nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> float:
         dtype = self._dtype(site)
@@ -118,7 +118,7 @@ class LayerTimer:
         key = self._key(site, x_shape, None, 0)
         if key not in self.cache:
             np_dtype = helper.tensor_dtype_to_np_dtype(self._dtype(site))
-            weight = numpy_helper.from_array(self.rng.standard_normal(site.weight.values.shape).astype(np_dtype), site.node.input[1])
+            weight = numpy_helper.from_array(self.rng.standard_normal(site.weight.shape).astype(np_dtype), site.node.input[1])
             node = onnx.NodeProto()
             node.CopyFrom(site.node)
             self.cache[key] = self._time(site, x_shape, [node], [weight, *self._bias(site)])

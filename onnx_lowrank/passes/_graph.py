@@ -76,15 +76,33 @@ def iter_scopes(model: onnx.ModelProto) -> Iterator[Scope]:
         yield from walk(scope)
 
 
-@dataclass
 class WeightSource:
-    """Where a conv's weight comes from: a constant tensor, maybe through Identity/Cast."""
+    """Where a layer's weight comes from: a constant tensor, maybe through Identity/Cast.
 
-    name: str  # the constant tensor (initializer or Constant output) holding the values
-    scope: Scope  # the scope that defines it
-    values: npt.NDArray[np.generic]
-    data_type: int  # element type as stored
-    cast_to: int | None  # element type after the Cast chain, when there is one
+    ``values`` is made from the tensor each time it is read and not kept: holding
+    numpy copies of every weight would double the memory of a large model.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        scope: Scope,
+        tensor: onnx.TensorProto | npt.NDArray[np.generic],
+        data_type: int,
+        cast_to: int | None,
+    ) -> None:
+        self.name = name  # the constant tensor (initializer, Constant output or folded expression)
+        self.scope = scope  # the scope that defines it
+        self.data_type = data_type  # element type as stored
+        self.cast_to = cast_to  # element type after the Cast chain, when there is one
+        self._tensor = tensor
+        self.shape: tuple[int, ...] = tuple(int(d) for d in (tensor.dims if isinstance(tensor, onnx.TensorProto) else tensor.shape))
+
+    @property
+    def values(self) -> npt.NDArray[np.generic]:
+        if isinstance(self._tensor, onnx.TensorProto):
+            return numpy_helper.to_array(self._tensor)
+        return self._tensor
 
 
 def attrs(node: onnx.NodeProto) -> dict[str, object]:
@@ -170,7 +188,7 @@ def resolve_weight(name: str, scope: Scope) -> WeightSource | str:
             # an initializer listed as a graph input too is taken as the constant it is in practice
             # (IR < 4 requires the listing; exporters' keep_initializers_as_inputs produces it)
             tensor = current.initializers[name]
-            return WeightSource(name, current, numpy_helper.to_array(tensor), tensor.data_type, cast_to)
+            return WeightSource(name, current, tensor, tensor.data_type, cast_to)
         if name in current.inputs:
             return "weight is an input of its graph or function, not a constant"
         producer = current.producers.get(name)
@@ -182,7 +200,7 @@ def resolve_weight(name: str, scope: Scope) -> WeightSource | str:
             constant = _tensor_of_constant(producer)
             if constant is None:
                 return "weight Constant has no tensor value"
-            return WeightSource(name, current, numpy_helper.to_array(constant), constant.data_type, cast_to)
+            return WeightSource(name, current, constant, constant.data_type, cast_to)
         if op == "Identity":
             name = producer.input[0]
             continue
