@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
+from ._threads import single_threaded_blas
 from .errors import LowRankError
 from .factorization import Decomposition, Factors, Kind, decompose_kernel, reconstruct, singular_values
 from .model_io import load_model
@@ -271,7 +272,8 @@ def _spectra(units: list[_Unit], progress: Progress | None, workers: int) -> Non
     if workers > 1 and len(jobs) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        # one BLAS thread per worker: the workers already fill the cores
+        with single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
             for done, key in enumerate(pool.map(run, jobs), 1):
                 if progress is not None:
                     progress(done, len(jobs), key)
@@ -700,7 +702,14 @@ def _measured_choice(
         else:
             chosen[unit.key] = (pick.kind, pick.rank, None)
     final = history[rounds.index(best)]
-    info = {**final, "target": target, "threads": threads, "rounds": history, "layers_timed": timer.timed}
+    info = {
+        **final,
+        "target": target,
+        "met": final["measured_speedup"] >= target,
+        "threads": threads,
+        "rounds": history,
+        "layers_timed": timer.timed,
+    }
     return chosen, info
 
 

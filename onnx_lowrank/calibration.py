@@ -77,7 +77,6 @@ the layer) and one of the decomposed model's prefix over the calibration set.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -92,6 +91,7 @@ import onnx
 import scipy.linalg
 from onnx import helper, numpy_helper
 
+from ._threads import single_threaded_blas
 from .errors import LowRankError
 from .model_io import load_model
 from .report import Report
@@ -113,25 +113,6 @@ ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
 # elements of one im2col chunk (rows × columns); ~32 MB of float64
 _CHUNK_ELEMENTS = 4_000_000
-
-
-@contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """Run numpy's BLAS on one thread inside the block (when ``threadpoolctl`` is installed).
-
-    The refit alternates onnxruntime runs with BLAS products. A multi-threaded
-    OpenBLAS keeps its threads spinning after each product, and they fight
-    onnxruntime's threads for the cores: on a busy 2-core machine a refit that
-    takes 1 s single-threaded was seen to take 10-20 s. The products here are
-    small, so one thread costs little. Without ``threadpoolctl`` nothing changes.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: the refit is correct either way, only slower on a busy machine
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
 
 
 # --------------------------------------------------------------------------- calibration data

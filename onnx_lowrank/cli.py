@@ -204,6 +204,10 @@ def format_report(report: Report, quiet: bool = False) -> str:
             f"{lat['measured_speedup']:.2f}x (predicted {lat['predicted_speedup']:.2f}x, target {lat['target']:g}x, "
             f"{len(lat['rounds'])} round(s), {lat['layers_timed']} layer models timed)"
         )
+        if not lat["met"]:
+            out.append(
+                f"warning: the measured speedup {lat['measured_speedup']:.2f}x is below the target {lat['target']:g}x; the fastest round is kept"
+            )
     if report.calibration:
         cal = report.calibration
         line = f"calibration: {cal.get('samples', 0)} samples; ranks by {report.policy.get('allocation', 'kernel error')}"

@@ -57,7 +57,7 @@ class Report:
 
     @property
     def mac_ratio(self) -> float:
-        """Total Conv MACs before / after."""
+        """Total MACs of the decomposable layers (Conv, ConvTranspose, Gemm, MatMul) before / after."""
         return self.macs_before / self.macs_after if self.macs_after else 1.0
 
     @property

@@ -70,6 +70,7 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
+from ._threads import single_threaded_blas
 from .api import decompose
 from .calibration import (
     CalibrationSource,
@@ -79,7 +80,6 @@ from .calibration import (
     load_calibration,
     pack,
     prefix_model,
-    single_threaded_blas,
     subgraph_reads,
     unpack,
 )
