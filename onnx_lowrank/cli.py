@@ -206,7 +206,7 @@ def format_report(report: Report, quiet: bool = False) -> str:
         )
         if not lat["met"]:
             out.append(
-                f"warning: the measured speedup {lat['measured_speedup']:.2f}x is below the target {lat['target']:g}x; the fastest round is kept"
+                f"warning: measured {lat['measured_speedup']:.2f}x is below the target {lat['target']:g}x; the fastest round is kept"
             )
     if report.calibration:
         cal = report.calibration
