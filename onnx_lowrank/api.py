@@ -142,8 +142,10 @@ def _kinds(kinds: Sequence[str] | None) -> tuple[Kind, ...]:
     return chosen  # type: ignore[return-value]
 
 
-def _as_model(model: ModelLike) -> onnx.ModelProto:
+def _as_model(model: ModelLike, inplace: bool = False) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
+        if inplace:
+            return model
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # the caller's model is never changed
         return copy
@@ -258,22 +260,28 @@ def _screen_for_macs(units: list[_Unit], reasons: dict[str, str | None], total_m
     return kept
 
 
-def _spectra(units: list[_Unit], progress: Progress | None, workers: int) -> None:
-    """Singular values of every unit and kind, in parallel threads (LAPACK releases the GIL)."""
+def _spectra(units: list[_Unit], progress: Progress | None, workers: int) -> dict[str, str]:
+    """Singular values of every unit and kind, in parallel threads (LAPACK releases the GIL).
+
+    Returns the units that cannot be factored (non-finite weights), with the reason.
+    """
     jobs = [(unit, kind) for unit in units for kind in unit.kinds]
+    failed: dict[str, str] = {}
     if not jobs:
-        return
+        return failed
 
     def run(job: tuple[_Unit, Kind]) -> str:
         unit, kind = job
-        unit.decomposition(kind).s  # noqa: B018 - computes and caches the spectrum
+        try:
+            unit.decomposition(kind).s  # noqa: B018 - computes and caches the spectrum
+        except ValueError as exc:  # non-finite values in the weight
+            failed[unit.key] = f"weight cannot be factored: {exc}"
         return unit.key
 
     if workers > 1 and len(jobs) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
-        # one BLAS thread per worker: the workers already fill the cores
-        with single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             for done, key in enumerate(pool.map(run, jobs), 1):
                 if progress is not None:
                     progress(done, len(jobs), key)
@@ -282,6 +290,7 @@ def _spectra(units: list[_Unit], progress: Progress | None, workers: int) -> Non
             key = run(job)
             if progress is not None:
                 progress(done, len(jobs), key)
+    return failed
 
 
 def _choose_budget(
@@ -375,6 +384,7 @@ def decompose(
     refit: bool | None = None,
     sensitivity: bool | None = None,
     samples: int = 128,
+    inplace: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Decompose the model's layers; return the new model and what was done.
 
@@ -405,7 +415,8 @@ def decompose(
     layers' outputs (``refit``, default on; see :mod:`onnx_lowrank.calibration`).
 
     ``model`` is a path or a ``ModelProto``; a given ``ModelProto`` is copied,
-    never changed. Raises :class:`LowRankError` for bad arguments or models.
+    never changed — unless ``inplace``, which rewrites it and saves a copy of
+    the weights. Raises :class:`LowRankError` for bad arguments or models.
     """
     options: dict[str, Any] = dict(
         rank=rank,
@@ -424,12 +435,16 @@ def decompose(
         workers=workers,
         measure=measure,
         threads=threads,
+        inplace=inplace,
     )
-    if calibration is None:
-        if refit or sensitivity:
-            raise LowRankError("refit and sensitivity allocation need calibration data")
-        return _decompose(model, **options)
-    return _decompose_calibrated(model, options, calibration, refit is not False, sensitivity is not False, samples)
+    if calibration is None and (refit or sensitivity):
+        raise LowRankError("refit and sensitivity allocation need calibration data")
+    # numpy's BLAS on one thread: our workers (and onnxruntime's threads) fill the cores; a multi-threaded
+    # OpenBLAS beside them was measured 2-20x slower on 2 cores, and slower even alone for these sizes
+    with single_threaded_blas():
+        if calibration is None:
+            return _decompose(model, **options)
+        return _decompose_calibrated(model, options, calibration, refit is not False, sensitivity is not False, samples)
 
 
 def _decompose_calibrated(
@@ -439,7 +454,9 @@ def _decompose_calibrated(
     from .sensitivity import allocate_ranks, measure_sensitivity
 
     start = time.perf_counter()
-    source = _as_model(model)
+    # the refit compares with the model as given, so the conversion itself works on a copy
+    source = _as_model(model, options["inplace"])
+    options = {**options, "inplace": False}
     data = load_calibration(calibration, source)
     policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
     measured = None
@@ -497,6 +514,7 @@ def _decompose(
     workers: int | None = None,
     measure: bool = False,
     threads: int = 1,
+    inplace: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """The data-free conversion; :func:`decompose` documents the arguments."""
     start = time.perf_counter()
@@ -506,7 +524,7 @@ def _decompose(
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise LowRankError(f"rank multiple must be a whole number >= 1, got {rank_multiple!r}")
     include_re, exclude_re = _regex(include, "--include"), _regex(exclude, "--exclude")
-    proto = _as_model(model)
+    proto = _as_model(model, inplace)
     params_before = count_params(proto)
     folded: list[tuple[str, str]] = []
     if fold_bn:
@@ -541,7 +559,14 @@ def _decompose(
     if policy.name == "budget" and policy.params_ratio is None:
         units = _screen_for_macs(units, reasons, sum(s.cost.macs for s in sites if s.cost))
         selected = [site for unit in units for site in unit.sites]
-    _spectra(units, progress, workers)
+    failed = _spectra(units, progress, workers)
+    if failed:
+        for unit in units:
+            for site in unit.sites:
+                if unit.key in failed:
+                    reasons[site.key] = failed[unit.key]
+        units = [unit for unit in units if unit.key not in failed]
+        selected = [site for unit in units for site in unit.sites]
 
     fixed_macs = sum(s.cost.macs for s in sites if s.cost and s not in selected)
     fixed_params = params_before - sum(u.params for u in units)
@@ -557,7 +582,7 @@ def _decompose(
         chosen, measured = _measured_choice(proto, shapes, units, policy, threads, rank_multiple)
 
     layers = {site.key: _layer_report(site, reasons[site.key]) for site in sites}
-    plan = _plan(units, chosen, layers)
+    plan = _plan(units, chosen, layers, workers)
     proto, made = apply_factors(proto, plan)
     for key, names in made.items():
         layers[key].vertical_node = names.first
@@ -585,32 +610,45 @@ def _decompose(
 
 
 def _plan(
-    units: list[_Unit], chosen: Mapping[str, tuple[Kind | None, int, str | None]], layers: dict[str, LayerReport]
+    units: list[_Unit],
+    chosen: Mapping[str, tuple[Kind | None, int, str | None]],
+    layers: dict[str, LayerReport],
+    workers: int = 1,
 ) -> list[tuple[Site, Factors]]:
-    """The factors to write per site, filling in the layer reports on the way."""
+    """The factors to write per site (computed in ``workers`` threads), filling in the layer reports."""
+
+    def factor(unit: _Unit) -> tuple[Factors, float]:
+        kind, r, _ = chosen[unit.key]
+        assert kind is not None
+        factors = unit.decomposition(kind).factors(r)
+        return factors, _stored_error(unit.sites[0], factors)
+
+    todo = [unit for unit in units if chosen[unit.key][0] is not None]
+    if workers > 1 and len(todo) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = dict(zip([u.key for u in todo], pool.map(factor, todo), strict=True))
+    else:
+        results = {unit.key: factor(unit) for unit in todo}
+
     plan: list[tuple[Site, Factors]] = []
     for unit in units:
-        kind, r, why = chosen[unit.key]
+        kind, _, why = chosen[unit.key]
         for site in unit.sites:
-            if site.key in layers:
-                layers[site.key].full_rank = unit.decomposition(unit.kinds[0]).full_rank
+            layers[site.key].full_rank = unit.decomposition(unit.kinds[0]).full_rank
+            if kind is None:
+                layers[site.key].reason = why
         if kind is None:
-            for site in unit.sites:
-                if site.key in layers:
-                    layers[site.key].reason = why
             continue
-        decomposition = unit.decomposition(kind)
-        factors = decomposition.factors(r)
-        error = _stored_error(unit.sites[0], factors) if layers else 0.0
+        factors, error = results[unit.key]
         for site in unit.sites:
             plan.append((site, factors))
-            layer = layers.get(site.key)
-            if layer is None:
-                continue
+            layer = layers[site.key]
             layer.decomposed = True
             layer.kind = kind
             layer.rank = factors.rank
-            layer.full_rank = decomposition.full_rank
+            layer.full_rank = unit.decomposition(kind).full_rank
             layer.relative_error = error
             layer.optimal_error = factors.relative_error
             layer.macs_after = site.cost.pair_macs(kind, factors.rank) if site.cost else 0
@@ -765,8 +803,13 @@ def inspect(
         )
         if usable and site.cost is not None:
             kind = usable[0]
+            try:
+                s = singular_values(site.kernel(), site.groups, kind)
+            except ValueError as exc:  # non-finite values in the weight
+                layer.eligible, layer.reason = False, f"weight cannot be factored: {exc}"
+                result.append(layer)
+                continue
             layer.kind = kind
-            s = singular_values(site.kernel(), site.groups, kind)
             layer.full_rank = int(s.shape[1])
             for e in INSPECT_ENERGIES:
                 r = energy_rank(s, e)

@@ -369,6 +369,7 @@ def _decompose(args: argparse.Namespace) -> int:
             calibration=args.calibration,
             refit=None if args.calibration is None else not args.no_refit,
             sensitivity=None if args.calibration is None else not args.no_sensitivity,
+            inplace=True,  # the loaded copy is ours: rewriting it saves a copy of the weights
         )
     finally:
         bar.close()

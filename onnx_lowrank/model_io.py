@@ -11,18 +11,21 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
-from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from google.protobuf.message import DecodeError, Message
+from onnx import external_data_helper, helper
 
 from .errors import LowRankError
 
-__all__ = ["PROTOBUF_LIMIT", "load_model", "load_model_with_layout", "save_model", "uses_external_data"]
+__all__ = ["PROTOBUF_LIMIT", "copy_fields", "load_model", "load_model_with_layout", "save_model", "uses_external_data", "write_model"]
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto cannot exceed 2 GiB
 
@@ -89,6 +92,114 @@ def load_model_with_layout(path: str | os.PathLike[str]) -> tuple[onnx.ModelProt
     return model, external
 
 
+def _estimated_size(model: onnx.ModelProto) -> int:
+    """Bytes of the weights plus the rest: close to ``ByteSize()`` without a pass over every weight byte."""
+    weights = 0
+    for tensor in external_data_helper._get_all_tensors(model):
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 1
+        weights += math.prod(tensor.dims) * itemsize
+    return weights + 1_000_000 * (1 + len(model.graph.node) // 1000)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_GRAPH_FIELD = 7  # ModelProto.graph
+_INITIALIZER_FIELD = 5  # GraphProto.initializer
+_LENGTH_DELIMITED = 2
+
+
+def _tag(field: int) -> bytes:
+    return _varint((field << 3) | _LENGTH_DELIMITED)
+
+
+def copy_fields(source: Message, target: Message, skip: tuple[str, ...] = ()) -> None:
+    """Every set field of ``source`` but those named in ``skip``, copied into ``target``."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name in skip:
+            continue
+        repeated = getattr(descriptor, "is_repeated", None)  # protobuf >= 6; `label` before
+        if repeated is None:
+            repeated = descriptor.label == descriptor.LABEL_REPEATED
+        if repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+def write_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Serialize ``model`` to ``path`` one initializer at a time.
+
+    ``onnx.save_model`` serializes the whole model into one bytes object first,
+    a second copy of every weight. The protobuf wire format is a concatenation
+    of fields, in any order: the model without its graph, then the graph field
+    written as its length, the graph without initializers, and each initializer
+    as its own length-delimited field. Readers see the same message.
+    """
+    head = onnx.ModelProto()
+    copy_fields(model, head, skip=("graph",))
+    graph = onnx.GraphProto()
+    copy_fields(model.graph, graph, skip=("initializer",))
+    graph_bytes = graph.SerializeToString()
+    pieces = [_tensor_pieces(tensor) for tensor in model.graph.initializer]
+    graph_length = len(graph_bytes) + sum(len(_tag(_INITIALIZER_FIELD)) + len(_varint(n)) + n for n, _ in pieces)
+    with open(path, "wb") as f:
+        f.write(head.SerializeToString())
+        if model.HasField("graph"):
+            f.write(_tag(_GRAPH_FIELD) + _varint(graph_length))
+            f.write(graph_bytes)
+            for tensor, (size, write) in zip(model.graph.initializer, pieces, strict=True):
+                f.write(_tag(_INITIALIZER_FIELD) + _varint(size))
+                write(f, tensor)
+
+
+_RAW_DATA_FIELD = 9  # TensorProto.raw_data
+_WHOLE_BYTE_TYPES: dict[int, int] = {  # element types stored a whole number of bytes per element in raw_data
+    t: helper.tensor_dtype_to_np_dtype(t).itemsize
+    for t in (
+        onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+        onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+        onnx.TensorProto.BOOL,
+    )
+}  # fmt: skip
+
+
+def _tensor_pieces(tensor: onnx.TensorProto) -> tuple[int, Callable[[BinaryIO, onnx.TensorProto], object]]:
+    """The serialized size of ``tensor`` and a writer for it.
+
+    A tensor with ``raw_data`` is written as its other fields, then the raw
+    bytes as their own field: ``SerializeToString`` of a large tensor would
+    hold the bytes twice (its buffer and the Python copy).
+    """
+    itemsize = _WHOLE_BYTE_TYPES.get(tensor.data_type)
+    if itemsize is None or not tensor.HasField("raw_data") or math.prod(tensor.dims) < 1 << 16:
+        return tensor.ByteSize(), lambda f, t: f.write(t.SerializeToString())
+    meta = onnx.TensorProto()
+    copy_fields(tensor, meta, skip=("raw_data",))
+    meta_bytes = meta.SerializeToString()
+    raw_length = math.prod(tensor.dims) * itemsize  # raw_data holds exactly the elements, little-endian
+    size = len(meta_bytes) + len(_tag(_RAW_DATA_FIELD)) + len(_varint(raw_length)) + raw_length
+
+    def write(f: BinaryIO, t: onnx.TensorProto) -> None:
+        f.write(meta_bytes)
+        f.write(_tag(_RAW_DATA_FIELD) + _varint(raw_length))
+        f.write(t.raw_data)
+
+    return size, write
+
+
 def _check_destination(path: Path, sources: tuple[Path, ...]) -> None:
     if not path.parent.is_dir():
         raise LowRankError(f"{path}: output folder {path.parent} does not exist")
@@ -114,10 +225,7 @@ def save_model(
     dest = Path(path)
     _check_destination(dest, tuple(Path(s) for s in inputs))
     if not external_data:
-        try:
-            external_data = model.ByteSize() > PROTOBUF_LIMIT
-        except (ValueError, OverflowError):  # some protobuf builds refuse to size a >2 GiB message
-            external_data = True
+        external_data = _estimated_size(model) > PROTOBUF_LIMIT
     data_name = dest.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     moved: Path | None = None  # the data file once renamed into place: removed again if the model's rename fails
@@ -138,7 +246,7 @@ def save_model(
                 moved = dest.parent / data_name
                 os.replace(staging / data_name, moved)
         else:
-            onnx.save_model(model, str(staged))
+            write_model(model, staged)
         os.replace(staged, dest)
     except OSError as exc:
         if moved is not None:

@@ -14,7 +14,9 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import onnx
-from onnx import external_data_helper
+from onnx import helper
+
+from .model_io import copy_fields
 
 __all__ = ["Shape", "infer_shapes"]
 
@@ -23,29 +25,38 @@ Shape = tuple[int | None, ...]
 _SMALL = 4096  # bytes; smaller tensors keep their data (Reshape targets, pads, ...)
 
 
-def _large_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    for tensor in external_data_helper._get_all_tensors(model):
-        # element count, not ByteSize(): sizing a large message costs a pass over it
-        if math.prod(tensor.dims) * 2 > _SMALL:
-            yield tensor
+def _is_large(tensor: onnx.TensorProto) -> bool:
+    # element count, not ByteSize(): sizing a large message costs a pass over it
+    return bool(math.prod(tensor.dims) * 2 > _SMALL)
+
+
+def _stand_in(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """The tensor's name, type and dims, its data marked as external data that is never read."""
+    stand_in = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    stand_in.data_location = onnx.TensorProto.EXTERNAL
+    stand_in.external_data.add(key="location", value="__shape_only__")
+    return stand_in
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    stash: list[tuple[onnx.TensorProto, onnx.TensorProto]] = []
-    try:
-        for tensor in _large_tensors(model):
-            saved = onnx.TensorProto()
-            saved.CopyFrom(tensor)
-            stand_in = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-            stand_in.data_location = onnx.TensorProto.EXTERNAL
-            stand_in.external_data.add(key="location", value="__shape_only__")
-            tensor.CopyFrom(stand_in)
-            stash.append((tensor, saved))
-        skeleton = onnx.ModelProto()
-        skeleton.CopyFrom(model)
-    finally:
-        for tensor, saved in stash:
-            tensor.CopyFrom(saved)
+    """A copy of ``model`` whose large initializers and Constant values are data-less stand-ins.
+
+    Built field by field, so no weight byte is copied (a protobuf arena does not
+    give back the memory of a cleared field, so swapping data out and back in
+    would cost a copy of the weights that stays).
+    """
+    skeleton = onnx.ModelProto()
+    copy_fields(model, skeleton, skip=("graph",))
+    graph = skeleton.graph
+    copy_fields(model.graph, graph, skip=("initializer", "node"))
+    for tensor in model.graph.initializer:
+        graph.initializer.append(_stand_in(tensor) if _is_large(tensor) else tensor)
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and value is not None and _is_large(value):
+            graph.node.append(helper.make_node("Constant", [], list(node.output), name=node.name, value=_stand_in(value)))
+        else:
+            graph.node.append(node)
     return skeleton
 
 

@@ -332,7 +332,8 @@ def test_failed_save_leaves_nothing(
     ws: Workspace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], external: bool
 ) -> None:
     """A save that fails mid-way: exit 2, one line, no output or temp file, input untouched."""
-    monkeypatch.setattr(onnx, "save_model", _partial_then_fail)
+    monkeypatch.setattr(onnx, "save_model", _partial_then_fail)  # the external-data writer
+    monkeypatch.setattr(onnx_lowrank.model_io, "write_model", _partial_then_fail)  # the single-file writer
     report = ws.out / "report.json"
     argv = ["decompose", str(ws.model), str(ws.target), "--rank", "2", "--report", str(report)]
     code = onnx_lowrank.cli.main([*argv, "--external-data"] if external else argv)

@@ -421,3 +421,22 @@ def test_repeated_node_names_are_reported_apart() -> None:
     assert all(layer.decomposed for layer in report.layers)
     names = [n.name for n in out.graph.node]
     assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("policy", [{"rank": 3}, {"speedup": 1.2}])
+def test_non_finite_weight_is_skipped_with_reason(policy: dict[str, float]) -> None:
+    w = _weight()
+    w[0, 0, 0, 0] = np.nan
+    nodes = [
+        helper.make_node("Conv", ["x", "Wbad"], ["a"], name="bad", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "W"], ["b"], name="good", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+    ]
+    model = _graph_model(nodes, [numpy_helper.from_array(w, "Wbad"), numpy_helper.from_array(_weight(), "W")])
+    out, report = decompose(model, kinds=["spatial"], **policy)  # type: ignore[arg-type]
+    bad, good = report.layers
+    assert not bad.decomposed and "non-finite" in (bad.reason or "")
+    assert good.decomposed
+    assert [n.name for n in out.graph.node][0] == "bad"
+    layers = onnx_lowrank.inspect(model)
+    assert not layers[0].eligible and "non-finite" in (layers[0].reason or "")

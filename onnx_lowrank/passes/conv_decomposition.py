@@ -105,8 +105,8 @@ def _known(shape: Shape | None, rank: int) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape[2:])  # type: ignore[arg-type]
 
 
-def _weight_site(site: Site, node: onnx.NodeProto, scope: Scope) -> npt.NDArray[np.generic] | None:
-    """Resolve the weight of a conv-like node; sets ``site.reason`` and returns None when unusable."""
+def _weight_site(site: Site, node: onnx.NodeProto, scope: Scope) -> tuple[int, ...] | None:
+    """Resolve the weight of a conv-like node and return its shape; sets ``site.reason`` and returns None when unusable."""
     if node.op_type in QUANTIZED_CONVS:
         site.reason = f"quantized conv ({node.op_type})"
         return None
@@ -121,17 +121,14 @@ def _weight_site(site: Site, node: onnx.NodeProto, scope: Scope) -> npt.NDArray[
         site.reason = weight
         return None
     site.weight = weight
-    w = weight.values
     if weight.data_type not in FLOAT_TYPES or (weight.cast_to is not None and weight.cast_to not in FLOAT_TYPES):
         site.reason = f"weight type {onnx.TensorProto.DataType.Name(weight.data_type)} is not floating point"
         return None
-    if w.ndim < 3:
-        site.reason = f"weight of shape {tuple(w.shape)} is not a conv kernel"
+    if len(weight.shape) < 3:
+        site.reason = f"weight of shape {weight.shape} is not a conv kernel"
         return None
-    if not np.isfinite(w).all():
-        site.reason = "weight has non-finite values"
-        return None
-    return w
+    # non-finite values are found when the kernel is factored (reading every weight here would cost a pass)
+    return weight.shape
 
 
 def _spatial_reason(kernel: tuple[int, ...]) -> str | None:
@@ -157,16 +154,17 @@ class ConvSite(Site):
         w = _weight_site(site, node, scope)
         if w is None:
             return site
+        ndim = len(w)
         a = attrs(node)
-        r = w.ndim - 2
+        r = ndim - 2
         site.groups = int(a.get("group", 1))  # type: ignore[call-overload]
-        site.kernel_shape = tuple(int(k) for k in w.shape[2:])
+        site.kernel_shape = tuple(int(k) for k in w[2:])
         site.strides = tuple(int(s) for s in a.get("strides", [1] * r))  # type: ignore[attr-defined]
         site.dilations = tuple(int(d) for d in a.get("dilations", [1] * r))  # type: ignore[attr-defined]
         in_spatial = _known(shapes.get(node.input[0]), r)
         site.pads, site.auto_pad = _resolve_pads(_auto_pad(a), a.get("pads"), in_spatial, site.kernel_shape, site.strides, site.dilations)  # type: ignore[arg-type]
-        if site.groups < 1 or w.shape[0] % site.groups:
-            site.reason = f"{w.shape[0]} output channels do not split into {site.groups} groups"
+        if site.groups < 1 or w[0] % site.groups:
+            site.reason = f"{w[0]} output channels do not split into {site.groups} groups"
             return site
         if in_spatial is not None:
             if site.pads is not None:
@@ -181,7 +179,7 @@ class ConvSite(Site):
             out = (1,) * r
             in_spatial = (*out[:-1], site.strides[-1])
         site.cost = conv_cost(
-            int(w.shape[0]), int(w.shape[1]), site.kernel_shape, site.groups, in_spatial, out, len(node.input) > 2 and bool(node.input[2])
+            int(w[0]), int(w[1]), site.kernel_shape, site.groups, in_spatial, out, len(node.input) > 2 and bool(node.input[2])
         )
         site.kinds = {"spatial": _spatial_reason(site.kernel_shape), "channel": None}
         return site
@@ -243,13 +241,14 @@ class ConvTransposeSite(Site):
         w = _weight_site(site, node, scope)
         if w is None:
             return site
+        ndim = len(w)
         a = attrs(node)
-        r = w.ndim - 2
+        r = ndim - 2
         site.groups = int(a.get("group", 1))  # type: ignore[call-overload]
-        if site.groups < 1 or w.shape[0] % site.groups:
-            site.reason = f"{w.shape[0]} input channels do not split into {site.groups} groups"
+        if site.groups < 1 or w[0] % site.groups:
+            site.reason = f"{w[0]} input channels do not split into {site.groups} groups"
             return site
-        site.kernel_shape = tuple(int(k) for k in w.shape[2:])
+        site.kernel_shape = tuple(int(k) for k in w[2:])
         site.strides = tuple(int(s) for s in a.get("strides", [1] * r))  # type: ignore[attr-defined]
         site.dilations = tuple(int(d) for d in a.get("dilations", [1] * r))  # type: ignore[attr-defined]
         site.output_padding = tuple(int(p) for p in a.get("output_padding", [0] * r))  # type: ignore[attr-defined]
@@ -283,7 +282,7 @@ class ConvTransposeSite(Site):
             in_spatial = (1,) * r
             out = tuple(site.strides)
         site.cost = conv_transpose_cost(
-            int(w.shape[0]), int(w.shape[1]), site.kernel_shape, site.groups, in_spatial, out, len(node.input) > 2 and bool(node.input[2])
+            int(w[0]), int(w[1]), site.kernel_shape, site.groups, in_spatial, out, len(node.input) > 2 and bool(node.input[2])
         )
         site.kinds = {"spatial": spatial_reason, "channel": "channel split is not offered for ConvTranspose"}
         return site
