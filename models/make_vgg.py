@@ -19,7 +19,21 @@ from onnx import TensorProto, helper, numpy_helper
 
 # conv1_1 ... conv5_3 output channels; "M" = 2x2 max pool
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-NAMES = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"]
+NAMES = [
+    "conv1_1",
+    "conv1_2",
+    "conv2_1",
+    "conv2_2",
+    "conv3_1",
+    "conv3_2",
+    "conv3_3",
+    "conv4_1",
+    "conv4_2",
+    "conv4_3",
+    "conv5_1",
+    "conv5_2",
+    "conv5_3",
+]
 
 
 def build(width: float = 1.0, size: int = 224, fc: int = 4096, classes: int = 1000, seed: int = 0, opset: int = 17) -> onnx.ModelProto:
@@ -39,7 +53,11 @@ def build(width: float = 1.0, size: int = 224, fc: int = 4096, classes: int = 10
         w = (rng.standard_normal((n, channels, 3, 3)) * np.sqrt(2.0 / (channels * 9))).astype(np.float32)
         b = (rng.standard_normal(n) * 0.01).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"{name}.weight"), numpy_helper.from_array(b, f"{name}.bias")]
-        nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [f"{name}_out"], name=name, kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+        nodes.append(
+            helper.make_node(
+                "Conv", [x, f"{name}.weight", f"{name}.bias"], [f"{name}_out"], name=name, kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+            )
+        )
         nodes.append(helper.make_node("Relu", [f"{name}_out"], [f"{name}_relu"], name=f"{name}_relu"))
         x, channels = f"{name}_relu", n
     nodes.append(helper.make_node("Flatten", [x], ["flat"], name="flatten", axis=1))
