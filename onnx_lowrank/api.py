@@ -48,9 +48,13 @@ from .ranks import Infeasible, LayerChoices, Option, allocate, allocate_two, can
 from .report import InspectLayer, LayerReport, Report
 from .shapes import infer_shapes
 
-__all__ = ["DEFAULT_KINDS", "DEFAULT_SPEEDUP", "count_params", "decompose", "inspect"]
+__all__ = ["DEFAULT_KINDS", "DEFAULT_RANK_MULTIPLE", "DEFAULT_SPEEDUP", "count_params", "decompose", "inspect"]
 
 DEFAULT_SPEEDUP = 2.0
+# ranks chosen by the budget allocation are multiples of this: onnxruntime's blocked CPU kernels run such
+# channel counts fastest (VGG-16 and ResNet-50 at speedup 2: 1.62x and 1.61x measured with any rank,
+# 1.76x and 1.91x with multiples of 16, one thread; benchmarks/results/studies.json)
+DEFAULT_RANK_MULTIPLE = 16
 DEFAULT_KINDS: tuple[Kind, ...] = ("spatial", "channel")
 ALL_KINDS: tuple[Kind, ...] = ("spatial", "channel")
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
@@ -374,7 +378,7 @@ def decompose(
     force: bool = False,
     kinds: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    rank_multiple: int = 1,
+    rank_multiple: int | None = None,
     fold_bn: bool = True,
     progress: Progress | None = None,
     workers: int | None = None,
@@ -399,7 +403,10 @@ def decompose(
     both). ``include``/``exclude`` are regular expressions searched in node
     names. ``force`` decomposes layers even where the pair costs more MACs.
     ``input_shapes`` fixes symbolic input dims for the cost model.
-    ``rank_multiple`` rounds ranks up to a multiple. ``fold_bn`` first folds
+    ``rank_multiple`` rounds ranks up to a multiple (default: 16 for the
+    ``speedup``/``params_ratio`` allocation — measured fastest in onnxruntime,
+    see ``benchmarks/results/studies.json`` — and 1 for ``rank``/``energy``/``ranks``,
+    which then give the rank asked for). ``fold_bn`` first folds
     BatchNormalization into the Conv before it. ``progress(done, total, name)``
     is called as layers are analysed. ``workers`` threads compute the spectra
     (default: the number of CPUs, at most 4). ``measure`` (with ``speedup``)
@@ -508,7 +515,7 @@ def _decompose(
     force: bool = False,
     kinds: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    rank_multiple: int = 1,
+    rank_multiple: int | None = None,
     fold_bn: bool = True,
     progress: Progress | None = None,
     workers: int | None = None,
@@ -521,6 +528,8 @@ def _decompose(
     workers = workers or min(os.cpu_count() or 1, 4)
     policy = _policy(rank, energy, speedup, params_ratio, ranks)
     allowed = _kinds(kinds)
+    if rank_multiple is None:
+        rank_multiple = DEFAULT_RANK_MULTIPLE if policy.name == "budget" else 1
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise LowRankError(f"rank multiple must be a whole number >= 1, got {rank_multiple!r}")
     include_re, exclude_re = _regex(include, "--include"), _regex(exclude, "--exclude")

@@ -112,10 +112,15 @@ def energy_rank(singular_values: npt.NDArray[np.float64], energy: float) -> int:
 
 
 def candidate_ranks(full_rank: int, multiple: int = 1) -> list[int]:
-    """Ranks the allocator may choose: multiples of ``multiple`` and the full rank."""
+    """Ranks the allocator may choose: multiples of ``multiple``, the full rank, and powers of two below ``multiple``.
+
+    The powers of two keep small layers (and deep cuts) reachable when the
+    multiple is coarse; they are aligned sizes too.
+    """
     if multiple <= 1 or full_rank <= multiple:
         return list(range(1, full_rank + 1))
-    return sorted({*range(multiple, full_rank + 1, multiple), full_rank})
+    small = {1 << i for i in range(multiple.bit_length()) if 1 << i < multiple}
+    return sorted({*small, *range(multiple, full_rank + 1, multiple), full_rank})
 
 
 def _hull(options: Sequence[Option]) -> list[Option]:
