@@ -5,7 +5,8 @@
     python models/zoo_table.py --size 128      # the ImageNet networks at 128x128
     python models/zoo_table.py --only resnet50-bnkept nin-bnfolded --json figures.json
 
-Per variant (the spatial split alone, as in the tests):
+Per variant, with the package's default splits (``--kinds spatial`` for the
+spatial split alone, as in the tests):
 
 * convs: Conv nodes in the exported graph; splittable: those with a kernel of at least 2x2;
 * ``--speedup 2``: layers decomposed, layers left alone by reason, total conv MAC
@@ -46,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `models` importable from 
 from models import make_zoo
 from models.zoo import VARIANTS, Variant
 
-KINDS = ["spatial"]
+KINDS: list[str] | None = None  # None: the package's default kinds
 FULL_RANK = 1 << 30
 
 
@@ -94,6 +95,8 @@ def _child(path: str, speedup: float) -> None:
 
 def _convert_in_child(path: Path, speedup: float) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--speedup", repr(speedup)]
+    if KINDS is not None:
+        command += ["--kinds", ",".join(KINDS)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"conversion of {path} failed:\n{done.stderr[-2000:]}")
@@ -146,7 +149,7 @@ def row(v: Variant, size: int | None) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | input | convs (splittable) | decomposed at 2x | left alone, by reason | conv MAC ratio | "
+        "| model | input | convs (splittable) | decomposed at 2x | left alone, by reason | MAC ratio | "
         "full-rank output error (original's own) | time | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -170,9 +173,12 @@ def main() -> None:
     sizes.add_argument("--published", action="store_true", help="the published input sizes")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=[v.name for v in VARIANTS])
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--kinds", help="splits to offer, comma-separated (default: the package's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--speedup", type=float, default=2.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global KINDS
+    KINDS = [k for k in args.kinds.split(",") if k] if args.kinds else None
     if args.child:
         _child(args.child, args.speedup)
         return
@@ -183,7 +189,8 @@ def main() -> None:
         size = make_zoo.input_size(v.arch, args.size) if args.size or args.published else None
         rows.append(row(v, size))
         print(f"{v.name}: done", file=sys.stderr, flush=True)
-    print(f"Spatial split only; torch {metadata.version('torch')}, onnxruntime {metadata.version('onnxruntime')}, {os.cpu_count()} CPUs.\n")
+    splits = "spatial split only" if KINDS == ["spatial"] else f"splits: {', '.join(KINDS) if KINDS else 'package default'}"
+    print(f"{splits}; torch {metadata.version('torch')}, onnxruntime {metadata.version('onnxruntime')}, {os.cpu_count()} CPUs.\n")
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
