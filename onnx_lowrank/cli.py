@@ -121,8 +121,12 @@ def _parser() -> argparse.ArgumentParser:
         help="calibration inputs (arrays keyed by input name, samples on axis 0; or a folder of <input>.npy): "
         "sensitivity-aware ranks for --speedup and a closed-form refit of each decomposed layer",
     )
-    d.add_argument("--no-refit", action="store_true", help="with --calibration: keep the data-free factors")
-    d.add_argument("--no-sensitivity", action="store_true", help="with --calibration: allocate ranks by kernel error, not measured damage")
+    d.add_argument("--refit", action=argparse.BooleanOptionalAction, help="with --calibration: refit each decomposed layer (default: on)")
+    d.add_argument(
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        help="with --calibration and --speedup: allocate ranks by measured damage to the outputs (default: on)",
+    )
     d.add_argument("--measure", action="store_true", help="with --speedup: choose ranks by latency timed in onnxruntime, not MACs")
     d.add_argument(
         "--threads", type=_positive_int, default=1, help="onnxruntime intra-op threads for --measure and --verify timing (default 1)"
@@ -373,8 +377,8 @@ def _decompose(args: argparse.Namespace) -> int:
             measure=args.measure,
             threads=args.threads,
             calibration=args.calibration,
-            refit=None if args.calibration is None else not args.no_refit,
-            sensitivity=None if args.calibration is None else not args.no_sensitivity,
+            refit=args.refit,
+            sensitivity=args.sensitivity,
             inplace=True,  # the loaded copy is ours: rewriting it saves a copy of the weights
         )
     finally:
