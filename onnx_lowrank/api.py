@@ -23,14 +23,15 @@ allocation unit and get the same kind and rank.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -161,8 +162,8 @@ def count_params(model: onnx.ModelProto) -> int:
     return sum(math.prod(t.dims) for t in external_data_helper._get_all_tensors(model))
 
 
-def _stored_error(site: Site, factors: Factors) -> float:
-    """``||W − W_K|| / ||W||`` with the factors rounded to the dtype they are written in."""
+def _stored_error(site: Site, kernel: np.ndarray, factors: Factors) -> float:
+    """``||W − W_K|| / ||W||`` for ``kernel`` (the site's, in conv layout), the factors rounded to the dtype they are written in."""
     assert site.weight is not None
     dtype = helper.tensor_dtype_to_np_dtype(site.weight.data_type)
     rounded = Factors(
@@ -172,7 +173,7 @@ def _stored_error(site: Site, factors: Factors) -> float:
         factors.second.astype(dtype).astype(np.float64),
         factors.singular_values,
     )
-    w = site.kernel().astype(np.float64)
+    w = kernel.astype(np.float64)
     norm = float(np.linalg.norm(w))
     if norm == 0.0:
         return 0.0
@@ -198,10 +199,14 @@ class _Unit:
     def key(self) -> str:
         return self.sites[0].key
 
+    @functools.cached_property
+    def kernel(self) -> np.ndarray:
+        """The weight in conv layout, read once and shared by every kind's decomposition."""
+        return self.sites[0].kernel()
+
     def decomposition(self, kind: Kind) -> Decomposition:
         if kind not in self._decompositions:
-            site = self.sites[0]
-            self._decompositions[kind] = decompose_kernel(site.kernel(), site.groups, kind)
+            self._decompositions[kind] = decompose_kernel(self.kernel, self.sites[0].groups, kind)
         return self._decompositions[kind]
 
     def errors(self, kind: Kind) -> np.ndarray:
@@ -264,6 +269,21 @@ def _screen_for_macs(units: list[_Unit], reasons: dict[str, str | None], total_m
     return kept
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """``map`` in ``workers`` threads (LAPACK releases the GIL), in order; plain ``map`` for one worker or item."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(fn, items)
+
+
 def _spectra(units: list[_Unit], progress: Progress | None, workers: int) -> dict[str, str]:
     """Singular values of every unit and kind, in parallel threads (LAPACK releases the GIL).
 
@@ -282,18 +302,9 @@ def _spectra(units: list[_Unit], progress: Progress | None, workers: int) -> dic
             failed[unit.key] = f"weight cannot be factored: {exc}"
         return unit.key
 
-    if workers > 1 and len(jobs) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for done, key in enumerate(pool.map(run, jobs), 1):
-                if progress is not None:
-                    progress(done, len(jobs), key)
-    else:
-        for done, job in enumerate(jobs, 1):
-            key = run(job)
-            if progress is not None:
-                progress(done, len(jobs), key)
+    for done, key in enumerate(_parallel_map(run, jobs, workers), 1):
+        if progress is not None:
+            progress(done, len(jobs), key)
     return failed
 
 
@@ -630,16 +641,10 @@ def _plan(
         kind, r, _ = chosen[unit.key]
         assert kind is not None
         factors = unit.decomposition(kind).factors(r)
-        return factors, _stored_error(unit.sites[0], factors)
+        return factors, _stored_error(unit.sites[0], unit.kernel, factors)
 
     todo = [unit for unit in units if chosen[unit.key][0] is not None]
-    if workers > 1 and len(todo) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = dict(zip([u.key for u in todo], pool.map(factor, todo), strict=True))
-    else:
-        results = {unit.key: factor(unit) for unit in todo}
+    results = dict(zip([u.key for u in todo], _parallel_map(factor, todo, workers), strict=True))
 
     plan: list[tuple[Site, Factors]] = []
     for unit in units:

@@ -131,7 +131,7 @@ class LayerTimer:
             return None
         key = self._key(site, x_shape, kind, rank)
         if key not in self.cache:
-            kernel_shape = site.kernel().shape
+            kernel_shape = site.layout_shape()
             n, c, *spatial = kernel_shape
             g = site.groups
             if kind == "spatial":

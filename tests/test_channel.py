@@ -177,3 +177,20 @@ def test_unreachable_target_is_refused_in_one_line(zoo: object, tmp_path: Path) 
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--speedup 50 cannot be reached: the most any allocation gives is" in lines[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_layout_shape_matches_the_kernel_without_reading_it() -> None:
+    from onnx_lowrank.api import find_sites
+    from onnx_lowrank.shapes import infer_shapes
+
+    models = [_fc_model("Gemm")[0], _fc_model("Gemm", trans_b=1)[0], _fc_model("MatMul")[0], conv_model(group=2)]
+    w = RNG.standard_normal((4, 3, 3, 2)).astype(np.float32)  # ConvTranspose (C, N/g, kh, kw), 2 groups
+    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="ct", group=2)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", "c", "d"])], [numpy_helper.from_array(w, "W")],
+    )  # fmt: skip
+    models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    for model in models:
+        (site,) = find_sites(model, infer_shapes(model))
+        assert site.layout_shape() == tuple(site.kernel().shape)

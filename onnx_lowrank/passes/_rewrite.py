@@ -72,6 +72,10 @@ class Site:
         """The weight in conv layout ``(N, C_g, *spatial)`` (groups along N)."""
         raise NotImplementedError
 
+    def layout_shape(self) -> tuple[int, ...]:
+        """The shape of :meth:`kernel`, without reading the weight."""
+        raise NotImplementedError
+
     def storage(self, factors: Factors) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """The two factors in the layout the two new nodes read."""
         return factors.first, factors.second

@@ -131,6 +131,17 @@ def _weight_site(site: Site, node: onnx.NodeProto, scope: Scope) -> tuple[int, .
     return weight.shape
 
 
+def _conv_attributes(a: dict[str, Any], weight_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``group``, kernel, strides and dilations of a conv-like node, with the ONNX defaults."""
+    r = len(weight_shape) - 2
+    return (
+        int(a.get("group", 1)),
+        tuple(int(k) for k in weight_shape[2:]),
+        tuple(int(s) for s in a.get("strides", [1] * r)),
+        tuple(int(d) for d in a.get("dilations", [1] * r)),
+    )
+
+
 def _spatial_reason(kernel: tuple[int, ...]) -> str | None:
     if len(kernel) < 2:
         return "1-D kernel: no vertical/horizontal split"
@@ -154,13 +165,9 @@ class ConvSite(Site):
         w = _weight_site(site, node, scope)
         if w is None:
             return site
-        ndim = len(w)
         a = attrs(node)
-        r = ndim - 2
-        site.groups = int(a.get("group", 1))  # type: ignore[call-overload]
-        site.kernel_shape = tuple(int(k) for k in w[2:])
-        site.strides = tuple(int(s) for s in a.get("strides", [1] * r))  # type: ignore[attr-defined]
-        site.dilations = tuple(int(d) for d in a.get("dilations", [1] * r))  # type: ignore[attr-defined]
+        r = len(w) - 2
+        site.groups, site.kernel_shape, site.strides, site.dilations = _conv_attributes(a, w)
         in_spatial = _known(shapes.get(node.input[0]), r)
         site.pads, site.auto_pad = _resolve_pads(_auto_pad(a), a.get("pads"), in_spatial, site.kernel_shape, site.strides, site.dilations)  # type: ignore[arg-type]
         if site.groups < 1 or w[0] % site.groups:
@@ -187,6 +194,10 @@ class ConvSite(Site):
     def kernel(self) -> npt.NDArray[np.generic]:
         assert self.weight is not None
         return self.weight.values
+
+    def layout_shape(self) -> tuple[int, ...]:
+        assert self.weight is not None
+        return self.weight.shape
 
     def _geometry(self, kind: Kind) -> tuple[dict[str, Any], dict[str, Any]]:
         r = len(self.kernel_shape)
@@ -241,16 +252,12 @@ class ConvTransposeSite(Site):
         w = _weight_site(site, node, scope)
         if w is None:
             return site
-        ndim = len(w)
         a = attrs(node)
-        r = ndim - 2
-        site.groups = int(a.get("group", 1))  # type: ignore[call-overload]
+        r = len(w) - 2
+        site.groups, site.kernel_shape, site.strides, site.dilations = _conv_attributes(a, w)
         if site.groups < 1 or w[0] % site.groups:
             site.reason = f"{w[0]} input channels do not split into {site.groups} groups"
             return site
-        site.kernel_shape = tuple(int(k) for k in w[2:])
-        site.strides = tuple(int(s) for s in a.get("strides", [1] * r))  # type: ignore[attr-defined]
-        site.dilations = tuple(int(d) for d in a.get("dilations", [1] * r))  # type: ignore[attr-defined]
         site.output_padding = tuple(int(p) for p in a.get("output_padding", [0] * r))  # type: ignore[attr-defined]
         site.auto_pad = _auto_pad(a)
         site.pads = (0,) * (2 * r) if site.auto_pad == "VALID" else tuple(int(p) for p in a.get("pads", [0] * (2 * r)))  # type: ignore[attr-defined]
@@ -286,6 +293,11 @@ class ConvTransposeSite(Site):
         )
         site.kinds = {"spatial": spatial_reason, "channel": "channel split is not offered for ConvTranspose"}
         return site
+
+    def layout_shape(self) -> tuple[int, ...]:
+        assert self.weight is not None
+        c, n_g, *spatial = self.weight.shape
+        return (self.groups * n_g, c // self.groups, *spatial)
 
     def kernel(self) -> npt.NDArray[np.generic]:
         """``W[c, n, ...]`` per group as ``W[n, c, ...]``: the conv layout the theorem is stated in."""

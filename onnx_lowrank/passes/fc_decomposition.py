@@ -85,6 +85,11 @@ class FCSite(Site):
         site.kinds = {"channel": None, "spatial": "fully connected layer: no spatial split"}
         return site
 
+    def layout_shape(self) -> tuple[int, ...]:
+        assert self.weight is not None
+        rows, cols = self.weight.shape
+        return (rows, cols, 1) if self.trans_b else (cols, rows, 1)
+
     def kernel(self) -> npt.NDArray[np.generic]:
         """``W`` (out × in) as an ``(out, in, 1)`` kernel."""
         assert self.weight is not None
