@@ -13,10 +13,20 @@ the original:
   then run alternately with the order flipped every round, thread spinning off
   (:func:`onnx_lowrank.verify.interleaved_latency`);
 * efficiency: measured ratio / MAC ratio;
+* where the time goes, from onnxruntime's profiler (each node's kernel time,
+  median over the same number of runs, original and candidate interleaved,
+  summed by class): the conv kernels, the
+  fully connected kernels, and everything else (pooling, elementwise, layout
+  reorders). From these: the measured ratio of the conv kernels alone (Tai et
+  al. count conv MACs only: 2.94x at their VGG-16 ranks), of all MAC-carrying
+  kernels, and the *bound*: the whole-model ratio the candidate would reach if
+  its conv kernels ran exactly at the conv MAC ratio, its fully connected ones
+  at theirs, and the rest stayed as it was (Amdahl's law over the original's
+  profile);
 * output error on a seeded random input: relative L2, cosine, max abs.
 
 Two studies at speedup 2 on VGG-16 and ResNet-50 choose the defaults:
-``rank_multiple`` 1 / 8 / 16, and ``kinds`` spatial / spatial+channel / channel.
+``rank_multiple`` 1 / 8 / 16 / 32 / 64, and ``kinds`` spatial / spatial+channel / channel.
 Then the latency-aware policy: ``decompose(speedup=S, measure=True,
 threads=T)`` for T = 1, 2 at each reachable target, with its predicted and
 measured speedup and an independent interleaved re-measurement; the target is
@@ -68,7 +78,7 @@ from bench_common import MODELS, fmt, load, log, machine_info, markdown_table, r
 from onnx_lowrank import LowRankError, decompose
 from onnx_lowrank.api import DEFAULT_KINDS
 from onnx_lowrank.report import Report
-from onnx_lowrank.verify import compare_outputs, interleaved_latency, make_session, random_inputs
+from onnx_lowrank.verify import KernelTimes, compare_outputs, interleaved_latency, kernel_times, make_session, random_inputs
 
 SPEEDUPS = (1.5, 2.0, 3.0)
 # Tai et al. (ICLR 2016), their VGG-16 ranks: 2.94x fewer conv MACs with the spatial split alone
@@ -89,7 +99,7 @@ PAPER_RANKS = {
 }
 STUDY_MODELS = ("vgg16", "resnet50")
 STUDY_SPEEDUP = 2.0
-RANK_MULTIPLES = (1, 8, 16)
+RANK_MULTIPLES = (1, 8, 16, 32, 64)
 KIND_SETS: tuple[tuple[str, ...], ...] = (("spatial",), ("spatial", "channel"), ("channel",))
 THREADS = (1, 2)
 OPTIMIZATIONS = ("default", "extended")
@@ -157,6 +167,7 @@ class Record:
     ranks: dict[str, list[Any]] = field(default_factory=dict)  # node -> [kind, rank, full rank]
     latency: dict[str, dict[str, float]] = field(default_factory=dict)  # "1T default" -> original_ms, candidate_ms, ratio
     efficiency: dict[str, float] = field(default_factory=dict)  # measured ratio / MAC ratio, per setting
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # per setting: profiled kernel times (see breakdown())
     error: dict[str, Any] = field(default_factory=dict)
 
 
@@ -207,11 +218,44 @@ class Bench:
         )
         return {"original_ms": original_ms, "candidate_ms": candidate_ms, "ratio": original_ms / candidate_ms}, error
 
+    def kernels(self, candidate: onnx.ModelProto, threads: int, optimization: str) -> tuple[KernelTimes, KernelTimes]:
+        """Profiled kernel times of the original and the candidate, their runs interleaved."""
+        original, profiled = kernel_times([self.model, candidate], self.feeds, threads, optimization, self.timing.runs, self.timing.warmup)
+        return original, profiled
+
+
+def breakdown(original: KernelTimes, candidate: KernelTimes, conv_macs: float, fc_macs: float) -> dict[str, float]:
+    """Kernel time by class, the conv and MAC-carrying kernels' measured ratios, and the Amdahl bound.
+
+    The bound divides the original's conv kernel time by the conv MAC ratio and its fully connected kernel
+    time by theirs (a batch-1 fully connected layer is bound by memory, so it must not take the conv layers'
+    ratio), and keeps the rest.
+    """
+    layers_before = original.conv_ms + original.fc_ms
+    layers_after = candidate.conv_ms + candidate.fc_ms
+    return {
+        "original_conv_ms": original.conv_ms,
+        "original_fc_ms": original.fc_ms,
+        "original_other_ms": original.other_ms,
+        "candidate_conv_ms": candidate.conv_ms,
+        "candidate_fc_ms": candidate.fc_ms,
+        "candidate_other_ms": candidate.other_ms,
+        "other_share": original.other_ms / original.total_ms,
+        "conv_ratio": original.conv_ms / candidate.conv_ms,
+        "layers_ratio": layers_before / layers_after,
+        "bound": original.total_ms / (original.conv_ms / conv_macs + original.fc_ms / fc_macs + original.other_ms),
+    }
+
+
+def mac_ratio_of(report: Report, op_types: Sequence[str]) -> float | None:
+    """MACs before / after of the layers of these operator types; None when there are none."""
+    layers = [layer for layer in report.layers if layer.op_type in op_types]
+    after = sum(layer.macs_after for layer in layers)
+    return sum(layer.macs_before for layer in layers) / after if after else None
+
 
 def conv_mac_ratio(report: Report) -> float | None:
-    convs = [layer for layer in report.layers if layer.op_type == "Conv"]
-    after = sum(layer.macs_after for layer in convs)
-    return sum(layer.macs_before for layer in convs) / after if after else None
+    return mac_ratio_of(report, ("Conv",))
 
 
 def layer_ranks(report: Report) -> dict[str, list[Any]]:
@@ -250,6 +294,11 @@ def run_config(bench: Bench, config: Config, studies: list[str]) -> Record:
             latency, error = bench.time(candidate, threads, optimization, with_error=not record.error)
             record.latency[name] = latency
             record.efficiency[name] = latency["ratio"] / report.mac_ratio
+            record.breakdown[name] = breakdown(
+                *bench.kernels(candidate, threads, optimization),
+                mac_ratio_of(report, ("Conv", "ConvTranspose")) or 1.0,
+                mac_ratio_of(report, ("Gemm", "MatMul")) or 1.0,
+            )
             if error is not None:
                 record.error = error
     return record
@@ -427,6 +476,38 @@ def tables(result: Mapping[str, Any]) -> str:
         rows.append([*head, fmt(run["mac_ratio"], ".2f", "x"), *_ratio_cells(run, SETTINGS), eff, *_error_cells(run)])
     if rows:
         parts.append("**Speed by model and target**\n\n" + markdown_table(headers, rows))
+
+    headers = [
+        "model",
+        "config",
+        "MAC ratio",
+        "conv MAC ratio",
+        "measured 1T / 2T",
+        "bound 1T / 2T",
+        "conv kernels 1T / 2T",
+        "all MAC kernels 1T / 2T",
+        "non-MAC share 1T / 2T",
+    ]
+    rows = []
+    for run in runs:
+        if not {"targets", "paper"} & set(run["studies"]) or run["status"] != "ok" or not run.get("breakdown"):
+            continue
+        cells = [run["model"], run["config"], fmt(run["mac_ratio"], ".2f", "x"), fmt(run["conv_mac_ratio"], ".2f", "x")]
+        defaults = [setting_name(t, "default") for t in THREADS]
+        cells.append(" / ".join(fmt(run["latency"][s]["ratio"], ".2f", "x") for s in defaults))
+        for key, spec, unit in (("bound", ".2f", "x"), ("conv_ratio", ".2f", "x"), ("layers_ratio", ".2f", "x")):
+            cells.append(" / ".join(fmt(run["breakdown"][s][key], spec, unit) for s in defaults))
+        cells.append(" / ".join(fmt(100 * run["breakdown"][s]["other_share"], ".0f", " %") for s in defaults))
+        rows.append(cells)
+    if rows:
+        parts.append(
+            "**Where the time goes** (default optimization; from onnxruntime's profiler: each node's median kernel time, "
+            "summed by class). *bound*: the whole-model ratio if the conv kernels ran exactly at the conv MAC ratio, "
+            "the fully connected ones at theirs, and everything else stayed as it was; *conv kernels* / *all MAC kernels*: "
+            "measured ratio of those kernels' summed time; *non-MAC share*: the original's time outside them "
+            "(pooling, elementwise, layout reorders)."
+            "\n\n" + markdown_table(headers, rows)
+        )
 
     for study, title, column in (
         ("rank_multiple", f"Rank rounding at speedup {STUDY_SPEEDUP:g}", "rank multiple"),

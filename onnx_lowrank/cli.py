@@ -22,7 +22,7 @@ from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompos
 from .errors import LowRankError
 from .model_io import load_model_with_layout, save_model
 from .report import InspectLayer, Report
-from .verify import VerifyResult, verify
+from .verify import KernelTimes, VerifyResult, verify
 
 __all__ = ["main"]
 
@@ -167,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--atol", type=_tolerance, default=1e-4, help="absolute tolerance (default 1e-4)")
     v.add_argument("--runs", type=int, default=20, help="timed runs of each model, interleaved (default 20; 0 skips timing)")
     v.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads")
+    v.add_argument("--profile", action="store_true", help="also time each operator type of both models (onnxruntime's profiler)")
     v.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -283,9 +284,35 @@ def format_verify(result: VerifyResult, gate: bool = True) -> str:
             f"latency (median of {result.runs} interleaved runs, {', '.join(result.providers)}): original {result.original_ms:.3f} ms, "
             f"candidate {result.candidate_ms:.3f} ms, {result.latency_ratio:.2f}x faster"
         )
+    if result.kernels:
+        lines.append(format_kernels(result.kernels["original"], result.kernels["candidate"]))
     if gate:
         lines.append("outputs match" if result.passed else "outputs DIFFER beyond tolerance")
     return "\n".join(lines)
+
+
+def format_kernels(original: dict[str, float], candidate: dict[str, float]) -> str:
+    """Per operator type and per class: kernel ms of both models (onnxruntime's profiler) and their ratio."""
+
+    def ratio(before: float, after: float) -> str:
+        return f"{before / after:.2f}x" if after > 0 else "-"
+
+    rows = [
+        [op, f"{original.get(op, 0.0):.3f}", f"{candidate.get(op, 0.0):.3f}", ratio(original.get(op, 0.0), candidate.get(op, 0.0))]
+        for op in sorted(set(original) | set(candidate), key=lambda op: -max(original.get(op, 0.0), candidate.get(op, 0.0)))
+    ]
+    before, after = KernelTimes(original), KernelTimes(candidate)
+    for label, attr in (
+        ("conv kernels", "conv_ms"),
+        ("fully connected kernels", "fc_ms"),
+        ("other kernels", "other_ms"),
+        ("all", "total_ms"),
+    ):
+        b, a = getattr(before, attr), getattr(after, attr)
+        rows.append([label, f"{b:.3f}", f"{a:.3f}", ratio(b, a)])
+    return "kernel time per run (onnxruntime profiler, median per node):\n" + _table(
+        rows, ["operator", "original ms", "candidate ms", "ratio"]
+    )
 
 
 def format_inspect(layers: list[InspectLayer]) -> str:
@@ -456,6 +483,8 @@ def _verify(args: argparse.Namespace) -> int:
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     if args.runs < 0:
         raise LowRankError(f"--runs must be >= 0, got {args.runs}")
+    if args.profile and args.runs == 0:
+        raise LowRankError("--profile times the models: it needs --runs > 0")
     result = verify(
         args.original,
         args.candidate,
@@ -465,6 +494,7 @@ def _verify(args: argparse.Namespace) -> int:
         atol=args.atol,
         runs=args.runs,
         threads=args.threads,
+        profile=args.profile,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_verify(result))
     return 0 if result.passed else 1

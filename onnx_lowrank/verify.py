@@ -27,7 +27,19 @@ import onnx
 from .errors import LowRankError
 from .model_io import PROTOBUF_LIMIT, load_model
 
-__all__ = ["OutputStats", "VerifyResult", "compare_outputs", "make_session", "random_inputs", "verify"]
+__all__ = [
+    "CONV_OPS",
+    "FC_OPS",
+    "KernelTimes",
+    "OutputStats",
+    "VerifyResult",
+    "compare_outputs",
+    "interleaved_latency",
+    "kernel_times",
+    "make_session",
+    "random_inputs",
+    "verify",
+]
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
@@ -73,6 +85,8 @@ class VerifyResult:
     runs: int = 0
     samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # profiled kernel milliseconds per operator type, {"original": {...}, "candidate": {...}} (verify(profile=True))
+    kernels: dict[str, dict[str, float]] | None = None
 
     @property
     def passed(self) -> bool:
@@ -93,9 +107,16 @@ class VerifyResult:
 
 
 def make_session(
-    model: ModelLike, providers: Sequence[str] | None = None, threads: int | None = None, optimization: str = "default"
+    model: ModelLike,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    optimization: str = "default",
+    profile_prefix: str | None = None,
 ) -> Any:
-    """An onnxruntime session; refuses providers this build does not have instead of falling back silently."""
+    """An onnxruntime session; refuses providers this build does not have instead of falling back silently.
+
+    ``profile_prefix``: turn on onnxruntime's profiler, writing its JSON trace to a file of that prefix.
+    """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -118,6 +139,9 @@ def make_session(
     }
     if optimization != "default":
         options.graph_optimization_level = levels[optimization]
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if isinstance(model, onnx.ModelProto):
         try:
             small = model.ByteSize() <= PROTOBUF_LIMIT
@@ -249,8 +273,13 @@ def verify(
     warmup: int = 3,
     threads: int | None = None,
     seed: int = 0,
+    profile: bool = False,
 ) -> VerifyResult:
-    """Run both models in onnxruntime on the same inputs and compare (see the module docstring)."""
+    """Run both models in onnxruntime on the same inputs and compare (see the module docstring).
+
+    ``profile``: also time each operator type of both models with onnxruntime's profiler (``runs`` runs each,
+    after the interleaved timing), which shows where a measured speedup falls short of the MAC ratio.
+    """
     if not rtol >= 0 or not atol >= 0:
         raise LowRankError(f"tolerances must be >= 0, got rtol={rtol} atol={atol}")
     if isinstance(original, (str, os.PathLike)):
@@ -291,6 +320,9 @@ def verify(
     if runs > 0:
         result.original_ms, result.candidate_ms = interleaved_latency(ref, cand, batches[0], runs, warmup)
         result.runs = runs
+        if profile:
+            before, after = kernel_times([original, candidate], batches[0], threads, runs=runs, warmup=warmup, providers=providers)
+            result.kernels = {"original": before.by_op, "candidate": after.by_op}
     return result
 
 
@@ -308,3 +340,82 @@ def interleaved_latency(first: Any, second: Any, feed: Mapping[str, Any], runs: 
             sessions[j].run(None, feed)
             times[j].append((time.perf_counter() - t0) * 1000.0)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+# operator types of onnxruntime's optimized CPU graphs that carry a model's MACs (after its fusions and NCHWc rewrite)
+CONV_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "NhwcConv", "NhwcFusedConv"})
+FC_OPS = frozenset({"Gemm", "FusedGemm", "MatMul", "FusedMatMul"})
+
+
+@dataclass
+class KernelTimes:
+    """Milliseconds per run spent in each operator type, from onnxruntime's profiler (median per node, summed)."""
+
+    by_op: dict[str, float]
+
+    @property
+    def conv_ms(self) -> float:
+        return sum(ms for op, ms in self.by_op.items() if op in CONV_OPS)
+
+    @property
+    def fc_ms(self) -> float:
+        return sum(ms for op, ms in self.by_op.items() if op in FC_OPS)
+
+    @property
+    def other_ms(self) -> float:
+        """Everything that carries no MACs: pooling, elementwise, layout reorders, concatenation …"""
+        return sum(ms for op, ms in self.by_op.items() if op not in CONV_OPS and op not in FC_OPS)
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.by_op.values())
+
+
+def kernel_times(
+    models: Sequence[ModelLike],
+    feed: Mapping[str, Any],
+    threads: int | None = None,
+    optimization: str = "default",
+    runs: int = 10,
+    warmup: int = 3,
+    providers: Sequence[str] | None = None,
+) -> list[KernelTimes]:
+    """Where each model's time goes: each node's median kernel time over ``runs`` profiled runs, by operator type.
+
+    The models run alternately (order flipped every round, as :func:`interleaved_latency` does), so their
+    profiles come from the same moments of a busy machine and their ratios are fair. The profiler's per-node
+    timer sees only the kernels, not the session's own overhead; a profiled session is a little slower than
+    a plain one, so whole-model latency is timed without it.
+    """
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = [
+            make_session(model, providers, threads, optimization, profile_prefix=str(Path(tmp) / f"profile{i}"))
+            for i, model in enumerate(models)
+        ]
+        for _ in range(warmup):
+            for session in sessions:
+                session.run(None, feed)
+        for i in range(runs):
+            for session in sessions if i % 2 == 0 else sessions[::-1]:
+                session.run(None, feed)
+        traces = [json.loads(Path(session.end_profiling()).read_text()) for session in sessions]
+    return [_by_op(events, warmup) for events in traces]
+
+
+def _by_op(events: list[dict[str, Any]], warmup: int) -> KernelTimes:
+    """Median kernel milliseconds of each node after its first ``warmup`` runs, summed by operator type."""
+    durations: dict[str, list[float]] = {}
+    op_of: dict[str, str] = {}
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        durations.setdefault(name, []).append(event["dur"] / 1000.0)
+        op_of[name] = event.get("args", {}).get("op_name", "?")
+    by_op: dict[str, float] = {}
+    for name, times in durations.items():
+        timed = times[warmup:] or times
+        by_op[op_of[name]] = by_op.get(op_of[name], 0.0) + statistics.median(timed)
+    return KernelTimes(by_op)

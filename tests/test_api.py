@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
 from onnx_lowrank import InspectLayer, LayerReport, LowRankError, OutputStats, Report, VerifyResult, decompose, inspect, verify
+from onnx_lowrank.verify import CONV_OPS, FC_OPS, kernel_times
 
 FULL = 10_000  # a rank above every full rank here: clipped to the full rank
 
@@ -504,6 +505,32 @@ def test_verify_refuses_unavailable_provider() -> None:
         verify(model, model, providers=["XnnpackExecutionProvider"], runs=0)
     with pytest.raises(LowRankError, match="NoSuchExecutionProvider"):
         verify(model, model, providers=["CPUExecutionProvider", "NoSuchExecutionProvider"], runs=0)
+
+
+@pytest.mark.parametrize("optimization", ["disable", "default"])
+def test_kernel_times_by_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimization: str) -> None:
+    """The profiler's kernel times land in the conv / fully connected / other classes, and no trace file is left."""
+    rng = np.random.default_rng(3)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+            helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1),
+        ],
+        [vi("x", [1, 16, 16, 16])],
+        [vi("y", [1, 10])],
+        {"w": rng.standard_normal((16, 16, 3, 3)).astype(np.float32), "fc": rng.standard_normal((10, 16 * 8 * 8)).astype(np.float32)},
+    )
+    monkeypatch.chdir(tmp_path)
+    decomposed, _ = decompose(model, rank=4, kinds=["spatial"])
+    feed = {"x": rng.standard_normal((1, 16, 16, 16)).astype(np.float32)}
+    times, pair = kernel_times([model, decomposed], feed, threads=1, optimization=optimization, runs=3)
+    assert pair.conv_ms > 0 and pair.fc_ms > 0 and set(pair.by_op) == set(times.by_op)
+    assert times.conv_ms > 0 and times.fc_ms > 0 and times.other_ms > 0
+    assert times.total_ms == pytest.approx(times.conv_ms + times.fc_ms + times.other_ms)
+    assert "MaxPool" in times.by_op and set(times.by_op) & CONV_OPS and set(times.by_op) & FC_OPS
+    assert list(tmp_path.iterdir()) == []  # the trace went to a temporary directory
 
 
 # --------------------------------------------------------------------------- the package

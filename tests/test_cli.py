@@ -259,6 +259,7 @@ BAD: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
     ("verify-unavailable-provider", lambda ws: _verify(ws, "--providers", "XnnpackExecutionProvider"), "XnnpackExecutionProvider"),
     ("verify-rtol-nan", lambda ws: _verify(ws, "--rtol", "nan"), "--rtol"),
     ("verify-atol-negative", lambda ws: _verify(ws, "--atol", "-1"), "--atol"),
+    ("verify-profile-without-runs", lambda ws: _verify(ws, "--profile", "--runs", "0"), "--profile"),
     # inspect
     ("inspect-missing-file", lambda ws: ["inspect", str(ws.inp / "absent.onnx")], "no such file"),
     ("inspect-random-bytes", lambda ws: ["inspect", str(ws.write("random.onnx", RNG_BYTES))], "onnx model"),
@@ -569,6 +570,23 @@ def test_verify_self_json() -> None:
     assert out["name"] == "logits" and out["shape"] == [1, 100]
     assert out["max_abs"] == 0.0 and out["p99_abs"] == 0.0 and out["cosine"] == pytest.approx(1.0)
     assert data["original_ms"] > 0 and data["candidate_ms"] > 0 and data["runs"] == 2
+
+
+def test_verify_profile(decomposed: dict[str, Path]) -> None:
+    """--profile adds each operator type's kernel time in both models, the class totals and their ratios."""
+    proc = cli("verify", VGG, decomposed["rank1"], "--runs", "3", "--profile")
+    assert_ok(proc, code=1)
+    _, _, table = proc.stdout.partition("kernel time per run")
+    assert table, proc.stdout
+    rows = {m[1]: (float(m[2]), float(m[3])) for m in re.finditer(r"^(\w[\w ]*?)\s{2,}([\d.]+)\s+([\d.]+)\s", table, re.MULTILINE)}
+    classes = ("conv kernels", "fully connected kernels", "other kernels", "all")
+    assert all(label in rows for label in classes) and "Conv" in rows
+    assert rows["conv kernels"][0] > 0 and rows["conv kernels"][1] > 0
+    for side in (0, 1):  # every operator type is counted once in "all"
+        assert rows["all"][side] == pytest.approx(sum(v[side] for k, v in rows.items() if k not in classes), abs=0.01)
+    as_json = cli("verify", VGG, decomposed["rank1"], "--runs", "2", "--profile", "--json")
+    kernels = json.loads(as_json.stdout)["kernels"]
+    assert set(kernels) == {"original", "candidate"} and kernels["original"] and all(v >= 0 for v in kernels["candidate"].values())
 
 
 def test_verify_full_rank_passes(decomposed: dict[str, Path]) -> None:
