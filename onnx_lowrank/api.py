@@ -686,7 +686,8 @@ def _measured_choice(
     The allocator of :mod:`onnx_lowrank.ranks` runs on measured milliseconds instead of MACs; an option slower
     than the original layer is never offered. The result is then timed as a whole model against the original
     (interleaved runs); when it falls short of the target, the latency budget is tightened by the shortfall
-    and the allocation redone (at most four rounds).
+    and the allocation redone (at most four rounds). A round that meets the target is measured a second time
+    and keeps the lower ratio, so noise does not pass a candidate that is too slow.
     """
     from .latency import LayerTimer
     from .verify import interleaved_latency, make_session, random_inputs
@@ -732,9 +733,15 @@ def _measured_choice(
             reachable = before_ms / (exc.best / 1e6) if exc.best else float("inf")
             raise LowRankError(f"--speedup {target:g} --measure cannot be reached: timed layers allow at most {reachable:.3g}x") from None
         predicted = before_ms / ((fixed * 1e6 + sum(o.macs for o in picks.values())) / 1e6)
-        candidate = _candidate(proto, shapes, units, picks)
-        orig_ms, cand_ms = interleaved_latency(original_session, make_session(candidate, threads=threads), feeds, runs=20)
+        candidate_session = make_session(_candidate(proto, shapes, units, picks), threads=threads)
+        orig_ms, cand_ms = interleaved_latency(original_session, candidate_session, feeds, runs=20)
         ratio = orig_ms / cand_ms
+        if ratio >= target:
+            # the median of 20 runs on a busy small machine can be several percent off: a round is accepted
+            # only when a second, independent measurement agrees, and the lower of the two is kept
+            again_orig, again_cand = interleaved_latency(original_session, candidate_session, feeds, runs=20, warmup=0)
+            if again_orig / again_cand < ratio:
+                orig_ms, cand_ms, ratio = again_orig, again_cand, again_orig / again_cand
         history.append({"predicted_speedup": predicted, "measured_speedup": ratio, "original_ms": orig_ms, "candidate_ms": cand_ms})
         rounds.append((ratio, sum(o.error for o in picks.values()), picks))
         if ratio >= target:

@@ -1,0 +1,136 @@
+"""The latency-aware policy (``--speedup S --measure``): layers timed in onnxruntime, the whole model re-timed.
+
+No assertion here is on a duration — timings vary from run to run. What is checked is what the policy does
+with the timings it took: what it records in the report, that the model it writes is the one it measured,
+that a layer timed slower than the original is never decomposed, that layers of one geometry are timed
+once, and what it must refuse.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from builders import make_model, run
+from onnx import TensorProto, helper
+
+from onnx_lowrank import LowRankError, decompose
+from onnx_lowrank.cli import main
+from onnx_lowrank.latency import LayerTimer
+from onnx_lowrank.passes._rewrite import Site
+from onnx_lowrank.shapes import Shape
+
+TARGET = 1.05  # low enough that rank-8 pairs of 3x3 48->48 convs (4.5x fewer MACs each) reach it with room to spare
+
+
+def wide_chain(layers: int = 3, channels: int = 48, size: int = 24) -> onnx.ModelProto:
+    """``x -> [Conv 3x3 -> Relu]*`` with equal layers (one geometry), seeded weights."""
+    rng = np.random.default_rng(0)
+    nodes, inits, current = [], {}, "x"
+    for i in range(layers):
+        inits[f"W{i}"] = (rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+        inits[f"B{i}"] = rng.standard_normal(channels).astype(np.float32)
+        nodes.append(helper.make_node("Conv", [current, f"W{i}", f"B{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+        current = f"r{i}"
+    shape = [1, channels, size, size]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, shape)],
+        inits,
+    )
+
+
+def test_report_records_what_was_measured() -> None:
+    """The report holds the target, the rounds and the chosen round's timing, and they agree with each other."""
+    model = wide_chain()
+    out, report = decompose(model, speedup=TARGET, measure=True)
+    latency = report.latency
+    assert {"predicted_speedup", "measured_speedup", "original_ms", "candidate_ms", "target", "met", "threads", "rounds"} <= set(latency)
+    assert latency["target"] == TARGET and latency["threads"] == 1
+    assert latency["measured_speedup"] == pytest.approx(latency["original_ms"] / latency["candidate_ms"])
+    assert latency["met"] == (latency["measured_speedup"] >= TARGET)
+    assert 1 <= len(latency["rounds"]) <= 4
+    assert any(r["measured_speedup"] == latency["measured_speedup"] for r in latency["rounds"])
+    assert report.policy.get("measure") or "measure" in str(report.policy)
+    # the written model is a decomposed one that still runs, with ranks on the timing grid (multiples of 8)
+    assert report.decomposed and all(layer.rank % 8 == 0 for layer in report.decomposed)
+    x = np.random.default_rng(1).standard_normal((1, 48, 24, 24)).astype(np.float32)
+    (got,) = run(out, {"x": x})
+    (want,) = run(model, {"x": x})
+    assert got.shape == want.shape and np.isfinite(got).all()
+
+
+def test_one_geometry_is_timed_once() -> None:
+    """Three layers of one geometry cost the layer timings of one: the timings are cached per shape and rank."""
+    _, one = decompose(wide_chain(layers=1), speedup=TARGET, measure=True)
+    _, three = decompose(wide_chain(layers=3), speedup=TARGET, measure=True)
+    assert three.latency["layers_timed"] == one.latency["layers_timed"] > 1
+
+
+def test_slower_layer_never_decomposed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer whose every pair is timed slower than the layer itself is left as is, with the reason."""
+    real_pair = LayerTimer.pair
+
+    def pair(self: LayerTimer, site: Site, shapes: dict[str, Shape], kind: Any, rank: int) -> float | None:
+        if site.node.name == "conv1":  # pretend this layer's pairs are all slower than the layer
+            original = self.original(site, shapes)
+            return None if original is None else original * 1.5
+        return real_pair(self, site, shapes, kind, rank)
+
+    monkeypatch.setattr(LayerTimer, "pair", pair)
+    _, report = decompose(wide_chain(), speedup=TARGET, measure=True)
+    by_node = {layer.node: layer for layer in report.layers}
+    assert not by_node["conv1"].decomposed
+    assert "--measure" in (by_node["conv1"].reason or "")
+    assert by_node["conv0"].decomposed or by_node["conv2"].decomposed
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_unreachable_target_refused(layers: int) -> None:
+    """A target MACs allow but no timed allocation can give is refused in one line naming the best timed speedup.
+
+    50x: rank 1 everywhere gives 72x fewer MACs, but the timed ranks are multiples of 8 (4.5x fewer MACs each).
+    """
+    with pytest.raises(LowRankError, match=r"--speedup 50 --measure cannot be reached: timed layers allow at most [\d.]+x"):
+        decompose(wide_chain(layers=layers), speedup=50, measure=True)
+
+
+def test_layers_that_never_pay_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no layer gets faster, nothing can reach the target: refused, not a model that is no faster."""
+    monkeypatch.setattr(LayerTimer, "pair", lambda self, site, shapes, kind, rank: 1e9)
+    with pytest.raises(LowRankError, match="cannot be reached"):
+        decompose(wide_chain(), speedup=TARGET, measure=True)
+
+
+def cli(args: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_prints_predicted_and_measured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`decompose --speedup S --measure` prints the predicted and measured speedup; --report holds them."""
+    src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(wide_chain(), src)
+    code, out, err = cli(["decompose", src, dst, "--speedup", TARGET, "--measure", "--report", report], capsys)
+    assert code == 0, err
+    assert "measured in onnxruntime (1 thread(s))" in out and "predicted" in out and dst.is_file()
+
+    latency = json.loads(report.read_text())["latency"]
+    assert latency["target"] == TARGET and latency["measured_speedup"] > 0
+
+
+def test_measure_needs_speedup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--measure without --speedup is a one-line error (exit 2), and nothing is written."""
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(wide_chain(layers=1), src)
+    code, _, err = cli(["decompose", src, dst, "--rank", "8", "--measure"], capsys)
+    assert code == 2 and "--measure" in err and len(err.strip().splitlines()) == 1
+    assert not dst.exists()
