@@ -38,7 +38,7 @@ timing processes at once would time each other). Results go to
 development numbers only), rewritten after every configuration; the Markdown
 tables for the README are printed at the end::
 
-    python benchmarks/speed.py                       # full run (~40 min on 2 cores; needs a quiet machine)
+    python benchmarks/speed.py                       # full run (~20 min on 2 cores, ~30 with studies; needs a quiet machine)
     python benchmarks/speed.py --quick               # quarter-width VGG-16 at 64x64 and NIN, 10 runs (under a minute)
     python benchmarks/speed.py --models vgg16 resnet50 --parts targets studies
 
