@@ -513,6 +513,11 @@ def _decompose_calibrated(
     return new, report
 
 
+def _unknown_spatial(shape: Any) -> bool:
+    """Whether a conv input's spatial dims (after batch and channels) are not all known."""
+    return shape is None or len(shape) < 3 or any(d is None for d in shape[2:])
+
+
 def _decompose(
     model: ModelLike,
     *,
@@ -547,15 +552,26 @@ def _decompose(
     proto = _as_model(model, inplace)
     params_before = count_params(proto)
     folded: list[tuple[str, str]] = []
+    kept_batchnorms: dict[str, str] = {}
     if fold_bn:
         proto, fold = fold_batchnorm(proto)
-        folded = fold.folded
+        folded, kept_batchnorms = fold.folded, fold.refused
     shapes = infer_shapes(proto, input_shapes)
     sites = find_sites(proto, shapes)
     if policy.ranks is not None:
         unknown = sorted(set(policy.ranks) - {s.key for s in sites})
         if unknown:
             raise LowRankError(f"ranks file names nodes that are not decomposable layers of the model: {', '.join(unknown[:5])}")
+
+    warnings: list[str] = []
+    unsized = [s.key for s in sites if s.node.op_type in ("Conv", "ConvTranspose") and _unknown_spatial(shapes.get(s.node.input[0]))]
+    if unsized:
+        warnings.append(
+            f"{len(unsized)} conv layer(s) have an input of unknown height/width ({', '.join(unsized[:3])}"
+            f"{', …' if len(unsized) > 3 else ''}): their MACs are counted per output pixel, so layers at different "
+            "resolutions weigh alike in the plan and the totals; give the input size (--input-shape NAME=1,3,H,W) "
+            "to plan by the real sizes"
+        )
 
     reasons: dict[str, str | None] = {}
     selected: list[Site] = []
@@ -623,6 +639,8 @@ def _decompose(
             "measure": measure,
         },
         folded_batchnorms=[bn for _, bn in folded],
+        kept_batchnorms=kept_batchnorms,
+        warnings=warnings,
         latency=measured,
         seconds=time.perf_counter() - start,
     )

@@ -167,6 +167,14 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--atol", type=_tolerance, default=1e-4, help="absolute tolerance (default 1e-4)")
     v.add_argument("--runs", type=int, default=20, help="timed runs of each model, interleaved (default 20; 0 skips timing)")
     v.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads")
+    v.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        action="append",
+        default=[],
+        metavar="NAME=1,3,224,224",
+        help="shape of the random input NAME where the model leaves dims symbolic (default: 1)",
+    )
     v.add_argument("--profile", action="store_true", help="also time each operator type of both models (onnxruntime's profiler)")
     v.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -229,8 +237,15 @@ def format_report(report: Report, quiet: bool = False) -> str:
             done = sum(1 for layer in refit["layers"] if layer["refit"])
             line += f"; refit {done} of {len(refit['layers'])} layers in {refit['seconds']:.1f} s"
         out.append(line)
+    out += [f"warning: {warning}" for warning in report.warnings]
     if report.folded_batchnorms:
         out.append(f"folded {len(report.folded_batchnorms)} BatchNormalization nodes into their Conv")
+    if report.kept_batchnorms:
+        by_reason: dict[str, list[str]] = {}
+        for bn, reason in report.kept_batchnorms.items():
+            by_reason.setdefault(reason, []).append(bn)
+        kept = "; ".join(f"{len(bns)} {reason} ({', '.join(bns[:3])}{', …' if len(bns) > 3 else ''})" for reason, bns in by_reason.items())
+        out.append(f"kept {len(report.kept_batchnorms)} BatchNormalization nodes unfolded: {kept}")
     out.append(
         f"decomposed {len(report.decomposed)} of {len(report.layers)} layers; MACs {_count(report.macs_before)} -> "
         f"{_count(report.macs_after)} ({report.mac_ratio:.2f}x fewer); parameters {_count(report.params_before)} -> "
@@ -419,7 +434,7 @@ def _decompose(args: argparse.Namespace) -> int:
     print(f"wrote {dst}" + (f" (+ {dst.name}.data)" if external else ""))
     if args.verify or args.verify_inputs:
         del new
-        result = verify(src, dst, inputs=args.verify_inputs, threads=args.threads)
+        result = verify(src, dst, inputs=args.verify_inputs, threads=args.threads, input_shapes=dict(args.input_shape))
         # a low-rank model approximates by design: report the error, leave gating to `verify --rtol/--atol`
         print(format_verify(result, gate=False))
     return 0
@@ -495,6 +510,7 @@ def _verify(args: argparse.Namespace) -> int:
         runs=args.runs,
         threads=args.threads,
         profile=args.profile,
+        input_shapes=dict(args.input_shape),
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_verify(result))
     return 0 if result.passed else 1

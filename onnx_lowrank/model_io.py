@@ -92,6 +92,14 @@ def load_model_with_layout(path: str | os.PathLike[str]) -> tuple[onnx.ModelProt
     return model, external
 
 
+def _plain_mode(path: Path) -> None:
+    """The mode a plainly created file gets (0666 less the umask): onnx writes external data 0600, which
+    would leave the weights unreadable to the other users of a model the model file itself is shared with."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _estimated_size(model: onnx.ModelProto) -> int:
     """Bytes of the weights plus the rest: close to ``ByteSize()`` without a pass over every weight byte."""
     weights = 0
@@ -243,10 +251,12 @@ def save_model(
             # save_model moved the tensors out of `model`; bring them back so the caller's object is unchanged
             external_data_helper.load_external_data_for_model(model, str(staging))
             if (staging / data_name).exists():  # absent when every tensor is under the size threshold
+                _plain_mode(staging / data_name)
                 moved = dest.parent / data_name
                 os.replace(staging / data_name, moved)
         else:
             write_model(model, staged)
+        _plain_mode(staged)
         os.replace(staged, dest)
     except OSError as exc:
         if moved is not None:

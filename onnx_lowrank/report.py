@@ -51,6 +51,8 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     policy: dict[str, Any] = field(default_factory=dict)
     folded_batchnorms: list[str] = field(default_factory=list)  # BatchNormalization nodes folded into their Conv
+    kept_batchnorms: dict[str, str] = field(default_factory=dict)  # BatchNormalization nodes not folded -> why
+    warnings: list[str] = field(default_factory=list)  # what the user should know about the plan (one line each)
     latency: dict[str, Any] = field(default_factory=dict)  # with --measure: predicted and measured speedup, per round
     calibration: dict[str, Any] = field(default_factory=dict)  # with calibration data: samples, sensitivity cost, refit per layer
     seconds: float = 0.0

@@ -167,8 +167,11 @@ def _session(ort: Any, source: Any, options: Any, providers: list[str]) -> Any:
         raise LowRankError(f"onnxruntime cannot load the model: {first}") from None
 
 
-def random_inputs(session: Any, seed: int = 0, batch: int = 1) -> dict[str, npt.NDArray[Any]]:
-    """Seeded random inputs for every input of ``session``; symbolic dims become 1 (batch: ``batch``)."""
+def random_inputs(
+    session: Any, seed: int = 0, batch: int = 1, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, npt.NDArray[Any]]:
+    """Seeded random inputs for every input of ``session``: of the shape ``input_shapes`` gives it, else with
+    symbolic dims as 1 (the first: ``batch``)."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, npt.NDArray[Any]] = {}
     type_names = {
@@ -186,6 +189,8 @@ def random_inputs(session: Any, seed: int = 0, batch: int = 1) -> dict[str, npt.
         if dtype is None:
             raise LowRankError(f"input {value.name!r} has type {value.type}; give inputs with --inputs")
         shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(value.shape)]
+        if input_shapes and value.name in input_shapes:
+            shape = [int(d) for d in input_shapes[value.name]]
         if np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_:
@@ -274,9 +279,11 @@ def verify(
     threads: int | None = None,
     seed: int = 0,
     profile: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> VerifyResult:
     """Run both models in onnxruntime on the same inputs and compare (see the module docstring).
 
+    ``input_shapes``: shapes of the random inputs (by input name) where the model leaves dims symbolic.
     ``profile``: also time each operator type of both models with onnxruntime's profiler (``runs`` runs each,
     after the interleaved timing), which shows where a measured speedup falls short of the MAC ratio.
     """
@@ -295,7 +302,7 @@ def verify(
     input_names = [i.name for i in ref.get_inputs()]
     labels = None
     if inputs is None:
-        batches = [random_inputs(ref, seed)]
+        batches = [random_inputs(ref, seed, input_shapes=input_shapes)]
     else:
         data = dict(_load_inputs(inputs)) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
         labels = data.pop("labels", None)

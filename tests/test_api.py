@@ -507,6 +507,22 @@ def test_verify_refuses_unavailable_provider() -> None:
         verify(model, model, providers=["CPUExecutionProvider", "NoSuchExecutionProvider"], runs=0)
 
 
+def test_unknown_input_size_warns_and_input_shapes_fix_it() -> None:
+    """Symbolic H/W: MACs per output pixel, said in one warning; input_shapes sizes the plan and verify's inputs."""
+    model = conv_model(n=8, c=6, input_shape=("n", 6, "h", "w"))
+    _, report = decompose(model, rank=2)
+    (warning,) = report.warnings
+    assert "unknown height/width" in warning and "conv" in warning and "--input-shape" in warning
+    assert report.layers[0].macs_before == 8 * 6 * 9  # per output pixel
+    approx, sized = decompose(model, rank=2, input_shapes={"x": [1, 6, 20, 20]})
+    assert not sized.warnings and sized.layers[0].macs_before == 8 * 6 * 9 * 18 * 18  # no pads: 18x18 outputs
+    assert not decompose(conv_model(), rank=2)[1].warnings  # a fixed size: nothing to say
+    result = verify(model, approx, runs=0, input_shapes={"x": [2, 6, 20, 20]})
+    assert result.outputs[0].shape == [2, 8, 18, 18]
+    with pytest.raises(LowRankError, match="onnxruntime"):  # symbolic dims become 1 without it: too small a 3x3 input
+        verify(model, approx, runs=0)
+
+
 @pytest.mark.parametrize("optimization", ["disable", "default"])
 def test_kernel_times_by_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimization: str) -> None:
     """The profiler's kernel times land in the conv / fully connected / other classes, and no trace file is left."""

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from builders import run
+from builders import conv_model, run
 
 import onnx_lowrank.cli
 
@@ -513,6 +513,18 @@ def test_decompose_verify(tmp_path: Path) -> None:
         r"latency \(median of \d+ interleaved runs, CPUExecutionProvider\): original [\d.]+ ms, candidate [\d.]+ ms", proc.stdout
     )
     assert re.search(r"^logits\s+1x100\s", proc.stdout, re.MULTILINE)
+
+
+def test_unknown_input_size(tmp_path: Path) -> None:
+    """Symbolic H/W: a warning line; --input-shape sizes the plan and the --verify inputs."""
+    src = tmp_path / "symbolic.onnx"
+    onnx.save(conv_model(n=8, c=6, input_shape=("n", 6, "h", "w")), src)
+    plain = cli("decompose", src, tmp_path / "a.onnx", "--rank", "2")
+    assert_ok(plain)
+    assert re.search(r"^warning: 1 conv layer\(s\) have an input of unknown height/width .*--input-shape", plain.stdout, re.MULTILINE)
+    sized = cli("decompose", src, tmp_path / "b.onnx", "--rank", "2", "--input-shape", "x=1,6,20,20", "--verify")
+    assert_ok(sized)
+    assert "warning" not in sized.stdout and re.search(r"^y\s+1x8x18x18\s", sized.stdout, re.MULTILINE)
 
 
 INSPECT_CELL = re.compile(r"(\d+)/(\d+) \((\d+\.\d+)x\)")

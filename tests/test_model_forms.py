@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +158,69 @@ def test_constant_expression_weight_is_folded(opset: int) -> None:
     assert report.layers[0].decomposed
     assert [n.op_type for n in out.graph.node] == ["Conv", "Conv"]  # the folded chain is gone
     assert {t.name for t in out.graph.initializer} == {"conv/vertical.weight", "conv/horizontal.weight"}
+
+
+def _computed_zero_bias(weight: str, like: str, out: str, constant_attr: str) -> list[onnx.NodeProto]:
+    """The zero bias torch's dynamo exporter gives a bias-less Conv when its optimizer is off:
+    Expand(CastLike(Constant 0, x), Expand(Shape(W, end=1), [1]))."""
+    value = {"value_float": 0.0, "value_floats": [0.0], "value": numpy_helper.from_array(np.zeros((), np.float32))}[constant_attr]
+    return [
+        helper.make_node("Constant", [], ["zero"], name="zero", **{constant_attr: value}),
+        helper.make_node("CastLike", ["zero", like], ["zero_like"], name="cast_like"),
+        helper.make_node("Shape", [weight], ["w_shape"], name="shape_w", end=1),
+        helper.make_node("Constant", [], ["one"], name="one", value_ints=[1]),
+        helper.make_node("Expand", ["w_shape", "one"], ["n"], name="n"),
+        helper.make_node("Expand", ["zero_like", "n"], [out], name="bias"),
+    ]
+
+
+@pytest.mark.parametrize("constant_attr", ["value_float", "value_floats", "value"])
+@pytest.mark.parametrize("with_bn", [False, True])
+def test_bias_computed_from_the_weight_shape(constant_attr: str, with_bn: bool) -> None:
+    """A bias built from Shape(W) and CastLike(·, x) is a constant: BN folds through it, and neither it nor the
+    original weight it reads survives the rewrite (it would keep the old weight in the file)."""
+    w = _weight()
+    conv_out = "c" if with_bn else "y"
+    nodes = [
+        *_computed_zero_bias("W", "x", "b", constant_attr),
+        helper.make_node("Conv", ["x", "W", "b"], [conv_out], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    inits = [numpy_helper.from_array(w, "W")]
+    if with_bn:
+        nodes.append(helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["y"], name="bn"))
+        for name, values in (
+            ("g", RNG.uniform(0.5, 2, 8)),
+            ("beta", RNG.standard_normal(8)),
+            ("mean", RNG.standard_normal(8)),
+            ("var", RNG.uniform(0.5, 2, 8)),
+        ):
+            inits.append(numpy_helper.from_array(values.astype(np.float32), name))
+    model = _graph_model(nodes, inits, opset=18)
+    out, report = _check_exact(model, kinds=["spatial"])
+    assert report.layers[0].decomposed and report.folded_batchnorms == (["bn"] if with_bn else []) and not report.kept_batchnorms
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Conv"]  # the bias expression and the BN are gone
+    assert "W" not in {t.name for t in out.graph.initializer}
+    assert report.params_after < report.params_before + 8 * 10_000  # no second copy of the weight
+
+
+def test_unfolded_batchnorm_reported_with_the_reason() -> None:
+    """A BN whose Conv bias is computed at run time stays, and the report says why."""
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["b_full"], name="mean_x", axes=[0, 2, 3], keepdims=0),
+        helper.make_node("Slice", ["b_full", "s0", "s1"], ["b6"], name="slice"),
+        helper.make_node("Concat", ["b6", "b6"], ["b12"], name="concat", axis=0),
+        helper.make_node("Slice", ["b12", "s0", "s8"], ["b"], name="slice8"),
+        helper.make_node("Conv", ["x", "W", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["y"], name="bn"),
+    ]
+    inits = [numpy_helper.from_array(_weight(), "W")]
+    inits += [numpy_helper.from_array(np.array([k], np.int64), n) for n, k in (("s0", 0), ("s1", 6), ("s8", 8))]
+    inits += [numpy_helper.from_array(np.ones(8, np.float32), n) for n in ("g", "var")]
+    inits += [numpy_helper.from_array(np.zeros(8, np.float32), n) for n in ("beta", "mean")]
+    model = _graph_model(nodes, inits, opset=17)
+    _, report = decompose(model, rank=2)
+    assert report.kept_batchnorms == {"bn": "Conv bias is computed at run time (by ReduceMean)"}
+    assert not report.folded_batchnorms
 
 
 # --------------------------------------------------------------------------- precisions
@@ -354,6 +419,10 @@ def test_external_data_in_external_data_out(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (_sha(src), _sha(src_dir / "weights.bin")) == before
     assert sorted(p.name for p in out_dir.iterdir()) == ["lowrank.onnx", "lowrank.onnx.data"]
+    umask = os.umask(0)
+    os.umask(umask)
+    # both files as any new file would be (onnx itself writes the data file 0600)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out_dir.iterdir()} == {0o666 & ~umask}
     out = onnx.load(str(out_dir / "lowrank.onnx"))
     onnx.checker.check_model(str(out_dir / "lowrank.onnx"), full_check=True)
     x = _x((1, 32, 12, 12))

@@ -96,6 +96,8 @@ class WeightSource:
         self.data_type = data_type  # element type as stored
         self.cast_to = cast_to  # element type after the Cast chain, when there is one
         self._tensor = tensor
+        # the value of a constant expression (not stored in the model as it is)
+        self.folded = not isinstance(tensor, onnx.TensorProto)
         self.shape: tuple[int, ...] = tuple(int(d) for d in (tensor.dims if isinstance(tensor, onnx.TensorProto) else tensor.shape))
 
     @property
@@ -110,10 +112,17 @@ def attrs(node: onnx.NodeProto) -> dict[str, object]:
 
 
 def _tensor_of_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor of a Constant node: its ``value``, or one made from ``value_float(s)`` / ``value_int(s)``."""
     for attr in node.attribute:
         if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
             tensor: onnx.TensorProto = attr.t
             return tensor
+        scalar = {"value_float": (attr.f, np.float32), "value_int": (attr.i, np.int64)}.get(attr.name)
+        if scalar is not None:
+            return numpy_helper.from_array(np.array(scalar[0], dtype=scalar[1]))
+        listed = {"value_floats": (attr.floats, np.float32), "value_ints": (attr.ints, np.int64)}.get(attr.name)
+        if listed is not None:
+            return numpy_helper.from_array(np.array(list(listed[0]), dtype=listed[1]))
     return None
 
 
@@ -121,9 +130,79 @@ def _tensor_of_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
 # do not fold constants (a Transpose of a TF kernel, a Reshape, a Mul by a scale)
 FOLDABLE = {
     "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Slice", "Gather", "Expand", "Tile",
-    "Mul", "Div", "Add", "Sub", "Neg", "Sqrt", "Reciprocal", "Pow", "Identity", "Cast",
+    "Mul", "Div", "Add", "Sub", "Neg", "Sqrt", "Reciprocal", "Pow", "Identity", "Cast", "ConstantOfShape",
 }  # fmt: skip
+# also folded, by what they read of their input rather than its value: Shape (the shape of a constant or of a
+# tensor whose type fixes it) and CastLike (the element type of its second input). Exporters build parameters
+# this way, e.g. torch's dynamo exporter without its optimizer gives a bias-less Conv the zero bias
+# Expand(CastLike(0, x), Shape(W)[:1]).
+FOLDABLE_BY_TYPE = {"Shape", "CastLike"}
 MAX_FOLD_DEPTH = 16
+
+
+def _value_type(name: str, scope: Scope) -> onnx.TypeProto | None:
+    """The declared type of ``name`` (graph input, output or value_info) in ``scope`` or an outer graph."""
+    current: Scope | None = scope
+    while current is not None:
+        if current.graph is not None:
+            for value in (*current.graph.input, *current.graph.value_info, *current.graph.output):
+                if value.name == name and value.type.HasField("tensor_type"):
+                    declared: onnx.TypeProto = value.type
+                    return declared
+        current = current.parent
+    return None
+
+
+def _elem_type(name: str, scope: Scope, depth: int) -> int | None:
+    """The element type of ``name``: declared, or that of the constant it is; None when unknown."""
+    declared = _value_type(name, scope)
+    if declared is not None and declared.tensor_type.elem_type:
+        return int(declared.tensor_type.elem_type)
+    value = _constant_value(name, scope, depth + 1)
+    if isinstance(value, str):
+        return None
+    try:
+        return int(helper.np_dtype_to_tensor_dtype(value.dtype))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _static_dims(name: str, scope: Scope, depth: int) -> list[int] | None:
+    """The shape of ``name`` when it is fixed: an initializer's dims (without reading its data), a declared
+    shape of known dims, or a constant expression's shape."""
+    current: Scope | None = scope
+    while current is not None:
+        if name in current.initializers:
+            return [int(d) for d in current.initializers[name].dims]
+        if name in current.producers or name in current.inputs:
+            break
+        current = current.parent
+    declared = _value_type(name, scope)
+    if declared is not None and declared.tensor_type.HasField("shape"):
+        dims = declared.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            return [int(d.dim_value) for d in dims]
+    value = _constant_value(name, scope, depth + 1)
+    return None if isinstance(value, str) else [int(d) for d in value.shape]
+
+
+def _fold_by_type(node: onnx.NodeProto, scope: Scope, depth: int) -> npt.NDArray[np.generic] | str:
+    """Shape and CastLike, which need only the shape or the element type of one input."""
+    if node.op_type == "Shape":
+        dims = _static_dims(node.input[0], scope, depth)
+        if dims is None:
+            return "computed at run time (by Shape of a tensor whose shape is not fixed)"
+        node_attrs = attrs(node)
+        start, end = int(node_attrs.get("start", 0)), node_attrs.get("end")  # type: ignore[call-overload]
+        # ONNX clamps start/end into [0, rank] after adding the rank to negative values: Python slicing does the same
+        return np.array(dims[start : None if end is None else int(end)], dtype=np.int64)  # type: ignore[call-overload]
+    value = _constant_value(node.input[0], scope, depth + 1)
+    if isinstance(value, str):
+        return value
+    target = _elem_type(node.input[1], scope, depth)
+    if target is None:
+        return "computed at run time (by CastLike to a type not known before run time)"
+    return value.astype(helper.tensor_dtype_to_np_dtype(target))
 
 
 def _constant_value(name: str, scope: Scope, depth: int = 0) -> npt.NDArray[np.generic] | str:
@@ -143,6 +222,8 @@ def _constant_value(name: str, scope: Scope, depth: int = 0) -> npt.NDArray[np.g
             return numpy_helper.to_array(tensor) if tensor is not None else "a Constant without a tensor value"
         if producer.op_type == "DequantizeLinear":
             return "quantized (DequantizeLinear)"
+        if producer.op_type in FOLDABLE_BY_TYPE and producer.domain in ("", "ai.onnx") and depth < MAX_FOLD_DEPTH:
+            return _fold_by_type(producer, current, depth)
         if producer.op_type not in FOLDABLE or producer.domain not in ("", "ai.onnx") or depth >= MAX_FOLD_DEPTH:
             return f"computed at run time (by {producer.op_type})"
         values = []
@@ -286,7 +367,8 @@ def remove_unused(model: onnx.ModelProto, touched: set[tuple[int, str]]) -> None
                                     break
                             break
                 for i, n in enumerate(scope.nodes):
-                    if name in n.output and (n.op_type == "Constant" or n.op_type in FOLDABLE) and len(n.output) == 1:
+                    removable = n.op_type == "Constant" or n.op_type in FOLDABLE or n.op_type in FOLDABLE_BY_TYPE
+                    if name in n.output and removable and len(n.output) == 1:
                         next_pending.update((ns, x) for x in n.input if x)
                         del scope.nodes[i]
                         break

@@ -18,7 +18,7 @@ from onnx import helper
 
 from ..cost import LayerCost
 from ..factorization import Factors, Kind
-from ._graph import Names, Scope, WeightSource, add_constant, namespace_names, remove_unused
+from ._graph import Names, Scope, WeightSource, add_constant, namespace_names, remove_unused, resolve_weight
 
 __all__ = ["FLOAT_TYPES", "NewNodes", "Rewriter", "Site", "apply_factors", "node_key"]
 
@@ -122,10 +122,24 @@ class Rewriter:
             second_w, n2 = self._store(site, f"{base}/{labels[1]}.weight", second_values, index + n1)
             index += n1 + n2
             self.written[cache_key] = (first_w, second_w)
+        bias_name = node.input[2] if len(node.input) > 2 else ""
+        bias = resolve_weight(bias_name, scope) if bias_name else None
+        stored_bias = None
+        if bias is not None and not isinstance(bias, str) and bias.folded:
+            # a bias computed from constants (a zero bias built from the weight's shape, say) is stored as the
+            # constant it is: left as an expression it would keep reading the original weight, which then stays
+            stored_bias, inserted = add_constant(self.model, names, bias.scope, scope, index, f"{base}.bias", bias.values, bias.cast_to)
+            index += inserted
         middle = names.fresh(f"{base}/{labels[0]}_output")
         first, second = site.emit(
             factors.kind, first_w, second_w, middle, (names.fresh(f"{base}/{labels[0]}"), names.fresh(f"{base}/{labels[1]}"))
         )
+        if stored_bias is not None:
+            for new in (first, second):
+                for i, name in enumerate(new.input):
+                    if name == bias_name:
+                        new.input[i] = stored_bias
+            self.touched.add((scope.namespace, bias_name))
         for new in (first, second):
             new.doc_string = node.doc_string
             new.metadata_props.extend(node.metadata_props)

@@ -102,9 +102,10 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldResult]
                 sources = [resolve_weight(name, scope) for name in [conv.input[1], *bn.input[1:5]]]
                 has_bias = len(conv.input) > 2 and bool(conv.input[2])
                 bias_source = resolve_weight(conv.input[2], scope) if has_bias else None
-                bad = next((s for s in [*sources, bias_source] if isinstance(s, str)), None)
+                labels = ("Conv weight", "BatchNormalization scale", "BatchNormalization bias", "mean", "variance", "Conv bias")
+                bad = next(((label, s) for label, s in zip(labels, [*sources, bias_source], strict=True) if isinstance(s, str)), None)
                 if bad is not None:
-                    reason = f"a parameter is not constant: {bad}"
+                    reason = f"{bad[0]} {bad[1].removeprefix('weight ')}"
                 elif not isinstance(sources[0], str) and sources[0].data_type not in _FLOATS:
                     reason = "Conv weight is not floating point"
             if reason is not None:
