@@ -74,6 +74,10 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def _add_input_shape(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--input-shape", type=_input_shape, action="append", default=[], metavar="NAME=1,3,224,224", help=help_text)
+
+
 def _input_shape(text: str) -> tuple[str, list[int]]:
     name, sep, dims = text.rpartition("=")
     try:
@@ -139,14 +143,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"round ranks up to a multiple of M (default {DEFAULT_RANK_MULTIPLE} for --speedup/--params-ratio, "
         "measured fastest in onnxruntime; 1 for --rank/--energy/--ranks)",
     )
-    d.add_argument(
-        "--input-shape",
-        type=_input_shape,
-        action="append",
-        default=[],
-        metavar="NAME=1,3,224,224",
-        help="fix an input's shape for the MAC model",
-    )
+    _add_input_shape(d, "fix an input's shape for the MAC model (and the --verify inputs)")
     d.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data beside the model")
     d.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     d.add_argument("--verify", action="store_true", help="run `verify` on the result")
@@ -156,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per Conv: shape, MACs and the ranks that keep 90/99/99.9%% of the energy")
     i.add_argument("input")
     i.add_argument("--json", action="store_true", help="print JSON")
-    i.add_argument("--input-shape", type=_input_shape, action="append", default=[], metavar="NAME=1,3,224,224")
+    _add_input_shape(i, "fix an input's shape for the MAC model")
 
     v = sub.add_parser("verify", help="compare a candidate with the original in onnxruntime")
     v.add_argument("original")
@@ -167,14 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--atol", type=_tolerance, default=1e-4, help="absolute tolerance (default 1e-4)")
     v.add_argument("--runs", type=int, default=20, help="timed runs of each model, interleaved (default 20; 0 skips timing)")
     v.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads")
-    v.add_argument(
-        "--input-shape",
-        type=_input_shape,
-        action="append",
-        default=[],
-        metavar="NAME=1,3,224,224",
-        help="shape of the random input NAME where the model leaves dims symbolic (default: 1)",
-    )
+    _add_input_shape(v, "shape of the random input NAME where the model leaves dims symbolic (default: 1)")
     v.add_argument("--profile", action="store_true", help="also time each operator type of both models (onnxruntime's profiler)")
     v.add_argument("--json", action="store_true", help="print JSON")
     return parser
