@@ -839,6 +839,7 @@ def inspect(
             macs=site.cost.macs if site.cost else 0,
             eligible=bool(usable),
             reason=None if usable else site.why_not(allowed),
+            shape_known=site.shape_known or site.node.op_type not in ("Conv", "ConvTranspose"),
         )
         if usable and site.cost is not None:
             kind = usable[0]

@@ -335,6 +335,12 @@ def format_inspect(layers: list[InspectLayer]) -> str:
         rows.append(cells)
     total = sum(layer.macs for layer in layers)
     table = _table(rows, ["node", "op", "weight", "MACs", "kind", "90% energy", "99% energy", "99.9% energy", "note"])
+    unsized = [layer.node for layer in layers if not layer.shape_known]
+    if unsized:
+        table += (
+            f"\nwarning: {len(unsized)} conv layer(s) have an input of unknown height/width: their MACs count one output "
+            "pixel; give the input size with --input-shape NAME=1,3,H,W"
+        )
     return table + f"\n{len(layers)} layers, {_count(total)} MACs"
 
 

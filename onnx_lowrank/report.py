@@ -89,3 +89,4 @@ class InspectLayer:
     full_rank: int | None = None
     kind: str | None = None
     energy_ranks: dict[str, list[float]] = field(default_factory=dict)
+    shape_known: bool = True  # False: the input's spatial size is unknown and ``macs`` counts one output pixel

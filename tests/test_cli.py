@@ -525,6 +525,10 @@ def test_unknown_input_size(tmp_path: Path) -> None:
     sized = cli("decompose", src, tmp_path / "b.onnx", "--rank", "2", "--input-shape", "x=1,6,20,20", "--verify")
     assert_ok(sized)
     assert "warning" not in sized.stdout and re.search(r"^y\s+1x8x18x18\s", sized.stdout, re.MULTILINE)
+    for extra, warned in (([], True), (["--input-shape", "x=1,6,20,20"], False)):
+        inspected = cli("inspect", src, *extra)
+        assert_ok(inspected)
+        assert ("warning: 1 conv layer(s) have an input of unknown height/width" in inspected.stdout) == warned
 
 
 INSPECT_CELL = re.compile(r"(\d+)/(\d+) \((\d+\.\d+)x\)")
