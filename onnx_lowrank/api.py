@@ -46,7 +46,7 @@ from .passes.conv_decomposition import find_conv_sites
 from .passes.fc_decomposition import find_fc_sites
 from .passes.fold_batchnorm import fold_batchnorm
 from .ranks import Infeasible, LayerChoices, Option, allocate, allocate_two, candidate_ranks, energy_rank, tail_errors
-from .report import InspectLayer, LayerReport, Report
+from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .shapes import infer_shapes
 
 __all__ = ["DEFAULT_KINDS", "DEFAULT_RANK_MULTIPLE", "DEFAULT_SPEEDUP", "count_params", "decompose", "inspect"]
@@ -513,8 +513,11 @@ def _decompose_calibrated(
     return new, report
 
 
-def _unknown_spatial(shape: Any) -> bool:
-    """Whether a conv input's spatial dims (after batch and channels) are not all known."""
+def _unsized(site: Site, shapes: Mapping[str, Any]) -> bool:
+    """Whether ``site`` is a conv whose input's spatial dims (after batch and channels) are not all known."""
+    if site.node.op_type not in ("Conv", "ConvTranspose"):
+        return False
+    shape = shapes.get(site.node.input[0])
     return shape is None or len(shape) < 3 or any(d is None for d in shape[2:])
 
 
@@ -563,15 +566,8 @@ def _decompose(
         if unknown:
             raise LowRankError(f"ranks file names nodes that are not decomposable layers of the model: {', '.join(unknown[:5])}")
 
-    warnings: list[str] = []
-    unsized = [s.key for s in sites if s.node.op_type in ("Conv", "ConvTranspose") and _unknown_spatial(shapes.get(s.node.input[0]))]
-    if unsized:
-        warnings.append(
-            f"{len(unsized)} conv layer(s) have an input of unknown height/width ({', '.join(unsized[:3])}"
-            f"{', …' if len(unsized) > 3 else ''}): their MACs are counted per output pixel, so layers at different "
-            "resolutions weigh alike in the plan and the totals; give the input size (--input-shape NAME=1,3,H,W) "
-            "to plan by the real sizes"
-        )
+    unsized = [s.key for s in sites if _unsized(s, shapes)]
+    warnings = [unsized_warning(unsized)] if unsized else []
 
     reasons: dict[str, str | None] = {}
     selected: list[Site] = []
@@ -826,7 +822,8 @@ def inspect(
     """
     allowed = _kinds(kinds)
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    sites = find_sites(proto, infer_shapes(proto, input_shapes))
+    shapes = infer_shapes(proto, input_shapes)
+    sites = find_sites(proto, shapes)
     result = []
     for site in sites:
         w = site.weight if site.weight is not None else None
@@ -839,7 +836,7 @@ def inspect(
             macs=site.cost.macs if site.cost else 0,
             eligible=bool(usable),
             reason=None if usable else site.why_not(allowed),
-            shape_known=site.shape_known or site.node.op_type not in ("Conv", "ConvTranspose"),
+            shape_known=not _unsized(site, shapes),
         )
         if usable and site.cost is not None:
             kind = usable[0]

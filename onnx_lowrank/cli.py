@@ -21,7 +21,7 @@ from . import __version__
 from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompose, inspect
 from .errors import LowRankError
 from .model_io import load_model_with_layout, save_model
-from .report import InspectLayer, Report
+from .report import InspectLayer, Report, unsized_warning
 from .verify import KernelTimes, VerifyResult, verify
 
 __all__ = ["main"]
@@ -337,10 +337,7 @@ def format_inspect(layers: list[InspectLayer]) -> str:
     table = _table(rows, ["node", "op", "weight", "MACs", "kind", "90% energy", "99% energy", "99.9% energy", "note"])
     unsized = [layer.node for layer in layers if not layer.shape_known]
     if unsized:
-        table += (
-            f"\nwarning: {len(unsized)} conv layer(s) have an input of unknown height/width: their MACs count one output "
-            "pixel; give the input size with --input-shape NAME=1,3,H,W"
-        )
+        table += f"\nwarning: {unsized_warning(unsized)}"
     return table + f"\n{len(layers)} layers, {_count(total)} MACs"
 
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["InspectLayer", "LayerReport", "Report"]
+__all__ = ["InspectLayer", "LayerReport", "Report", "unsized_warning"]
 
 
 @dataclass
@@ -90,3 +90,13 @@ class InspectLayer:
     kind: str | None = None
     energy_ranks: dict[str, list[float]] = field(default_factory=dict)
     shape_known: bool = True  # False: the input's spatial size is unknown and ``macs`` counts one output pixel
+
+
+def unsized_warning(nodes: list[str]) -> str:
+    """The line that says the MACs of convs whose input size is unknown count one output pixel."""
+    shown = ", ".join(nodes[:3]) + (", …" if len(nodes) > 3 else "")
+    return (
+        f"{len(nodes)} conv layer(s) have an input of unknown height/width ({shown}): their MACs are counted per "
+        "output pixel, so layers at different resolutions weigh alike in the plan and the totals; give the input "
+        "size (--input-shape NAME=1,3,H,W) to plan by the real sizes"
+    )
