@@ -74,7 +74,7 @@ def _tolerance(text: str) -> float:
     return value
 
 
-def _add_input_shape(parser: argparse.ArgumentParser, help_text: str) -> None:
+def _add_input_shape(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str) -> None:
     parser.add_argument("--input-shape", type=_input_shape, action="append", default=[], metavar="NAME=1,3,224,224", help=help_text)
 
 
@@ -99,56 +99,74 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("input", help="the ONNX model to read (never modified)")
     d.add_argument("output", help="where to write the decomposed model (written atomically)")
+
+    policy = d.add_argument_group(
+        "policy", "which layers are decomposed and at which ranks (one policy; --speedup combines with --params-ratio)"
+    )
     # the policies exclude each other except --speedup with --params-ratio; the library says which clash
-    d.add_argument("--rank", type=_positive_int, help="every layer at this rank (clipped to its full rank)")
-    d.add_argument("--energy", type=_energy, help="per layer, the least rank keeping this share of the squared singular values, in (0, 1]")
-    d.add_argument(
+    policy.add_argument("--rank", type=_positive_int, help="every layer at this rank (clipped to its full rank)")
+    policy.add_argument(
+        "--energy", type=_energy, help="per layer, the least rank keeping this share of the squared singular values, in (0, 1]"
+    )
+    policy.add_argument(
         "--speedup",
         type=_speedup,
         help=f"total MACs before/after at least this, least error (default when no policy is given: {DEFAULT_SPEEDUP:g})",
     )
-    d.add_argument(
+    policy.add_argument(
         "--params-ratio", type=_energy, metavar="R", help="parameters after/before at most R, in (0, 1]; combines with --speedup"
     )
-    d.add_argument(
+    policy.add_argument(
         "--ranks", metavar="FILE.json", help='JSON object: node name -> rank (or {"rank": K, "kind": "channel"}); others are left alone'
     )
-    d.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help=f"splits to offer, comma-separated (default {','.join(DEFAULT_KINDS)})")
-    d.add_argument("--include", metavar="REGEX", help="only layers whose node name matches")
-    d.add_argument("--exclude", metavar="REGEX", help="leave layers whose node name matches")
-    d.add_argument(
+    policy.add_argument(
+        "--kinds", default=",".join(DEFAULT_KINDS), help=f"splits to offer, comma-separated (default {','.join(DEFAULT_KINDS)})"
+    )
+    policy.add_argument("--include", metavar="REGEX", help="only layers whose node name matches")
+    policy.add_argument("--exclude", metavar="REGEX", help="leave layers whose node name matches")
+    policy.add_argument(
         "--force", action="store_true", help="decompose eligible layers even where the pair costs more MACs (full rank: an exactness check)"
     )
-    d.add_argument(
-        "--calibration",
-        metavar="FILE.npz|FOLDER",
-        help="calibration inputs (arrays keyed by input name, samples on axis 0; or a folder of <input>.npy): "
-        "sensitivity-aware ranks for --speedup and a closed-form refit of each decomposed layer",
-    )
-    d.add_argument("--refit", action=argparse.BooleanOptionalAction, help="with --calibration: refit each decomposed layer (default: on)")
-    d.add_argument(
-        "--sensitivity",
-        action=argparse.BooleanOptionalAction,
-        help="with --calibration and --speedup: allocate ranks by measured damage to the outputs (default: on)",
-    )
-    d.add_argument("--measure", action="store_true", help="with --speedup: choose ranks by latency timed in onnxruntime, not MACs")
-    d.add_argument(
-        "--threads", type=_positive_int, default=1, help="onnxruntime intra-op threads for --measure and --verify timing (default 1)"
-    )
-    d.add_argument("--no-fold-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them into the Conv first)")
-    d.add_argument(
+    policy.add_argument(
         "--rank-multiple",
         type=_positive_int,
         metavar="M",
         help=f"round ranks up to a multiple of M (default {DEFAULT_RANK_MULTIPLE} for --speedup/--params-ratio, "
         "measured fastest in onnxruntime; 1 for --rank/--energy/--ranks)",
     )
-    _add_input_shape(d, "fix an input's shape for the MAC model (and the --verify inputs)")
-    d.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data beside the model")
-    d.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
-    d.add_argument("--verify", action="store_true", help="run `verify` on the result")
-    d.add_argument("--verify-inputs", metavar="FILE.npz", help="inputs (and `labels`) for --verify, which it implies")
-    d.add_argument("--quiet", action="store_true", help="print only the totals")
+    policy.add_argument("--no-fold-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them into the Conv first)")
+    _add_input_shape(policy, "fix an input's shape for the MAC model (and the --verify inputs)")
+
+    calibration = d.add_argument_group("calibration", "data-aware ranks and factors from the model's own inputs")
+    calibration.add_argument(
+        "--calibration",
+        metavar="FILE.npz|FOLDER",
+        help="calibration inputs (arrays keyed by input name, samples on axis 0; or a folder of <input>.npy): "
+        "sensitivity-aware ranks for --speedup and a closed-form refit of each decomposed layer",
+    )
+    calibration.add_argument(
+        "--refit", action=argparse.BooleanOptionalAction, help="with --calibration: refit each decomposed layer (default: on)"
+    )
+    calibration.add_argument(
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        help="with --calibration and --speedup: allocate ranks by measured damage to the outputs (default: on)",
+    )
+
+    speed = d.add_argument_group("speed", "latency measured in onnxruntime on this machine")
+    speed.add_argument("--measure", action="store_true", help="with --speedup: choose ranks by latency timed in onnxruntime, not MACs")
+    speed.add_argument(
+        "--threads", type=_positive_int, default=1, help="onnxruntime intra-op threads for --measure and --verify timing (default 1)"
+    )
+
+    output = d.add_argument_group("output", "what is written besides the model")
+    output.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data beside the model")
+    output.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
+    output.add_argument("--quiet", action="store_true", help="print only the totals")
+
+    checks = d.add_argument_group("checks", "compare the result with the original in onnxruntime")
+    checks.add_argument("--verify", action="store_true", help="run `verify` on the result")
+    checks.add_argument("--verify-inputs", metavar="FILE.npz", help="inputs (and `labels`) for --verify, which it implies")
 
     i = sub.add_parser("inspect", help="per Conv: shape, MACs and the ranks that keep 90/99/99.9%% of the energy")
     i.add_argument("input")
@@ -158,14 +176,17 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="compare a candidate with the original in onnxruntime")
     v.add_argument("original")
     v.add_argument("candidate")
-    v.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (first axis: samples); `labels` gives accuracy")
-    v.add_argument("--providers", help="comma-separated execution providers (default CPUExecutionProvider)")
-    v.add_argument("--rtol", type=_tolerance, default=1e-3, help="relative tolerance (default 1e-3)")
-    v.add_argument("--atol", type=_tolerance, default=1e-4, help="absolute tolerance (default 1e-4)")
-    v.add_argument("--runs", type=int, default=20, help="timed runs of each model, interleaved (default 20; 0 skips timing)")
-    v.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads")
-    _add_input_shape(v, "shape of the random input NAME where the model leaves dims symbolic (default: 1)")
-    v.add_argument("--profile", action="store_true", help="also time each operator type of both models (onnxruntime's profiler)")
+    data = v.add_argument_group("inputs", "what both models are run on")
+    data.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (first axis: samples); `labels` gives accuracy")
+    _add_input_shape(data, "shape of the random input NAME where the model leaves dims symbolic (default: 1)")
+    data.add_argument("--providers", help="comma-separated execution providers (default CPUExecutionProvider)")
+    checks_v = v.add_argument_group("checks", "when the outputs count as matching")
+    checks_v.add_argument("--rtol", type=_tolerance, default=1e-3, help="relative tolerance (default 1e-3)")
+    checks_v.add_argument("--atol", type=_tolerance, default=1e-4, help="absolute tolerance (default 1e-4)")
+    speed_v = v.add_argument_group("speed", "latency of both models, interleaved")
+    speed_v.add_argument("--runs", type=int, default=20, help="timed runs of each model, interleaved (default 20; 0 skips timing)")
+    speed_v.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads")
+    speed_v.add_argument("--profile", action="store_true", help="also time each operator type of both models (onnxruntime's profiler)")
     v.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
