@@ -41,13 +41,15 @@ from ._threads import single_threaded_blas
 from .errors import LowRankError
 from .factorization import Decomposition, Factors, Kind, decompose_kernel, reconstruct, singular_values
 from .model_io import load_model
-from .passes._rewrite import Site, apply_factors
+from .passes._rewrite import Site, apply_factors, scope_label
 from .passes.conv_decomposition import find_conv_sites
 from .passes.fc_decomposition import find_fc_sites
+from .passes.fixed_layers import find_fixed_sites
 from .passes.fold_batchnorm import fold_batchnorm
 from .ranks import Infeasible, LayerChoices, Option, allocate, allocate_two, candidate_ranks, energy_rank, tail_errors
 from .report import InspectLayer, LayerReport, Report, unsized_warning
-from .shapes import infer_shapes
+from .run_shapes import ModelShapes, resolve_shapes
+from .shapes import needs_input_shape_message
 
 __all__ = ["DEFAULT_KINDS", "DEFAULT_RANK_MULTIPLE", "DEFAULT_SPEEDUP", "count_params", "decompose", "inspect"]
 
@@ -358,15 +360,19 @@ def _layer_report(site: Site, reason: str | None) -> LayerReport:
         weight_shape=list(shape) if shape is not None else None,
         groups=site.groups if shape is not None else None,
         shape_known=site.shape_known,
+        ran=site.ran,
+        executions=site.executions,
+        scope=scope_label(site.scope),
     )
 
 
-def find_sites(model: onnx.ModelProto, shapes: Mapping[str, Any]) -> list[Site]:
-    """Every conv-like and fully connected node of the model, convs first, each under a unique key.
+def find_sites(model: onnx.ModelProto, shapes: ModelShapes) -> list[Site]:
+    """Every MAC-carrying node of the model — conv-like, fully connected, then the layers no pass decomposes
+    (recurrent layers, quantized products) — each under a unique key.
 
     Exporters sometimes repeat node names; a repeated key gets ``#2``, ``#3``, … in graph order.
     """
-    sites = [*find_conv_sites(model, dict(shapes)), *find_fc_sites(model, dict(shapes))]
+    sites = [*find_conv_sites(model, shapes), *find_fc_sites(model, shapes), *find_fixed_sites(model, shapes)]
     seen: dict[str, int] = {}
     for site in sites:
         count = seen.get(site.key, 0) + 1
@@ -400,6 +406,8 @@ def decompose(
     sensitivity: bool | None = None,
     samples: int = 128,
     inplace: bool = False,
+    allow_unknown_shapes: bool = False,
+    shapes: ModelShapes | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Decompose the model's layers; return the new model and what was done.
 
@@ -413,7 +421,16 @@ def decompose(
     ``kinds`` lists the splits offered (``"spatial"``, ``"channel"``; default
     both). ``include``/``exclude`` are regular expressions searched in node
     names. ``force`` decomposes layers even where the pair costs more MACs.
-    ``input_shapes`` fixes symbolic input dims for the cost model.
+
+    Sizes (see :mod:`onnx_lowrank.run_shapes`): MACs are those that run on a
+    reference input — the first calibration sample, else a random input of the
+    ``input_shapes`` (input name → shape, fixing symbolic dims) or declared
+    shapes — read off one onnxruntime run wherever shape inference leaves a
+    layer's size open or a layer sits in an If/Loop/Scan body; only the branch
+    that runs counts, a Loop body counts once per iteration. When an input has a
+    symbolic dim and no size, a MAC budget is refused, naming the input, unless
+    ``allow_unknown_shapes`` (then such layers count at one output pixel).
+    ``shapes`` passes sizes already resolved by :func:`onnx_lowrank.run_shapes.resolve_shapes`.
     ``rank_multiple`` rounds ranks up to a multiple (default: 16 for the
     ``speedup``/``params_ratio`` allocation — measured fastest in onnxruntime,
     see ``benchmarks/results/studies.json`` — and 1 for ``rank``/``energy``/``ranks``,
@@ -454,6 +471,8 @@ def decompose(
         measure=measure,
         threads=threads,
         inplace=inplace,
+        allow_unknown_shapes=allow_unknown_shapes,
+        shapes=shapes,
     )
     if calibration is None and (refit or sensitivity):
         raise LowRankError("refit and sensitivity allocation need calibration data")
@@ -476,12 +495,22 @@ def _decompose_calibrated(
     source = _as_model(model, options["inplace"])
     options = {**options, "inplace": False}
     data = load_calibration(calibration, source)
+    if options["shapes"] is None:
+        # one set of sizes for the allocation, the measurements and the plan: those of a real input
+        reference = {name: values[:1] for name, values in data.items()}
+        options = {**options, "shapes": resolve_shapes(source, options["input_shapes"], reference)}
     policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
     measured = None
     allocation = "kernel error"
     if sensitivity and policy.name == "budget" and policy.params_ratio is None and not options["measure"]:
         measured = measure_sensitivity(
-            source, data, samples=samples, include=options["include"], exclude=options["exclude"], threads=options["threads"] or None
+            source,
+            data,
+            samples=samples,
+            include=options["include"],
+            exclude=options["exclude"],
+            threads=options["threads"] or None,
+            shapes=options["shapes"],
         )
         target = float(policy.speedup)  # type: ignore[arg-type]
         try:
@@ -513,14 +542,6 @@ def _decompose_calibrated(
     return new, report
 
 
-def _unsized(site: Site, shapes: Mapping[str, Any]) -> bool:
-    """Whether ``site`` is a conv whose input's spatial dims (after batch and channels) are not all known."""
-    if site.node.op_type not in ("Conv", "ConvTranspose"):
-        return False
-    shape = shapes.get(site.node.input[0])
-    return shape is None or len(shape) < 3 or any(d is None for d in shape[2:])
-
-
 def _decompose(
     model: ModelLike,
     *,
@@ -541,6 +562,9 @@ def _decompose(
     measure: bool = False,
     threads: int = 1,
     inplace: bool = False,
+    allow_unknown_shapes: bool = False,
+    shapes: ModelShapes | None = None,
+    reference: Mapping[str, Any] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """The data-free conversion; :func:`decompose` documents the arguments."""
     start = time.perf_counter()
@@ -559,15 +583,14 @@ def _decompose(
     if fold_bn:
         proto, fold = fold_batchnorm(proto)
         folded, kept_batchnorms = fold.folded, fold.refused
-    shapes = infer_shapes(proto, input_shapes)
-    sites = find_sites(proto, shapes)
+    model_shapes = shapes if shapes is not None else resolve_shapes(proto, input_shapes, reference)
+    sites = find_sites(proto, model_shapes)
     if policy.ranks is not None:
         unknown = sorted(set(policy.ranks) - {s.key for s in sites})
         if unknown:
             raise LowRankError(f"ranks file names nodes that are not decomposable layers of the model: {', '.join(unknown[:5])}")
-
-    unsized = [s.key for s in sites if _unsized(s, shapes)]
-    warnings = [unsized_warning(unsized)] if unsized else []
+    needs_macs = (policy.name == "budget" and policy.speedup is not None) or measure
+    warnings, excluded, exact = _size_check(sites, model_shapes, needs_macs, allow_unknown_shapes)
 
     reasons: dict[str, str | None] = {}
     selected: list[Site] = []
@@ -579,17 +602,25 @@ def _decompose(
             reason = "matched by --exclude"
         if reason is None and policy.ranks is not None and site.key not in policy.ranks:
             reason = "not named in the ranks file"
+        if reason is None and site.key in excluded:
+            reason = excluded[site.key]
         reasons[site.key] = reason
         if reason is None:
             selected.append(site)
+    notice = None
+    if not any(site.available(allowed) and reasons[site.key] != "not matched by --include" for site in sites):
+        notice = _nothing_to_decompose(sites, allowed)
+        if policy.speedup is not None and policy.speedup > 1:
+            raise LowRankError(f"--speedup {policy.speedup:g} cannot be reached: {notice}")
 
     buckets: dict[tuple[object, ...], list[Site]] = {}
     for site in selected:
         rank_key = policy.ranks.get(site.key) if policy.ranks else None
         buckets.setdefault((site.weight_key, type(site), site.groups, rank_key), []).append(site)
     units = [_Unit(group, group[0].available(allowed)) for group in buckets.values()]
+    counted = [s for s in sites if s.cost is not None and (s.shape_known or not exact)]
     if policy.name == "budget" and policy.params_ratio is None:
-        units = _screen_for_macs(units, reasons, sum(s.cost.macs for s in sites if s.cost))
+        units = _screen_for_macs(units, reasons, sum(s.cost.macs for s in counted if s.cost))
         selected = [site for unit in units for site in unit.sites]
     failed = _spectra(units, progress, workers)
     if failed:
@@ -600,7 +631,7 @@ def _decompose(
         units = [unit for unit in units if unit.key not in failed]
         selected = [site for unit in units for site in unit.sites]
 
-    fixed_macs = sum(s.cost.macs for s in sites if s.cost and s not in selected)
+    fixed_macs = sum(s.cost.macs for s in counted if s.cost and s not in selected)
     fixed_params = params_before - sum(u.params for u in units)
     if policy.name == "budget":
         chosen = _choose_budget(units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple)
@@ -611,9 +642,11 @@ def _decompose(
     if measure:
         if policy.name != "budget" or policy.params_ratio is not None:
             raise LowRankError("--measure goes with --speedup alone")
-        chosen, measured = _measured_choice(proto, shapes, units, policy, threads, rank_multiple)
+        chosen, measured = _measured_choice(proto, model_shapes, units, policy, threads, rank_multiple)
 
     layers = {site.key: _layer_report(site, reasons[site.key]) for site in sites}
+    for site in sites:
+        layers[site.key].counted = site in counted
     plan = _plan(units, chosen, layers, workers)
     proto, made = apply_factors(proto, plan)
     for key, names in made.items():
@@ -621,8 +654,8 @@ def _decompose(
         layers[key].horizontal_node = names.second
     layer_list = [layers[s.key] for s in sites]
     report = Report(
-        macs_before=sum(layer.macs_before for layer in layer_list),
-        macs_after=sum(layer.macs_after for layer in layer_list),
+        macs_before=sum(layer.macs_before for layer in layer_list if layer.counted),
+        macs_after=sum(layer.macs_after for layer in layer_list if layer.counted),
         params_before=params_before,
         params_after=count_params(proto),
         layers=layer_list,
@@ -639,8 +672,88 @@ def _decompose(
         warnings=warnings,
         latency=measured,
         seconds=time.perf_counter() - start,
+        macs_exact=exact,
+        shapes=_shapes_report(model_shapes),
+        notice=notice,
     )
+    report.control_flow = _control_flow_report(model_shapes, sites, layers)
     return proto, report
+
+
+def _size_check(sites: list[Site], shapes: ModelShapes, needs_macs: bool, allow_unknown: bool) -> tuple[list[str], dict[str, str], bool]:
+    """What the sizes allow: warnings, layers to leave alone for want of a size (key → reason), and whether the
+    totals are exact (``False``: layers of unknown size are counted at one output pixel, by request).
+
+    A plan by MACs on sizes that no run could fix is refused, naming the inputs that need ``--input-shape``.
+    """
+    warnings = list(shapes.warnings)
+    # a layer that did not run (an If branch the reference input does not take) has no size to plan by
+    idle = {s.key: f"does not run on the reference input: it is in {scope_label(s.scope)}" for s in sites if s.ran is False}
+    if not needs_macs:
+        idle = {}
+    guessed = [s for s in sites if s.cost is not None and not s.shape_known and s.ran is not False]
+    if not guessed:
+        return warnings, idle, True
+    no_run = shapes.source == "unknown"
+    if no_run:
+        why = needs_input_shape_message(shapes.missing_inputs) if shapes.missing_inputs else "the reference run failed"
+        if needs_macs and not allow_unknown:
+            raise LowRankError(
+                f"the sizes of {len(guessed)} layer(s) are not known without a run, and no input can be built for one: {why}; "
+                "or --allow-unknown-shapes to plan with those layers at one output pixel"
+            )
+        warnings.append(unsized_warning([s.key for s in guessed], why))
+        return warnings, {}, False
+    # a run was made (or none was needed) and these still have no size: inside a function body, say
+    excluded = {s.key: f"its input size is not known (it is in {scope_label(s.scope)}): its MACs are not counted" for s in guessed}
+    if needs_macs:
+        shown = ", ".join(list(excluded)[:3]) + (", …" if len(excluded) > 3 else "")
+        warnings.append(f"{len(excluded)} layer(s) of unknown size are left as they are and not counted in the totals ({shown})")
+    else:
+        excluded = {}
+    return warnings, {**idle, **excluded}, True
+
+
+def _nothing_to_decompose(sites: list[Site], allowed: tuple[Kind, ...]) -> str:
+    """``nothing to decompose: 21 ConvInteger layers: quantized conv (ConvInteger)`` — the reasons, counted."""
+    if not sites:
+        return "nothing to decompose: the model has no Conv, ConvTranspose, Gemm or MatMul layer"
+    counts: dict[tuple[str, str], int] = {}
+    for site in sites:
+        label = (site.node.op_type, site.why_not(allowed))
+        counts[label] = counts.get(label, 0) + 1
+    parts = sorted(counts.items(), key=lambda item: -item[1])
+    shown = "; ".join(f"{n} {op} layer{'s' if n > 1 else ''}: {reason}" for (op, reason), n in parts[:3])
+    return f"nothing to decompose: {shown}" + ("; …" if len(parts) > 3 else "")
+
+
+def _shapes_report(shapes: ModelShapes) -> dict[str, Any]:
+    return {
+        "source": shapes.source,
+        "reference_from": shapes.reference_from,
+        "reference_input": {name: list(shape) for name, shape in shapes.input_shapes().items()},
+        "missing_inputs": dict(shapes.missing_inputs),
+        "seconds": shapes.seconds,
+    }
+
+
+def _control_flow_report(shapes: ModelShapes, sites: list[Site], layers: Mapping[str, LayerReport]) -> list[dict[str, Any]]:
+    """Per If/Loop/Scan that holds layers: how it ran on the reference input, and the MACs of each subgraph."""
+    out = []
+    for flow in shapes.control_flow:
+        branches: dict[str, dict[str, Any]] = {}
+        for site in sites:
+            step = next((label for key, label in site.scope.path if key == flow.key), None)
+            if step is None:
+                continue
+            entry = branches.setdefault(step, {"layers": 0, "ran": bool(flow.runs.get(step)), "macs_before": 0, "macs_after": 0})
+            entry["layers"] += 1
+            layer = layers[site.key]
+            if layer.counted:
+                entry["macs_before"] += layer.macs_before
+                entry["macs_after"] += layer.macs_after
+        out.append({"node": flow.node, "op_type": flow.op_type, "runs": dict(flow.runs), "subgraphs": branches})
+    return out
 
 
 def _plan(
@@ -689,7 +802,7 @@ MEASURE_POINTS = 10  # at most this many timed ranks per layer and kind
 
 def _measured_choice(
     proto: onnx.ModelProto,
-    shapes: Mapping[str, Any],
+    shapes: ModelShapes,
     units: list[_Unit],
     policy: _Policy,
     threads: int,
@@ -704,20 +817,23 @@ def _measured_choice(
     and keeps the lower ratio, so noise does not pass a candidate that is too slow.
     """
     from .latency import LayerTimer
-    from .verify import interleaved_latency, make_session, random_inputs
+    from .verify import interleaved_latency, make_session
 
     target = float(policy.speedup)  # type: ignore[arg-type]
+    if shapes.reference is None:
+        raise LowRankError(f"--measure times the model on a concrete input: {needs_input_shape_message(shapes.missing_inputs)}")
     timer = LayerTimer(proto.opset_import, threads=threads)
     step = max(multiple, MEASURE_STEP)
     original_session = make_session(proto, threads=threads)
-    feeds = random_inputs(original_session)
+    feeds = dict(shapes.reference)
     choices: list[LayerChoices] = []
     unit_ms: dict[str, float] = {}
     for unit in units:
-        times = [timer.original(site, shapes) for site in unit.sites]
+        times = [timer.original(site) for site in unit.sites]
         if any(t is None for t in times):
             continue  # unknown input shape: cannot be timed, left as is
-        base = float(sum(times))  # type: ignore[arg-type]
+        # a layer that runs several times per inference (a Loop body) costs each run
+        base = float(sum(t * site.executions for t, site in zip(times, unit.sites, strict=True) if t is not None))
         unit_ms[unit.key] = base
         options = [Option(int(base * 1e6), 0.0, None, 0)]
         for kind in unit.kinds:
@@ -728,7 +844,7 @@ def _measured_choice(
             if len(grid) > MEASURE_POINTS:
                 grid = sorted({grid[round(i * (len(grid) - 1) / (MEASURE_POINTS - 1))] for i in range(MEASURE_POINTS)})
             for r in grid:
-                pair = sum(timer.pair(site, shapes, kind, r) or 0.0 for site in unit.sites)
+                pair = sum((timer.pair(site, kind, r) or 0.0) * site.executions for site in unit.sites)
                 if pair < base:  # never offer a layer that gets slower
                     options.append(Option(int(pair * 1e6), float(errors[r]), kind, r))
         choices.append(LayerChoices(unit.key, options))
@@ -795,7 +911,7 @@ def _timed_runs(session: Any, feeds: Mapping[str, Any], runs: int) -> list[float
     return out
 
 
-def _candidate(proto: onnx.ModelProto, shapes: Mapping[str, Any], units: list[_Unit], picks: Mapping[str, Option]) -> onnx.ModelProto:
+def _candidate(proto: onnx.ModelProto, shapes: ModelShapes, units: list[_Unit], picks: Mapping[str, Option]) -> onnx.ModelProto:
     """A decomposed copy of ``proto`` for timing; ``proto`` itself is left as it is."""
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
@@ -822,8 +938,11 @@ def inspect(
     """
     allowed = _kinds(kinds)
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    shapes = infer_shapes(proto, input_shapes)
+    shapes = resolve_shapes(proto, input_shapes)
     sites = find_sites(proto, shapes)
+    size_note = None
+    if shapes.missing_inputs:
+        size_note = needs_input_shape_message(shapes.missing_inputs)
     result = []
     for site in sites:
         w = site.weight if site.weight is not None else None
@@ -836,7 +955,8 @@ def inspect(
             macs=site.cost.macs if site.cost else 0,
             eligible=bool(usable),
             reason=None if usable else site.why_not(allowed),
-            shape_known=not _unsized(site, shapes),
+            shape_known=site.shape_known or site.cost is None,
+            size_note=None if site.shape_known else (size_note or f"it is in {scope_label(site.scope)}"),
         )
         if usable and site.cost is not None:
             kind = usable[0]

@@ -21,7 +21,7 @@ from . import __version__
 from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompose, inspect
 from .errors import LowRankError
 from .model_io import load_model_with_layout, save_model
-from .report import InspectLayer, Report, unsized_warning
+from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .verify import KernelTimes, VerifyResult, verify
 
 __all__ = ["main"]
@@ -135,7 +135,15 @@ def _parser() -> argparse.ArgumentParser:
         "measured fastest in onnxruntime; 1 for --rank/--energy/--ranks)",
     )
     policy.add_argument("--no-fold-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them into the Conv first)")
-    _add_input_shape(policy, "fix an input's shape for the MAC model (and the --verify inputs)")
+    _add_input_shape(
+        policy,
+        "the input size to plan by: MACs are those of one onnxruntime run on an input of this shape (and the --verify inputs)",
+    )
+    policy.add_argument(
+        "--allow-unknown-shapes",
+        action="store_true",
+        help="plan even when an input has a symbolic dim and no --input-shape: layers of unknown size count at one output pixel",
+    )
 
     calibration = d.add_argument_group("calibration", "data-aware ranks and factors from the model's own inputs")
     calibration.add_argument(
@@ -220,11 +228,14 @@ def format_report(report: Report, quiet: bool = False) -> str:
         rows = []
         for layer in report.layers:
             cells = [layer.node, layer.op_type, _shape(layer.weight_shape, layer.groups)]
+            macs = [_count(layer.macs_before), _count(layer.macs_after)] if layer.counted else ["?", "?"]
+            note = _layer_note(layer) if layer.ran is not False else ""  # the reason already says where it is
             if layer.decomposed:
                 cells += [str(layer.kind), f"{layer.rank}/{layer.full_rank}", f"{layer.relative_error:.4f}"]
-                cells += [_count(layer.macs_before), _count(layer.macs_after), f"{layer.mac_ratio:.2f}x", ""]
+                cells += [*macs, f"{layer.mac_ratio:.2f}x" if layer.counted and layer.macs_after else "-", note]
             else:
-                cells += ["-", "-", "-", _count(layer.macs_before), _count(layer.macs_after), "1.00x", f"skipped: {layer.reason}"]
+                skipped = f"skipped: {layer.reason}" + (f"; {note}" if note else "")
+                cells += ["-", "-", "-", *macs, "1.00x" if layer.counted and layer.macs_before else "-", skipped]
             rows.append(cells)
         out.append(_table(rows, ["node", "op", "weight", "kind", "rank", "rel.err", "MACs", "MACs after", "ratio", "note"]))
     if report.latency:
@@ -248,6 +259,7 @@ def format_report(report: Report, quiet: bool = False) -> str:
             done = sum(1 for layer in refit["layers"] if layer["refit"])
             line += f"; refit {done} of {len(refit['layers'])} layers in {refit['seconds']:.1f} s"
         out.append(line)
+    out += _sizes_lines(report)
     out += [f"warning: {warning}" for warning in report.warnings]
     if report.folded_batchnorms:
         out.append(f"folded {len(report.folded_batchnorms)} BatchNormalization nodes into their Conv")
@@ -257,12 +269,53 @@ def format_report(report: Report, quiet: bool = False) -> str:
             by_reason.setdefault(reason, []).append(bn)
         kept = "; ".join(f"{len(bns)} {reason} ({', '.join(bns[:3])}{', …' if len(bns) > 3 else ''})" for reason, bns in by_reason.items())
         out.append(f"kept {len(report.kept_batchnorms)} BatchNormalization nodes unfolded: {kept}")
+    if report.macs_after:
+        totals = f"MACs {_count(report.macs_before)} -> {_count(report.macs_after)} ({report.mac_ratio:.2f}x fewer"
+        totals += ", counting layers of unknown size at one output pixel)" if not report.macs_exact else ")"
+    else:
+        totals = "MACs not known (no layer's size is known)"
+    idle = sum(1 for layer in report.layers if layer.ran is False)
+    unsized = sum(1 for layer in report.layers if not layer.counted and layer.ran is not False)
+    if idle:
+        totals += f", {idle} layer(s) that did not run on the reference input not counted"
+    if unsized and report.macs_after:
+        totals += f", {unsized} layer(s) of unknown size not counted"
+    if report.notice is not None:  # no ratio of nothing over nothing
+        out.append(report.notice)
+        return "\n".join(out)
     out.append(
-        f"decomposed {len(report.decomposed)} of {len(report.layers)} layers; MACs {_count(report.macs_before)} -> "
-        f"{_count(report.macs_after)} ({report.mac_ratio:.2f}x fewer); parameters {_count(report.params_before)} -> "
+        f"decomposed {len(report.decomposed)} of {len(report.layers)} layers; {totals}; parameters {_count(report.params_before)} -> "
         f"{_count(report.params_after)} ({report.params_after / max(report.params_before, 1):.2f}x); {report.seconds:.2f} s"
     )
     return "\n".join(out)
+
+
+def _layer_note(layer: LayerReport) -> str:
+    """Where a layer in a subgraph sits and how often it ran, for the table."""
+    if layer.scope == "the main graph":
+        return ""
+    runs = f", ran {layer.executions}x" if layer.shape_known and layer.executions > 1 else ""
+    return f"in {layer.scope}{runs}"
+
+
+def _sizes_lines(report: Report) -> list[str]:
+    """Where the sizes came from, and the MACs of each If/Loop/Scan subgraph on the reference input."""
+    lines = []
+    sizes = report.shapes
+    if sizes.get("source") == "run":
+        shown = ", ".join(f"{name}={'x'.join(map(str, shape))}" for name, shape in sizes.get("reference_input", {}).items())
+        lines.append(f"sizes: from one onnxruntime run on {sizes.get('reference_from')} {shown} ({sizes.get('seconds', 0):.2f} s)")
+    for flow in report.control_flow:
+        parts = []
+        for label, sub in flow["subgraphs"].items():
+            if sub["ran"]:
+                ratio = f", {sub['macs_before'] / sub['macs_after']:.2f}x" if sub["macs_after"] else ""
+                parts.append(f"{label}: {_count(sub['macs_before'])} -> {_count(sub['macs_after'])} MACs{ratio}")
+            else:
+                parts.append(f"{label}: did not run ({sub['layers']} layer(s) left as they are)")
+        runs = ", ".join(f"{k} {v}x" for k, v in flow["runs"].items())
+        lines.append(f"{flow['op_type']} {flow['node']!r} ({runs} on the reference input; per-subgraph figures): {'; '.join(parts)}")
+    return lines
 
 
 def format_verify(result: VerifyResult, gate: bool = True) -> str:
@@ -356,9 +409,9 @@ def format_inspect(layers: list[InspectLayer]) -> str:
         rows.append(cells)
     total = sum(layer.macs for layer in layers)
     table = _table(rows, ["node", "op", "weight", "MACs", "kind", "90% energy", "99% energy", "99.9% energy", "note"])
-    unsized = [layer.node for layer in layers if not layer.shape_known]
+    unsized = [layer for layer in layers if not layer.shape_known]
     if unsized:
-        table += f"\nwarning: {unsized_warning(unsized)}"
+        table += f"\nwarning: {unsized_warning([layer.node for layer in unsized], unsized[0].size_note or 'size unknown')}"
     return table + f"\n{len(layers)} layers, {_count(total)} MACs"
 
 
@@ -427,6 +480,7 @@ def _decompose(args: argparse.Namespace) -> int:
             exclude=args.exclude,
             force=args.force,
             input_shapes=dict(args.input_shape),
+            allow_unknown_shapes=args.allow_unknown_shapes,
             rank_multiple=args.rank_multiple,
             fold_bn=not args.no_fold_bn,
             progress=bar,

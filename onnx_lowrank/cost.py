@@ -21,6 +21,13 @@ ConvTranspose, weight ``(C, N_g, *S, kw)``: every *input* pixel scatters into
 on the vertical output ``(*O, W_in)``: ``g·K·N_g·kw·|O|·W_in``.
 
 Fully connected, ``rows × in → out``: ``rows·in·out``; channel pair ``rows·K·(in + out)``.
+
+Layers the tool does not decompose still count in a model's totals, so that a
+speedup is the one of the whole model as it runs: a product of two
+activations (attention's ``Q·Kᵀ``), ``out_elements · inner``; a recurrent layer
+(LSTM, GRU, RNN) over ``T`` steps, ``T·batch·dirs·gates·H·(I + H)`` with 4, 3
+and 1 gates. A layer run several times per inference (in a ``Loop`` body, or
+at several sizes) costs the sum of its runs: :func:`total_cost`.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from dataclasses import dataclass, field
 
 from .factorization import Kind
 
-__all__ = ["LayerCost", "conv_cost", "conv_transpose_cost", "fc_cost"]
+__all__ = ["LayerCost", "conv_cost", "conv_transpose_cost", "fc_cost", "fixed_cost", "recurrent_cost", "total_cost"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +116,19 @@ def fc_cost(rows: int, in_features: int, out_features: int, bias: int) -> LayerC
         rank_macs={"channel": rows * (in_features + out_features)},
         rank_params={"channel": in_features + out_features},
     )
+
+
+def fixed_cost(macs: int) -> LayerCost:
+    """A layer that is never decomposed: its MACs count in the totals, it offers no split."""
+    return LayerCost(macs=macs, weights=0, bias=0)
+
+
+def recurrent_cost(gates: int, steps: int, batch: int, directions: int, input_size: int, hidden: int) -> LayerCost:
+    return fixed_cost(steps * batch * directions * gates * hidden * (input_size + hidden))
+
+
+def total_cost(costs: list[LayerCost]) -> LayerCost:
+    """The cost of a layer run once per entry of ``costs`` (MACs add up; the weights are the same ones)."""
+    first = costs[0]
+    rank_macs = {kind: sum(c.rank_macs[kind] for c in costs) for kind in first.rank_macs}
+    return LayerCost(sum(c.macs for c in costs), first.weights, first.bias, rank_macs, dict(first.rank_params))

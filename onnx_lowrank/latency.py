@@ -27,20 +27,9 @@ from onnx import helper, numpy_helper
 
 from .factorization import Factors, Kind
 from .passes._rewrite import Site
-from .shapes import Shape
+from .runtime import make_session
 
 __all__ = ["LayerTimer", "time_model"]
-
-
-def _session(model: onnx.ModelProto, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _median_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int, warmup: int) -> float:
@@ -56,7 +45,7 @@ def _median_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int, warmup:
 
 def time_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], threads: int = 1, runs: int = 10, warmup: int = 3) -> float:
     """Median milliseconds of one model."""
-    return _median_ms(_session(model, threads), feeds, runs, warmup)
+    return _median_ms(make_session(model, threads=threads), feeds, runs, warmup)
 
 
 class LayerTimer:
@@ -71,11 +60,9 @@ class LayerTimer:
         self.rng = np.random.default_rng(0)
         self.timed = 0  # how many models were actually timed (the rest came from the cache)
 
-    def _input(self, site: Site, shapes: Mapping[str, Shape]) -> tuple[int, ...] | None:
-        shape = shapes.get(site.node.input[0])
-        if shape is None or any(d is None for d in shape):
-            return None
-        return tuple(int(d) for d in shape)  # type: ignore[arg-type]
+    def _input(self, site: Site) -> tuple[int, ...] | None:
+        # the size the layer's input had on the reference input; a layer of unknown size is not timed
+        return site.input_shape if site.shape_known else None
 
     def _dtype(self, site: Site) -> int:
         assert site.weight is not None
@@ -100,7 +87,7 @@ class LayerTimer:
         model = helper.make_model(graph, opset_imports=self.opset_imports)
         feeds = {x_name: self.rng.standard_normal(x_shape).astype(np_dtype)}
         self.timed += 1
-        return _median_ms(_session(model, self.threads), feeds, self.runs, self.warmup)
+        return _median_ms(make_session(model, threads=self.threads), feeds, self.runs, self.warmup)
 
     def _bias(self, site: Site) -> list[onnx.TensorProto]:
         node = site.node
@@ -110,9 +97,9 @@ class LayerTimer:
         length = site.cost.bias or 1
         return [numpy_helper.from_array(self.rng.standard_normal(length).astype(np_dtype), node.input[2])]
 
-    def original(self, site: Site, shapes: Mapping[str, Shape]) -> float | None:
-        """Milliseconds of the layer as it is, or None when its input shape is unknown."""
-        x_shape = self._input(site, shapes)
+    def original(self, site: Site) -> float | None:
+        """Milliseconds of one run of the layer as it is, or None when its input shape is unknown."""
+        x_shape = self._input(site)
         if x_shape is None or site.weight is None:
             return None
         key = self._key(site, x_shape, None, 0)
@@ -124,9 +111,9 @@ class LayerTimer:
             self.cache[key] = self._time(site, x_shape, [node], [weight, *self._bias(site)])
         return self.cache[key]
 
-    def pair(self, site: Site, shapes: Mapping[str, Shape], kind: Kind, rank: int) -> float | None:
-        """Milliseconds of the decomposed pair at ``rank``, or None when the input shape is unknown."""
-        x_shape = self._input(site, shapes)
+    def pair(self, site: Site, kind: Kind, rank: int) -> float | None:
+        """Milliseconds of one run of the decomposed pair at ``rank``, or None when the input shape is unknown."""
+        x_shape = self._input(site)
         if x_shape is None or site.weight is None:
             return None
         key = self._key(site, x_shape, kind, rank)

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,7 +25,16 @@ from onnx import external_data_helper, helper
 
 from .errors import LowRankError
 
-__all__ = ["PROTOBUF_LIMIT", "copy_fields", "load_model", "load_model_with_layout", "save_model", "uses_external_data", "write_model"]
+__all__ = [
+    "PROTOBUF_LIMIT",
+    "copy_fields",
+    "estimated_size",
+    "load_model",
+    "load_model_with_layout",
+    "save_model",
+    "uses_external_data",
+    "write_model",
+]
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto cannot exceed 2 GiB
 
@@ -100,7 +109,7 @@ def _plain_mode(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _estimated_size(model: onnx.ModelProto) -> int:
+def estimated_size(model: onnx.ModelProto) -> int:
     """Bytes of the weights plus the rest: close to ``ByteSize()`` without a pass over every weight byte."""
     weights = 0
     for tensor in external_data_helper._get_all_tensors(model):
@@ -146,8 +155,8 @@ def copy_fields(source: Message, target: Message, skip: tuple[str, ...] = ()) ->
             setattr(target, descriptor.name, value)
 
 
-def write_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Serialize ``model`` to ``path`` one initializer at a time.
+def write_model(model: onnx.ModelProto, path: str | os.PathLike[str], initializers: Sequence[onnx.TensorProto] | None = None) -> None:
+    """Serialize ``model`` to ``path`` one initializer at a time (``initializers`` in place of the graph's own).
 
     ``onnx.save_model`` serializes the whole model into one bytes object first,
     a second copy of every weight. The protobuf wire format is a concatenation
@@ -160,14 +169,15 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     graph = onnx.GraphProto()
     copy_fields(model.graph, graph, skip=("initializer",))
     graph_bytes = graph.SerializeToString()
-    pieces = [_tensor_pieces(tensor) for tensor in model.graph.initializer]
+    tensors = model.graph.initializer if initializers is None else initializers
+    pieces = [_tensor_pieces(tensor) for tensor in tensors]
     graph_length = len(graph_bytes) + sum(len(_tag(_INITIALIZER_FIELD)) + len(_varint(n)) + n for n, _ in pieces)
     with open(path, "wb") as f:
         f.write(head.SerializeToString())
         if model.HasField("graph"):
             f.write(_tag(_GRAPH_FIELD) + _varint(graph_length))
             f.write(graph_bytes)
-            for tensor, (size, write) in zip(model.graph.initializer, pieces, strict=True):
+            for tensor, (size, write) in zip(tensors, pieces, strict=True):
                 f.write(_tag(_INITIALIZER_FIELD) + _varint(size))
                 write(f, tensor)
 
@@ -233,7 +243,7 @@ def save_model(
     dest = Path(path)
     _check_destination(dest, tuple(Path(s) for s in inputs))
     if not external_data:
-        external_data = _estimated_size(model) > PROTOBUF_LIMIT
+        external_data = estimated_size(model) > PROTOBUF_LIMIT
     data_name = dest.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     moved: Path | None = None  # the data file once renamed into place: removed again if the model's rename fails

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,12 +35,16 @@ class LayerReport:
     weight: str | None = None
     weight_shape: list[int] | None = None
     groups: int | None = None
-    shape_known: bool = False
+    shape_known: bool = False  # the MACs count sizes seen in a run (or fixed for every input), not a guess
+    ran: bool | None = None  # False: the layer did not run on the reference input (an If branch not taken)
+    executions: int = 1  # runs per inference on the reference input (a Loop body's trip count)
+    scope: str = "the main graph"  # where the node is: the main graph, a branch of an If, a Loop body, a function
+    counted: bool = True  # its MACs are in the report's totals
     sensitivity: list[list[float]] | None = None  # with calibration: [rank, damage to the outputs] measured alone
 
     @property
     def mac_ratio(self) -> float:
-        return self.macs_before / self.macs_after if self.macs_after else 1.0
+        return self.macs_before / self.macs_after if self.macs_after else math.nan
 
 
 @dataclass
@@ -56,11 +61,15 @@ class Report:
     latency: dict[str, Any] = field(default_factory=dict)  # with --measure: predicted and measured speedup, per round
     calibration: dict[str, Any] = field(default_factory=dict)  # with calibration data: samples, sensitivity cost, refit per layer
     seconds: float = 0.0
+    macs_exact: bool = True  # False: layers of unknown size are counted at one output pixel (--allow-unknown-shapes)
+    shapes: dict[str, Any] = field(default_factory=dict)  # where the sizes came from: source, reference input, missing inputs
+    control_flow: list[dict[str, Any]] = field(default_factory=list)  # per If/Loop/Scan holding layers: runs, MACs per subgraph
+    notice: str | None = None  # "nothing to decompose: …" when no layer of the model can be decomposed, and why
 
     @property
     def mac_ratio(self) -> float:
-        """Total MACs of the decomposable layers (Conv, ConvTranspose, Gemm, MatMul) before / after."""
-        return self.macs_before / self.macs_after if self.macs_after else 1.0
+        """MACs that run on the reference input, before / after (every MAC-carrying layer counted; NaN when none are known)."""
+        return self.macs_before / self.macs_after if self.macs_after else math.nan
 
     @property
     def decomposed(self) -> list[LayerReport]:
@@ -68,7 +77,9 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["mac_ratio"] = self.mac_ratio
+        data["mac_ratio"] = self.mac_ratio if self.macs_after else None  # JSON has no NaN
+        for layer in data["layers"]:
+            layer["mac_ratio"] = layer["macs_before"] / layer["macs_after"] if layer["macs_after"] else None
         return data
 
     def to_json(self) -> str:
@@ -89,14 +100,14 @@ class InspectLayer:
     full_rank: int | None = None
     kind: str | None = None
     energy_ranks: dict[str, list[float]] = field(default_factory=dict)
-    shape_known: bool = True  # False: the input's spatial size is unknown and ``macs`` counts one output pixel
+    shape_known: bool = True  # False: the input's size is unknown and ``macs`` counts one output pixel
+    size_note: str | None = None  # why the size is unknown, and what would fix it
 
 
-def unsized_warning(nodes: list[str]) -> str:
-    """The line that says the MACs of convs whose input size is unknown count one output pixel."""
+def unsized_warning(nodes: list[str], why: str) -> str:
+    """The line that says the MACs of layers whose input size is unknown count one output pixel."""
     shown = ", ".join(nodes[:3]) + (", …" if len(nodes) > 3 else "")
     return (
-        f"{len(nodes)} conv layer(s) have an input of unknown height/width ({shown}): their MACs are counted per "
-        "output pixel, so layers at different resolutions weigh alike in the plan and the totals; give the input "
-        "size (--input-shape NAME=1,3,H,W) to plan by the real sizes"
+        f"{len(nodes)} layer(s) have an input of unknown size ({shown}): their MACs are counted at one output pixel, "
+        f"so layers at different resolutions weigh alike in the plan and the totals ({why})"
     )

@@ -86,6 +86,7 @@ from .calibration import (
 from .errors import LowRankError
 from .model_io import load_model
 from .ranks import Infeasible, LayerChoices, Option, allocate, energy_rank
+from .run_shapes import ModelShapes, resolve_shapes
 from .verify import make_session
 
 __all__ = [
@@ -250,9 +251,10 @@ def _measure_layer(
     energies: Sequence[float],
     layer_speedups: Sequence[float],
     threads: int | None,
+    shapes: ModelShapes,
 ) -> tuple[int, str | None]:
     """Fill ``spec.ranks``/``spec.damage``; return the number of suffix passes and a reason when the layer is skipped."""
-    decomposed, report = decompose(model, ranks={key: spec.full_rank}, force=True)
+    decomposed, report = decompose(model, ranks={key: spec.full_rank}, force=True, shapes=shapes)
     layer = next(lay for lay in report.layers if lay.node == key)
     graph = decomposed.graph
     nodes = {n.name: n for n in graph.node}
@@ -344,24 +346,28 @@ def measure_sensitivity(
     include: str | None = None,
     exclude: str | None = None,
     threads: int | None = None,
+    shapes: ModelShapes | None = None,
 ) -> Sensitivity:
     """Damage to the outputs of every decomposable main-graph conv at a few ranks each (see the module docstring).
 
     ``samples`` caps the calibration subset (the first samples); ``include``/``exclude``
-    restrict the layers as in :func:`onnx_lowrank.decompose`.
+    restrict the layers as in :func:`onnx_lowrank.decompose`. ``shapes``: the sizes to cost the layers by
+    (default: those of the first calibration sample).
     """
     start = time.perf_counter()
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise LowRankError(f"samples must be a whole number >= 1, got {samples!r}")
     data = load_calibration(calibration, proto)
+    if shapes is None:
+        shapes = resolve_shapes(proto, reference={name: values[:1] for name, values in data.items()})
     # the library's own cost model: at rank 1 every eligible layer's pair costs rank_macs
-    _, base = decompose(proto, rank=1, force=True, include=include, exclude=exclude)
+    _, base = decompose(proto, rank=1, force=True, include=include, exclude=exclude, shapes=shapes)
     graph = proto.graph
     specs: list[LayerSensitivity] = []
     skipped: dict[str, str] = {}
     for layer in base.layers:
-        if not layer.decomposed or layer.full_rank is None or layer.op_type != "Conv" or layer.kind != "spatial":
+        if not layer.decomposed or layer.full_rank is None or layer.op_type != "Conv" or layer.kind != "spatial" or not layer.counted:
             continue  # counted in the fixed MACs: fully connected layers and ineligible convs are left alone
         if _node_by_key(graph, layer.node) is None:
             skipped[layer.node] = "not in the main graph"
@@ -409,6 +415,7 @@ def measure_sensitivity(
                 energies=energies,
                 layer_speedups=layer_speedups,
                 threads=threads,
+                shapes=shapes,
             )
         spec.seconds = time.perf_counter() - t0
         evaluations += passes

@@ -1,4 +1,6 @@
-"""Static tensor shapes for the cost model, without copying the weights.
+"""Tensor shapes known before running a model, and the inputs a run is made on.
+
+:func:`infer_shapes` gives static shapes without copying the weights.
 
 ONNX shape inference needs only the dims of large tensors, never their bytes.
 So large initializers and Constant values are swapped for data-less stand-ins
@@ -6,19 +8,42 @@ So large initializers and Constant values are swapped for data-less stand-ins
 is taken, and put back at once; the skeleton, a few kilobytes, is what
 shape inference sees. Symbolic batch dims (the first dim of a graph input) are
 set to 1; other symbolic dims stay unknown unless ``overrides`` gives a shape.
+
+:func:`input_specs`, :func:`concrete_input_shapes` and :func:`random_feed`
+build the concrete inputs every run of the tool uses (the reference run that
+sizes the layers, ``--measure`` timing, ``verify``'s random inputs): the shape
+``--input-shape`` gives, else the declared one with a symbolic first (batch)
+dim set to 1. Any other symbolic dim has no size to guess, and the input is
+named as needing ``--input-shape``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import helper
 
+from .errors import LowRankError
 from .model_io import copy_fields
 
-__all__ = ["Shape", "infer_shapes"]
+__all__ = [
+    "MAX_INPUT_BYTES",
+    "InputSpec",
+    "Shape",
+    "check_input_shapes",
+    "concrete_input_shapes",
+    "infer_shapes",
+    "input_specs",
+    "needs_input_shape_message",
+    "random_feed",
+    "session_input_specs",
+]
 
 Shape = tuple[int | None, ...]
 
@@ -107,3 +132,157 @@ def infer_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]] 
         for tensor in graph.initializer:
             shapes.setdefault(tensor.name, tuple(tensor.dims))
     return shapes
+
+
+# --------------------------------------------------------------------------- inputs of a run
+
+# a random input larger than this is refused before it is built (a symbolic dim given as 2^31, say)
+MAX_INPUT_BYTES = 8 * 2**30
+
+_ORT_TYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input that must be fed: its element type and dims (an int, a symbolic name, or None)."""
+
+    name: str
+    dtype: np.dtype[Any] | None  # None: a type the tool cannot make random values of
+    dims: tuple[int | str | None, ...] | None  # None: the rank is not declared
+
+    def show(self) -> str:
+        if self.dims is None:
+            return "(rank unknown)"
+        return "(" + ", ".join("?" if d is None else str(d) for d in self.dims) + ")"
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The main graph's inputs that are not initializers (IR 3 lists initializers as inputs too)."""
+    constants = {t.name for t in model.graph.initializer} | {t.values.name for t in model.graph.sparse_initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in constants:
+            continue
+        if not value.type.HasField("tensor_type"):
+            specs.append(InputSpec(value.name, None, None))
+            continue
+        tensor = value.type.tensor_type
+        try:
+            dtype: np.dtype[Any] | None = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)) if tensor.elem_type else None
+        except (KeyError, TypeError, ValueError):
+            dtype = None
+        dims: tuple[int | str | None, ...] | None = None
+        if tensor.HasField("shape"):
+            dims = tuple(
+                int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in tensor.shape.dim
+            )
+        specs.append(InputSpec(value.name, dtype, dims))
+    return specs
+
+
+def session_input_specs(session: Any) -> list[InputSpec]:
+    """:class:`InputSpec` s of an onnxruntime session's inputs (for models given as files)."""
+    specs = []
+    for value in session.get_inputs():
+        dtype = _ORT_TYPES.get(value.type)
+        dims = None if value.shape is None else tuple(d if isinstance(d, int) and d > 0 else (d or None) for d in value.shape)
+        specs.append(InputSpec(value.name, np.dtype(dtype) if dtype is not None else None, dims))
+    return specs
+
+
+def check_input_shapes(specs: Sequence[InputSpec], input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
+    """``--input-shape`` values checked against the model's inputs: a known input, its rank, its fixed dims."""
+    given: dict[str, tuple[int, ...]] = {}
+    by_name = {spec.name: spec for spec in specs}
+    for name, shape in (input_shapes or {}).items():
+        dims = tuple(int(d) for d in shape)
+        spec = by_name.get(name)
+        if spec is None:
+            names = ", ".join(by_name) or "none"
+            raise LowRankError(f"--input-shape {name}=...: the model has no input {name!r} (its inputs: {names})")
+        text = f"--input-shape {name}={','.join(map(str, dims))}"
+        if any(d < 1 for d in dims):
+            raise LowRankError(f"{text}: dims must be whole numbers >= 1")
+        if spec.dims is not None:
+            if len(dims) != len(spec.dims):
+                raise LowRankError(f"{text}: input {name!r} has {len(spec.dims)} dims {spec.show()}, not {len(dims)}")
+            for axis, (want, got) in enumerate(zip(spec.dims, dims, strict=True)):
+                if isinstance(want, int) and want != got:
+                    raise LowRankError(f"{text}: dim {axis} of input {name!r} is fixed at {want} by the model {spec.show()}")
+        given[name] = dims
+    return given
+
+
+def concrete_input_shapes(
+    specs: Sequence[InputSpec], input_shapes: Mapping[str, Sequence[int]] | None = None, batch: int = 1
+) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The shape of every input for a run, and the inputs that have none (name → what is symbolic).
+
+    ``--input-shape`` wins; else the declared dims, a symbolic first dim taken as ``batch``.
+    """
+    given = check_input_shapes(specs, input_shapes)
+    shapes: dict[str, tuple[int, ...]] = {}
+    missing: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in given:
+            shapes[spec.name] = given[spec.name]
+            continue
+        if spec.dims is None:
+            missing[spec.name] = f"its rank is not declared: give --input-shape {spec.name}=D0,D1,..."
+            continue
+        dims: list[int] = []
+        symbolic: list[str] = []
+        for axis, d in enumerate(spec.dims):
+            if isinstance(d, int):
+                dims.append(d)
+            elif axis == 0:
+                dims.append(batch)
+            else:
+                symbolic.append(f"{d or '?'} (dim {axis})")
+        if symbolic:
+            template = ",".join(
+                str(d) if isinstance(d, int) else "1" if i == 0 else str(d or f"D{i}").upper() for i, d in enumerate(spec.dims)
+            )
+            missing[spec.name] = f"dims {', '.join(symbolic)} of {spec.show()} are symbolic: give --input-shape {spec.name}={template}"
+        else:
+            shapes[spec.name] = tuple(dims)
+    return shapes, missing
+
+
+def needs_input_shape_message(missing: Mapping[str, str]) -> str:
+    """One line naming the inputs that need ``--input-shape`` (``missing`` from :func:`concrete_input_shapes`)."""
+    return "; ".join(f"input {name!r}: {why}" for name, why in missing.items()) + " (or give calibration data)"
+
+
+def random_feed(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dict[str, npt.NDArray[Any]]:
+    """Seeded random values of the given shapes: standard normal floats, small non-negative integers, fair booleans."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, npt.NDArray[Any]] = {}
+    for spec in specs:
+        shape = [int(d) for d in shapes[spec.name]]
+        if spec.dtype is None:
+            raise LowRankError(f"input {spec.name!r} has a type the tool cannot make random values of; give inputs from a file")
+        size = math.prod(shape) * spec.dtype.itemsize
+        if size > MAX_INPUT_BYTES:
+            raise LowRankError(
+                f"input {spec.name!r} of shape {tuple(shape)} would take {size / 2**30:.1f} GiB, more than the "
+                f"{MAX_INPUT_BYTES / 2**30:.0f} GiB the tool builds; give a smaller --input-shape"
+            )
+        if np.issubdtype(spec.dtype, np.floating):
+            value = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            value = np.asarray(rng.random(shape) < 0.5)
+        else:
+            value = rng.integers(0, 10, size=shape).astype(spec.dtype)
+        feeds[spec.name] = np.asarray(value)  # a 0-d input is an array too, never a numpy scalar
+    return feeds

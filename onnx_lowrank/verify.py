@@ -25,7 +25,9 @@ import numpy.typing as npt
 import onnx
 
 from .errors import LowRankError
-from .model_io import PROTOBUF_LIMIT, load_model
+from .model_io import load_model
+from .runtime import make_session
+from .shapes import concrete_input_shapes, needs_input_shape_message, random_feed, session_input_specs
 
 __all__ = [
     "CONV_OPS",
@@ -106,98 +108,16 @@ class VerifyResult:
         return data
 
 
-def make_session(
-    model: ModelLike,
-    providers: Sequence[str] | None = None,
-    threads: int | None = None,
-    optimization: str = "default",
-    profile_prefix: str | None = None,
-) -> Any:
-    """An onnxruntime session; refuses providers this build does not have instead of falling back silently.
-
-    ``profile_prefix``: turn on onnxruntime's profiler, writing its JSON trace to a file of that prefix.
-    """
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    wanted = list(providers) if providers else ["CPUExecutionProvider"]
-    missing = [p for p in wanted if p not in available]
-    if missing:
-        raise LowRankError(f"execution provider(s) {', '.join(missing)} not in this onnxruntime build (has: {', '.join(available)})")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # spinning threads steal the core the other session's timing needs
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    if optimization != "default":
-        options.graph_optimization_level = levels[optimization]
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    if isinstance(model, onnx.ModelProto):
-        try:
-            small = model.ByteSize() <= PROTOBUF_LIMIT
-        except (ValueError, OverflowError):
-            small = False
-        if small:
-            source: Any = model.SerializeToString()
-            return _session(ort, source, options, wanted)
-        from .model_io import save_model
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            save_model(model, path, external_data=True)
-            return _session(ort, str(path), options, wanted)
-    return _session(ort, str(model), options, wanted)
-
-
-def _session(ort: Any, source: Any, options: Any, providers: list[str]) -> Any:
-    try:
-        return ort.InferenceSession(source, sess_options=options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LowRankError(f"onnxruntime cannot load the model: {first}") from None
-
-
 def random_inputs(
     session: Any, seed: int = 0, batch: int = 1, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> dict[str, npt.NDArray[Any]]:
-    """Seeded random inputs for every input of ``session``: of the shape ``input_shapes`` gives it, else with
-    symbolic dims as 1 (the first: ``batch``)."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, npt.NDArray[Any]] = {}
-    type_names = {
-        "tensor(float)": np.float32,
-        "tensor(float16)": np.float16,
-        "tensor(double)": np.float64,
-        "tensor(int64)": np.int64,
-        "tensor(int32)": np.int32,
-        "tensor(int8)": np.int8,
-        "tensor(uint8)": np.uint8,
-        "tensor(bool)": np.bool_,
-    }
-    for value in session.get_inputs():
-        dtype = type_names.get(value.type)
-        if dtype is None:
-            raise LowRankError(f"input {value.name!r} has type {value.type}; give inputs with --inputs")
-        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(value.shape)]
-        if input_shapes and value.name in input_shapes:
-            shape = [int(d) for d in input_shapes[value.name]]
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
-        else:
-            feeds[value.name] = rng.integers(0, 10, size=shape).astype(dtype)
-    return feeds
+    """Seeded random inputs for every input of ``session``, of the shape ``input_shapes`` gives it, else the
+    declared one with a symbolic first dim as ``batch``; any other symbolic dim is an error naming the input."""
+    specs = session_input_specs(session)
+    shapes, missing = concrete_input_shapes(specs, input_shapes, batch)
+    if missing:
+        raise LowRankError(f"random inputs need a size for every dim: {needs_input_shape_message(missing)}")
+    return random_feed(specs, shapes, seed)
 
 
 def compare_outputs(

@@ -181,7 +181,7 @@ def test_unreachable_target_is_refused_in_one_line(zoo: object, tmp_path: Path) 
 
 def test_layout_shape_matches_the_kernel_without_reading_it() -> None:
     from onnx_lowrank.api import find_sites
-    from onnx_lowrank.shapes import infer_shapes
+    from onnx_lowrank.run_shapes import resolve_shapes
 
     models = [_fc_model("Gemm")[0], _fc_model("Gemm", trans_b=1)[0], _fc_model("MatMul")[0], conv_model(group=2)]
     w = RNG.standard_normal((4, 3, 3, 2)).astype(np.float32)  # ConvTranspose (C, N/g, kh, kw), 2 groups
@@ -192,5 +192,5 @@ def test_layout_shape_matches_the_kernel_without_reading_it() -> None:
     )  # fmt: skip
     models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     for model in models:
-        (site,) = find_sites(model, infer_shapes(model))
+        (site,) = find_sites(model, resolve_shapes(model))
         assert site.layout_shape() == tuple(site.kernel().shape)

@@ -23,7 +23,6 @@ from onnx_lowrank import LowRankError, decompose
 from onnx_lowrank.cli import main
 from onnx_lowrank.latency import LayerTimer
 from onnx_lowrank.passes._rewrite import Site
-from onnx_lowrank.shapes import Shape
 
 TARGET = 1.05  # low enough that rank-8 pairs of 3x3 48->48 convs (4.5x fewer MACs each) reach it with room to spare
 
@@ -78,11 +77,11 @@ def test_slower_layer_never_decomposed(monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer whose every pair is timed slower than the layer itself is left as is, with the reason."""
     real_pair = LayerTimer.pair
 
-    def pair(self: LayerTimer, site: Site, shapes: dict[str, Shape], kind: Any, rank: int) -> float | None:
+    def pair(self: LayerTimer, site: Site, kind: Any, rank: int) -> float | None:
         if site.node.name == "conv1":  # pretend this layer's pairs are all slower than the layer
-            original = self.original(site, shapes)
+            original = self.original(site)
             return None if original is None else original * 1.5
-        return real_pair(self, site, shapes, kind, rank)
+        return real_pair(self, site, kind, rank)
 
     monkeypatch.setattr(LayerTimer, "pair", pair)
     _, report = decompose(wide_chain(), speedup=TARGET, measure=True)
@@ -104,7 +103,7 @@ def test_unreachable_target_refused(layers: int) -> None:
 
 def test_layers_that_never_pay_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """When no layer gets faster, nothing can reach the target: refused, not a model that is no faster."""
-    monkeypatch.setattr(LayerTimer, "pair", lambda self, site, shapes, kind, rank: 1e9)
+    monkeypatch.setattr(LayerTimer, "pair", lambda self, site, kind, rank: 1e9)
     with pytest.raises(LowRankError, match="cannot be reached"):
         decompose(wide_chain(), speedup=TARGET, measure=True)
 

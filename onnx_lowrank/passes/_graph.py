@@ -18,7 +18,35 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["Names", "Scope", "WeightSource", "add_constant", "attrs", "iter_scopes", "namespace_names", "remove_unused", "resolve_weight"]
+__all__ = [
+    "GraphPath",
+    "Names",
+    "Scope",
+    "WeightSource",
+    "add_constant",
+    "attrs",
+    "iter_scopes",
+    "namespace_names",
+    "remove_unused",
+    "resolve_weight",
+    "stored_dims",
+    "subgraphs",
+]
+
+# Where a subgraph sits: for each control-flow node from the main graph down, (the node's first output, the
+# attribute holding the subgraph — "then_branch", "else_branch", "body", or "name[i]" for a list of graphs).
+# First outputs are unique in a model, so a path names one subgraph in the model and in any copy of it.
+GraphPath = tuple[tuple[str, str], ...]
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The node's subgraphs with the attribute label :data:`GraphPath` uses."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(attr.graphs):
+                yield f"{attr.name}[{i}]", g
 
 
 @dataclass(eq=False)
@@ -34,6 +62,17 @@ class Scope:
     producers: dict[str, onnx.NodeProto] = field(default_factory=dict)
     inputs: set[str] = field(default_factory=set)
     opset: int = 0  # version of the default domain, for evaluating constant expressions
+    owner: onnx.NodeProto | None = None  # the control-flow node whose subgraph this is
+    path: GraphPath = ()  # () for the main graph and for function bodies
+
+    @property
+    def in_function(self) -> bool:
+        scope: Scope | None = self
+        while scope is not None:
+            if scope.function is not None:
+                return True
+            scope = scope.parent
+        return False
 
     @classmethod
     def of_graph(cls, graph: onnx.GraphProto, parent: Scope | None, namespace: int) -> Scope:
@@ -57,12 +96,12 @@ def iter_scopes(model: onnx.ModelProto) -> Iterator[Scope]:
     def walk(scope: Scope) -> Iterator[Scope]:
         yield scope
         for node in list(scope.nodes):
-            for attr in node.attribute:
-                subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-                for g in subgraphs:
-                    inner = Scope.of_graph(g, scope, scope.namespace)
-                    inner.opset = scope.opset
-                    yield from walk(inner)
+            for label, g in subgraphs(node):
+                inner = Scope.of_graph(g, scope, scope.namespace)
+                inner.opset = scope.opset
+                inner.owner = node
+                inner.path = (*scope.path, (node.output[0] if node.output else node.name, label))
+                yield from walk(inner)
 
     def default_opset(imports: Iterable[onnx.OperatorSetIdProto]) -> int:
         return next((o.version for o in imports if o.domain in ("", "ai.onnx")), 0)
@@ -184,6 +223,25 @@ def _static_dims(name: str, scope: Scope, depth: int) -> list[int] | None:
             return [int(d.dim_value) for d in dims]
     value = _constant_value(name, scope, depth + 1)
     return None if isinstance(value, str) else [int(d) for d in value.shape]
+
+
+def stored_dims(name: str, scope: Scope) -> list[int] | None:
+    """The dims of the constant behind ``name`` — through Identity, Cast and DequantizeLinear, which keep
+    them — without reading its data; None when it is not a constant of fixed shape."""
+    current: Scope | None = scope
+    for _ in range(64):
+        if current is None:
+            return None
+        producer = current.producers.get(name)
+        if producer is not None and producer.op_type in ("Identity", "Cast", "DequantizeLinear") and producer.input:
+            name = producer.input[0]
+            continue
+        if name in current.initializers or producer is not None:
+            return _static_dims(name, current, 0)
+        if name in current.inputs:
+            return None
+        current = current.parent
+    return None
 
 
 def _fold_by_type(node: onnx.NodeProto, scope: Scope, depth: int) -> npt.NDArray[np.generic] | str:

@@ -16,13 +16,28 @@ import numpy.typing as npt
 import onnx
 from onnx import helper
 
-from ..cost import LayerCost
+from ..cost import LayerCost, total_cost
 from ..factorization import Factors, Kind
+from ..run_shapes import ModelShapes
 from ._graph import Names, Scope, WeightSource, add_constant, namespace_names, remove_unused, resolve_weight
 
-__all__ = ["FLOAT_TYPES", "NewNodes", "Rewriter", "Site", "apply_factors", "node_key"]
+__all__ = ["FLOAT_TYPES", "NewNodes", "Rewriter", "Site", "apply_factors", "node_key", "scope_label"]
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def scope_label(scope: Scope) -> str:
+    """Where a scope sits, for messages: ``the then_branch of If 'cond' in the body of Loop 'loop'``."""
+    parts = []
+    current: Scope | None = scope
+    while current is not None:
+        if current.owner is not None and current.path:
+            owner = current.owner
+            parts.append(f"the {current.path[-1][1]} of {owner.op_type} {owner.name or current.path[-1][0]!r}")
+        elif current.function is not None:
+            parts.append(f"function {current.function.name!r}")
+        current = current.parent
+    return " in ".join(parts) or "the main graph"
 
 
 def node_key(node: onnx.NodeProto, function: onnx.FunctionProto | None = None) -> str:
@@ -49,7 +64,29 @@ class Site:
     groups: int = 1
     kinds: dict[Kind, str | None] = field(default_factory=dict)
     cost: LayerCost | None = None
-    shape_known: bool = False
+    shape_known: bool = False  # the cost counts sizes a run saw (or inference fixed for every input), not a guess
+    ran: bool | None = None  # False: the layer did not run on the reference input; None: not known
+    executions: int = 1  # how many times the layer ran per inference on the reference input
+    input_shape: tuple[int, ...] | None = None  # its input on the reference input's first run: the size --measure times
+
+    def sizes(self, shapes: ModelShapes, name: str) -> list[tuple[int, ...]] | None:
+        """Each shape the tensor ``name`` had when this layer ran; records what was learnt on the site.
+
+        ``None`` when no size is known, ``[]`` when the layer did not run on the reference input; either
+        way the builder costs the layer at one output pixel (a cost the totals do not count, see ``shape_known``).
+        """
+        found = shapes.sizes(self.scope.path, name, self.scope.in_function)
+        if found is None:
+            return None
+        self.ran = bool(found.shapes) if found.exact else None
+        self.shape_known = found.exact and bool(found.shapes)
+        self.executions = len(found.shapes)
+        self.input_shape = found.shapes[0] if found.shapes else None
+        return found.shapes
+
+    def costed(self, costs: list[LayerCost]) -> LayerCost | None:
+        """The cost of all of the layer's runs."""
+        return total_cost(costs) if costs else None
 
     @property
     def weight_key(self) -> tuple[int, str] | None:

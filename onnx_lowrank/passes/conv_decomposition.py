@@ -56,8 +56,9 @@ from onnx import helper
 
 from ..cost import conv_cost, conv_transpose_cost
 from ..factorization import Factors, Kind
+from ..run_shapes import ModelShapes
 from ..shapes import Shape
-from ._graph import Scope, attrs, iter_scopes, resolve_weight
+from ._graph import Scope, attrs, iter_scopes, resolve_weight, stored_dims
 from ._rewrite import FLOAT_TYPES, Site, node_key
 
 __all__ = ["ConvSite", "ConvTransposeSite", "find_conv_sites"]
@@ -142,6 +143,32 @@ def _conv_attributes(a: dict[str, Any], weight_shape: tuple[int, ...]) -> tuple[
     )
 
 
+def _conv_output(
+    in_spatial: tuple[int, ...],
+    pads: tuple[int, ...] | None,
+    kernel: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilations: tuple[int, ...],
+) -> tuple[int, ...]:
+    """Output size of a conv; ``pads=None`` is SAME_* (``ceil(n / s)`` per axis)."""
+    r = len(kernel)
+    if pads is None:
+        return tuple(-(-n // s) for n, s in zip(in_spatial, strides, strict=True))
+    return tuple(
+        (n + pads[i] + pads[i + r] - ((k - 1) * d + 1)) // s + 1
+        for i, (n, k, s, d) in enumerate(zip(in_spatial, kernel, strides, dilations, strict=True))
+    )
+
+
+def _refused_weight_dims(node: onnx.NodeProto, scope: Scope) -> tuple[int, ...] | None:
+    """The kernel dims of a conv that is not decomposed (quantized, say), for its MACs; None when unknown."""
+    index = 3 if node.op_type == "QLinearConv" else 1
+    if len(node.input) <= index or not node.input[index]:
+        return None
+    dims = stored_dims(node.input[index], scope)
+    return tuple(dims) if dims is not None and len(dims) >= 3 and all(d > 0 for d in dims) else None
+
+
 def _spatial_reason(kernel: tuple[int, ...]) -> str | None:
     if len(kernel) < 2:
         return "1-D kernel: no vertical/horizontal split"
@@ -160,35 +187,39 @@ class ConvSite(Site):
     auto_pad: str = "NOTSET"
 
     @classmethod
-    def build(cls, node: onnx.NodeProto, scope: Scope, shapes: dict[str, Shape], key: str) -> ConvSite:
+    def build(cls, node: onnx.NodeProto, scope: Scope, shapes: ModelShapes, key: str) -> ConvSite:
         site = cls(key, node, scope)
         w = _weight_site(site, node, scope)
-        if w is None:
-            return site
+        if w is None:  # not decomposable; its MACs still count when the weight's dims are known
+            w = _refused_weight_dims(node, scope)
+            if w is None:
+                return site
         a = attrs(node)
         r = len(w) - 2
         site.groups, site.kernel_shape, site.strides, site.dilations = _conv_attributes(a, w)
-        in_spatial = _known(shapes.get(node.input[0]), r)
-        site.pads, site.auto_pad = _resolve_pads(_auto_pad(a), a.get("pads"), in_spatial, site.kernel_shape, site.strides, site.dilations)  # type: ignore[arg-type]
+        auto, pads_attr = _auto_pad(a), a.get("pads")
+        # explicit pads only from sizes that hold for every input: a model with dynamic axes stays dynamic
+        geometry = _known(shapes.static.get(node.input[0]), r)
+        site.pads, site.auto_pad = _resolve_pads(auto, pads_attr, geometry, site.kernel_shape, site.strides, site.dilations)  # type: ignore[arg-type]
         if site.groups < 1 or w[0] % site.groups:
-            site.reason = f"{w[0]} output channels do not split into {site.groups} groups"
+            site.reason = site.reason or f"{w[0]} output channels do not split into {site.groups} groups"
             return site
-        if in_spatial is not None:
-            if site.pads is not None:
-                out = tuple(
-                    (n + site.pads[i] + site.pads[i + r] - ((k - 1) * d + 1)) // s + 1
-                    for i, (n, k, s, d) in enumerate(zip(in_spatial, site.kernel_shape, site.strides, site.dilations, strict=True))
-                )
-            else:
-                out = tuple(-(-n // s) for n, s in zip(in_spatial, site.strides, strict=True))
-            site.shape_known = True
-        else:  # unknown size: count per output pixel, the input width being the width stride
+        bias = len(node.input) > 2 and bool(node.input[2])
+        runs = site.sizes(shapes, node.input[0])
+        costs = []
+        for run_shape in runs or []:
+            in_spatial = _known(run_shape, r)
+            if in_spatial is None:
+                continue
+            pads, _ = _resolve_pads(auto, pads_attr, in_spatial, site.kernel_shape, site.strides, site.dilations)  # type: ignore[arg-type]
+            out = _conv_output(in_spatial, pads, site.kernel_shape, site.strides, site.dilations)
+            costs.append(conv_cost(int(w[0]), int(w[1]), site.kernel_shape, site.groups, in_spatial, out, bias))
+        if not costs:  # unknown size, or did not run: count per output pixel, the input width being the width stride
             out = (1,) * r
-            in_spatial = (*out[:-1], site.strides[-1])
-        site.cost = conv_cost(
-            int(w[0]), int(w[1]), site.kernel_shape, site.groups, in_spatial, out, len(node.input) > 2 and bool(node.input[2])
-        )
-        site.kinds = {"spatial": _spatial_reason(site.kernel_shape), "channel": None}
+            costs = [conv_cost(int(w[0]), int(w[1]), site.kernel_shape, site.groups, (*out[:-1], site.strides[-1]), out, bias)]
+        site.cost = site.costed(costs)
+        if site.reason is None:
+            site.kinds = {"spatial": _spatial_reason(site.kernel_shape), "channel": None}
         return site
 
     def kernel(self) -> npt.NDArray[np.generic]:
@@ -247,7 +278,7 @@ class ConvTransposeSite(Site):
     in_spatial: tuple[int, ...] | None = None
 
     @classmethod
-    def build(cls, node: onnx.NodeProto, scope: Scope, shapes: dict[str, Shape], key: str) -> ConvTransposeSite:
+    def build(cls, node: onnx.NodeProto, scope: Scope, shapes: ModelShapes, key: str) -> ConvTransposeSite:
         site = cls(key, node, scope)
         w = _weight_site(site, node, scope)
         if w is None:
@@ -266,33 +297,42 @@ class ConvTransposeSite(Site):
         if "output_shape" in a:
             shape = [int(d) for d in a["output_shape"]]  # type: ignore[attr-defined]
             site.output_shape = tuple(shape[-r:])
-        in_spatial = _known(shapes.get(node.input[0]), r)
+        # splitting output_shape per axis writes the input width into the model: only from a size every input has
+        geometry = _known(shapes.static.get(node.input[0]), r)
         spatial_reason = _spatial_reason(site.kernel_shape)
-        if spatial_reason is None and site.output_shape is not None and in_spatial is None:
-            spatial_reason = "output_shape with unknown input width: cannot split it per axis"
-        if in_spatial is not None:
-            site.in_width = in_spatial[-1]
-            site.in_spatial = in_spatial
-            if site.output_shape is not None:
-                out = site.output_shape
-            elif site.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-                out = tuple(n * s for n, s in zip(in_spatial, site.strides, strict=True))
-            else:
-                out = tuple(
-                    s * (n - 1) + op + (k - 1) * d + 1 - site.pads[i] - site.pads[i + r]
-                    for i, (n, k, s, d, op) in enumerate(
-                        zip(in_spatial, site.kernel_shape, site.strides, site.dilations, site.output_padding, strict=True)
-                    )
+        if spatial_reason is None and site.output_shape is not None and geometry is None:
+            spatial_reason = "output_shape with an input width that is not fixed: cannot split it per axis"
+        if geometry is not None:
+            site.in_width = geometry[-1]
+            site.in_spatial = geometry
+        bias = len(node.input) > 2 and bool(node.input[2])
+        runs = site.sizes(shapes, node.input[0])
+        costs = []
+        for run_shape in runs or []:
+            in_spatial = _known(run_shape, r)
+            if in_spatial is not None:
+                costs.append(
+                    conv_transpose_cost(int(w[0]), int(w[1]), site.kernel_shape, site.groups, in_spatial, site._output(in_spatial), bias)
                 )
-            site.shape_known = True
-        else:
-            in_spatial = (1,) * r
-            out = tuple(site.strides)
-        site.cost = conv_transpose_cost(
-            int(w[0]), int(w[1]), site.kernel_shape, site.groups, in_spatial, out, len(node.input) > 2 and bool(node.input[2])
-        )
-        site.kinds = {"spatial": spatial_reason, "channel": "channel split is not offered for ConvTranspose"}
+        if not costs:
+            costs = [conv_transpose_cost(int(w[0]), int(w[1]), site.kernel_shape, site.groups, (1,) * r, tuple(site.strides), bias)]
+        site.cost = site.costed(costs)
+        if site.reason is None:
+            site.kinds = {"spatial": spatial_reason, "channel": "channel split is not offered for ConvTranspose"}
         return site
+
+    def _output(self, in_spatial: tuple[int, ...]) -> tuple[int, ...]:
+        r = len(self.kernel_shape)
+        if self.output_shape is not None:
+            return self.output_shape
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            return tuple(n * s for n, s in zip(in_spatial, self.strides, strict=True))
+        return tuple(
+            s * (n - 1) + op + (k - 1) * d + 1 - self.pads[i] - self.pads[i + r]
+            for i, (n, k, s, d, op) in enumerate(
+                zip(in_spatial, self.kernel_shape, self.strides, self.dilations, self.output_padding, strict=True)
+            )
+        )
 
     def layout_shape(self) -> tuple[int, ...]:
         assert self.weight is not None
@@ -369,7 +409,7 @@ class ConvTransposeSite(Site):
         )
 
 
-def find_conv_sites(model: onnx.ModelProto, shapes: dict[str, Shape]) -> list[Site]:
+def find_conv_sites(model: onnx.ModelProto, shapes: ModelShapes) -> list[Site]:
     """Every Conv, ConvTranspose, QLinearConv and ConvInteger node, in graph order, functions last."""
     sites: list[Site] = []
     for scope in iter_scopes(model):

@@ -21,6 +21,7 @@ sees in the cost model.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,13 +29,13 @@ import numpy.typing as npt
 import onnx
 from onnx import helper
 
-from ..cost import fc_cost
+from ..cost import LayerCost, fc_cost, fixed_cost
 from ..factorization import Factors, Kind
-from ..shapes import Shape
+from ..run_shapes import ModelShapes
 from ._graph import Scope, attrs, iter_scopes, resolve_weight
 from ._rewrite import FLOAT_TYPES, Site, node_key
 
-__all__ = ["FCSite", "find_fc_sites"]
+__all__ = ["FCSite", "find_fc_sites", "product_cost", "product_macs"]
 
 FC_OPS = {"Gemm", "MatMul"}
 
@@ -45,14 +46,16 @@ class FCSite(Site):
     trans_b: bool = False
 
     @classmethod
-    def build(cls, node: onnx.NodeProto, scope: Scope, shapes: dict[str, Shape], key: str) -> FCSite:
+    def build(cls, node: onnx.NodeProto, scope: Scope, shapes: ModelShapes, key: str) -> FCSite:
         site = cls(key, node, scope)
         if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             site.reason = f"{node.op_type} with {len(node.input)} inputs in domain {node.domain!r}"
             return site
+        a = attrs(node)
         weight = resolve_weight(node.input[1], scope)
         if isinstance(weight, str):
             site.reason = weight
+            site.cost = product_cost(site, shapes, a)
             return site
         w = weight.shape
         if weight.data_type not in FLOAT_TYPES or (weight.cast_to is not None and weight.cast_to not in FLOAT_TYPES):
@@ -65,24 +68,17 @@ class FCSite(Site):
             site.reason = "both MatMul inputs are constant"
             return site
         site.weight = weight
-        a = attrs(node)
         site.trans_b = node.op_type == "Gemm" and bool(a.get("transB", 0))
         out_features, in_features = (w[0], w[1]) if site.trans_b else (w[1], w[0])
-        x_shape = shapes.get(node.input[0])
-        rows = 1
-        if x_shape is not None and all(d is not None for d in x_shape):
-            dims = [int(d) for d in x_shape]  # type: ignore[arg-type]
-            if node.op_type == "Gemm":
-                rows = dims[1] if a.get("transA", 0) else dims[0]
-            else:
-                rows = math.prod(dims[:-1])
-            site.shape_known = True
         bias = 0
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-            c_shape = shapes.get(node.input[2])
+            c_shape = shapes.planning.get(node.input[2])
             bias = math.prod(int(d or 1) for d in c_shape) if c_shape else out_features
-        site.cost = fc_cost(rows, int(in_features), int(out_features), bias)
-        site.kinds = {"channel": None, "spatial": "fully connected layer: no spatial split"}
+        runs = site.sizes(shapes, node.input[0])
+        rows = [_rows(node.op_type, a, shape) for shape in runs] if runs else [1]  # unknown or did not run: one row
+        site.cost = site.costed([fc_cost(r, int(in_features), int(out_features), bias) for r in rows])
+        if site.reason is None:
+            site.kinds = {"channel": None, "spatial": "fully connected layer: no spatial split"}
         return site
 
     def layout_shape(self) -> tuple[int, ...]:
@@ -128,7 +124,50 @@ class FCSite(Site):
         )
 
 
-def find_fc_sites(model: onnx.ModelProto, shapes: dict[str, Shape]) -> list[Site]:
+def _rows(op_type: str, node_attrs: dict[str, object], x_shape: tuple[int, ...]) -> int:
+    """Rows the weight multiplies: every vector of a MatMul's leading axes; a Gemm's M."""
+    if op_type == "Gemm":
+        return int(x_shape[1] if node_attrs.get("transA", 0) else x_shape[0]) if len(x_shape) == 2 else 1
+    return math.prod(x_shape[:-1]) if x_shape else 1
+
+
+def product_macs(op_type: str, node_attrs: dict[str, object], a: Sequence[int], b: Sequence[int]) -> int | None:
+    """MACs of ``A·B`` (MatMul with numpy broadcasting, or Gemm with its transposes); None for shapes that do not fit."""
+    if op_type == "Gemm":
+        if len(a) != 2 or len(b) != 2:
+            return None
+        m, k = (a[1], a[0]) if node_attrs.get("transA", 0) else (a[0], a[1])
+        n = b[0] if node_attrs.get("transB", 0) else b[1]
+        return int(m * k * n)
+    if not a or not b:
+        return None
+    a2 = list(a) if len(a) > 1 else [1, a[0]]
+    b2 = list(b) if len(b) > 1 else [b[0], 1]
+    try:
+        batch = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))
+    except ValueError:
+        return None
+    return int(math.prod(batch) * a2[-2] * a2[-1] * b2[-1])
+
+
+def product_cost(site: Site, shapes: ModelShapes, node_attrs: dict[str, object], first: int = 0, second: int = 1) -> LayerCost | None:
+    """MACs of a product whose operands are not a constant weight (attention's ``Q·Kᵀ``): not decomposed, but counted."""
+    node = site.node
+    a_runs = site.sizes(shapes, node.input[first])
+    b_sizes = shapes.sizes(site.scope.path, node.input[second], site.scope.in_function)
+    if a_runs is None or b_sizes is None:
+        return None
+    b_runs = b_sizes.shapes * len(a_runs) if len(b_sizes.shapes) == 1 else b_sizes.shapes  # a constant operand is one shape
+    if len(b_runs) != len(a_runs):
+        return None
+    op = "Gemm" if node.op_type == "Gemm" else "MatMul"
+    macs = [product_macs(op, node_attrs, a, b) for a, b in zip(a_runs, b_runs, strict=True)]
+    if any(m is None for m in macs):
+        return None
+    return site.costed([fixed_cost(int(m)) for m in macs if m is not None])
+
+
+def find_fc_sites(model: onnx.ModelProto, shapes: ModelShapes) -> list[Site]:
     """Every Gemm and MatMul with a constant weight; others are reported with a reason."""
     sites: list[Site] = []
     for scope in iter_scopes(model):

@@ -1,0 +1,404 @@
+"""The sizes that really run: static shape inference, then one onnxruntime run where it falls short.
+
+The cost model needs the input size of every MAC-carrying layer. Static shape
+inference (with data propagation) knows it for most CNNs, but not behind a
+Reshape, Pad or Resize whose shape is computed at run time from a
+Shape/Concat chain (OCR recognisers reshape their conv features into a
+sequence, detectors build grids from the input size), and not inside control
+flow: of an ``If`` only one branch runs per call, and a ``Loop``/``Scan`` body
+runs once per iteration. So wherever inference leaves a layer's size unknown,
+or a layer sits in a subgraph, the model is run once on a concrete *reference
+input* and the sizes are read off that run.
+
+The run: a copy of the graph (the weights are not copied; they are streamed
+into the file onnxruntime loads) gets a ``Shape`` node on the input of every
+layer of interest — Conv, ConvTranspose, QLinearConv, ConvInteger, Gemm,
+MatMul, MatMulInteger, QLinearMatMul, LSTM, GRU, RNN — in the graph that holds
+the layer. A probe in a subgraph is passed out through its owner: an extra
+output of both ``If`` branches (the branch that did not run yields a ``-1``
+sentinel, and a marker output says which branch ran), an extra scan output of
+a ``Loop`` or ``Scan`` body (stacked over the iterations, so the rows give one
+shape per iteration and their number the trip count). Only int64 shape vectors
+leave the session, never activations.
+
+The reference input is, in order: the given reference (the first calibration
+sample), else a seeded random input of the ``--input-shape`` / declared shapes
+with a symbolic first (batch) dim taken as 1. An input with another symbolic
+dim and no ``--input-shape`` has no size to guess: the result then names it
+(:attr:`ModelShapes.missing_inputs`) and the layers whose size inference left
+unknown stay unknown — callers refuse to plan on them or, when asked to, count
+them at one output pixel.
+
+Preconditions and limits: layers inside model-local functions are not probed
+(onnxruntime inlines function bodies; their sizes stay unknown); a model that
+onnxruntime cannot run on the reference input is an error naming the input
+(the instrumented copy is retried without probes to tell the two apart). The
+sizes hold for the reference input: for a model with dynamic axes they are the
+sizes of that input, and the plan's MACs say so.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import LowRankError
+from .model_io import PROTOBUF_LIMIT, copy_fields, estimated_size, write_model
+from .passes._graph import GraphPath, Names, namespace_names, subgraphs
+from .runtime import first_line, make_session
+from .shapes import Shape, concrete_input_shapes, infer_shapes, input_specs, random_feed
+
+__all__ = ["MAC_OPS", "ControlFlow", "ModelShapes", "TensorSizes", "resolve_shapes"]
+
+# the operators that carry a model's multiply-accumulates: the cost model counts every one of them
+MAC_OPS = frozenset(
+    {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "LSTM", "GRU", "RNN"}
+)
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+# the operand of each MAC op whose size sets its cost (QLinearMatMul's second activation is input 3)
+_PROBED_INPUTS = {"QLinearMatMul": (0, 3), "Gemm": (0, 1), "MatMul": (0, 1), "MatMulInteger": (0, 1)}
+
+Key = tuple[GraphPath, str]  # a tensor as read in one graph of the model
+
+
+@dataclass
+class ControlFlow:
+    """A control-flow node that holds layers, and how it ran on the reference input.
+
+    ``runs``: for an ``If``, how many times each branch ran (``then_branch``/``else_branch``); for a
+    ``Loop``/``Scan``, ``{"body": iterations}`` summed over the executions of the node itself.
+    """
+
+    node: str
+    op_type: str
+    path: GraphPath  # the graph holding the node
+    key: str  # its first output: the subgraphs' GraphPath entries name it so
+    runs: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def taken(self) -> list[str]:
+        return [branch for branch, count in self.runs.items() if count]
+
+
+@dataclass
+class TensorSizes:
+    """The shapes a tensor had each time its reader ran (``[]``: never ran), and whether they are observed.
+
+    ``exact`` is False when no run saw them: a static shape counted as running once.
+    """
+
+    shapes: list[tuple[int, ...]]
+    exact: bool
+
+
+@dataclass
+class ModelShapes:
+    """One source of sizes for every consumer: the cost model, the allocations, ``--measure``, the refit, ``inspect``."""
+
+    static: dict[str, Shape]  # from the declared input shapes only: holds for every input (explicit pads come from these)
+    planning: dict[str, Shape]  # static inference with the reference input's shapes
+    observed: dict[Key, list[tuple[int, ...]]] = field(default_factory=dict)  # from the run: each execution's shape
+    source: Literal["static", "run", "unknown"] = "static"
+    reference: dict[str, npt.NDArray[Any]] | None = None  # the input the run used (or would use)
+    reference_from: str = ""  # where the reference input came from, for the report
+    missing_inputs: dict[str, str] = field(default_factory=dict)  # inputs that need --input-shape, and why
+    control_flow: list[ControlFlow] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def sizes(self, path: GraphPath, name: str, in_function: bool = False) -> TensorSizes | None:
+        """The shapes ``name`` had when read in the graph at ``path``; None when unknown."""
+        if in_function:
+            return None
+        if (path, name) in self.observed:
+            return TensorSizes(self.observed[(path, name)], True)
+        shape = self.planning.get(name)
+        if shape is None or any(d is None for d in shape):
+            return None
+        # a main-graph tensor whose size inference fixed runs once per inference; one in a subgraph was
+        # not seen by a run, so how often it runs is not known
+        return TensorSizes([tuple(int(d) for d in shape)], exact=not path)  # type: ignore[arg-type]
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes of the reference input (empty when none could be built)."""
+        return {name: tuple(value.shape) for name, value in (self.reference or {}).items()}
+
+
+def _nodes(graph: onnx.GraphProto, path: GraphPath = ()) -> Iterator[tuple[GraphPath, onnx.NodeProto]]:
+    for node in graph.node:
+        yield path, node
+        for label, g in subgraphs(node):
+            yield from _nodes(g, (*path, (node.output[0] if node.output else node.name, label)))
+
+
+def _probes_wanted(model: onnx.ModelProto) -> dict[GraphPath, list[str]]:
+    """The tensors to probe, by graph: the sizing operands of every MAC op of the main graph tree."""
+    wanted: dict[GraphPath, list[str]] = {}
+    for path, node in _nodes(model.graph):
+        if node.op_type not in MAC_OPS:
+            continue
+        for index in _PROBED_INPUTS.get(node.op_type, (0,)):
+            if index < len(node.input) and node.input[index]:
+                names = wanted.setdefault(path, [])
+                if node.input[index] not in names:
+                    names.append(node.input[index])
+    return wanted
+
+
+def _needs_run(model: onnx.ModelProto, wanted: Mapping[GraphPath, list[str]], planning: Mapping[str, Shape]) -> bool:
+    """A run is needed when a layer sits in a subgraph or inference left one of its operands' sizes open."""
+    if any(path for path in wanted):
+        return True
+    return any(planning.get(name) is None or any(d is None for d in planning[name]) for name in wanted.get((), []))
+
+
+@dataclass
+class _Probe:
+    output: str  # the main-graph output that carries it
+    key: Key | None  # the probed tensor (None: an If marker)
+    marker_of: ControlFlow | None = None  # for markers: which If, and which branch wrote 1
+    loops: list[ControlFlow] = field(default_factory=list)  # Loop/Scan nodes it is stacked under, outermost first
+
+
+class _Instrumenter:
+    """Adds the probes to a copy of the graph (see the module docstring)."""
+
+    def __init__(self, names: Names, wanted: Mapping[GraphPath, list[str]], ranks: Mapping[str, int]) -> None:
+        self.names = names
+        self.wanted = wanted
+        self.ranks = ranks
+        self.control_flow: list[ControlFlow] = []
+
+    def _holds_probes(self, path: GraphPath) -> bool:
+        return any(p[: len(path)] == path for p in self.wanted if len(p) >= len(path))
+
+    def graph(self, graph: onnx.GraphProto, path: GraphPath) -> list[tuple[str, _Probe, int]]:
+        """Probe ``graph``; returns (output name in this graph, probe, rank of the shape vector) per probe."""
+        out: list[tuple[str, _Probe, int]] = []
+        for name in self.wanted.get(path, []):
+            shape_out = self.names.fresh(f"lowrank_probe/{name}")
+            graph.node.append(helper.make_node("Shape", [name], [shape_out], name=self.names.fresh("lowrank_probe/Shape")))
+            out.append((shape_out, _Probe(shape_out, (path, name)), self.ranks.get(name, 1)))
+        for node in list(graph.node):
+            if node.op_type not in CONTROL_FLOW or node.domain not in ("", "ai.onnx"):
+                continue
+            key = node.output[0] if node.output else node.name
+            inner = [(label, g, (*path, (key, label))) for label, g in subgraphs(node)]
+            if not any(self._holds_probes(p) for _, _, p in inner):
+                continue
+            flow = ControlFlow(node.name or key, node.op_type, path, key)
+            self.control_flow.append(flow)
+            if node.op_type == "If":
+                out += self._if(graph, node, flow, inner)
+            else:
+                out += self._loop(node, flow, inner[0][1], inner[0][2])
+        return out
+
+    def _constant(self, graph: onnx.GraphProto, values: Sequence[int]) -> str:
+        name = self.names.fresh("lowrank_probe/constant")
+        tensor = numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+        graph.node.append(helper.make_node("Constant", [], [name], name=self.names.fresh("lowrank_probe/Constant"), value=tensor))
+        return name
+
+    def _sentinel(self, graph: onnx.GraphProto, rank: int, loops: int) -> str:
+        """What a branch that holds no such probe yields: ``-1`` s, or no rows at all for a probe stacked by loops."""
+        if not loops:
+            return self._constant(graph, [-1] * rank)
+        name = self.names.fresh("lowrank_probe/empty")
+        tensor = numpy_helper.from_array(np.zeros((0,) * loops + (rank,), dtype=np.int64), name)
+        graph.node.append(helper.make_node("Constant", [], [name], name=self.names.fresh("lowrank_probe/Constant"), value=tensor))
+        return name
+
+    def _if(
+        self, graph: onnx.GraphProto, node: onnx.NodeProto, flow: ControlFlow, inner: list[tuple[str, onnx.GraphProto, GraphPath]]
+    ) -> list[tuple[str, _Probe, int]]:
+        found = {label: self.graph(g, p) for label, g, p in inner}
+        out: list[tuple[str, _Probe, int]] = []
+        # every branch yields every probe: its own, and sentinels of the same length for the others' probes
+        for owner_label, probes in found.items():
+            for name, probe, rank in probes:
+                merged = self.names.fresh(f"{name}/if")
+                for label, g, _ in inner:
+                    value = name if label == owner_label else self._sentinel(g, rank, len(probe.loops))
+                    _set_output(g, len(g.output), value)
+                node.output.append(merged)
+                probe.output = merged
+                out.append((merged, probe, rank))
+        marker = self.names.fresh("lowrank_probe/branch")
+        for label, g, _ in inner:
+            _set_output(g, len(g.output), self._constant(g, [1 if label == "then_branch" else 0]))
+        node.output.append(marker)
+        out.append((marker, _Probe(marker, None, marker_of=flow), 1))
+        return out
+
+    def _loop(self, node: onnx.NodeProto, flow: ControlFlow, body: onnx.GraphProto, path: GraphPath) -> list[tuple[str, _Probe, int]]:
+        probes = self.graph(body, path)
+        out: list[tuple[str, _Probe, int]] = []
+        for name, probe, rank in probes:
+            _set_output(body, len(body.output), name)  # a scan output: stacked over the iterations
+            stacked = self.names.fresh(f"{name}/stacked")
+            node.output.append(stacked)
+            if node.op_type == "Scan":
+                for attr in node.attribute:
+                    if attr.name in ("scan_output_axes", "scan_output_directions"):
+                        attr.ints.append(0)
+            probe.output = stacked
+            probe.loops.insert(0, flow)
+            out.append((stacked, probe, rank))
+        return out
+
+
+def _set_output(graph: onnx.GraphProto, index: int, name: str) -> None:
+    """Make ``name`` the graph's output number ``index`` (appending; a graph output may repeat a name)."""
+    assert index == len(graph.output)
+    graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+
+
+def _instrumented(
+    model: onnx.ModelProto, wanted: Mapping[GraphPath, list[str]], ranks: Mapping[str, int]
+) -> tuple[onnx.ModelProto, _Instrumenter, list[_Probe]]:
+    """A copy of ``model`` without its main-graph initializers, probed; the initializers are written separately."""
+    shell = onnx.ModelProto()
+    copy_fields(model, shell, skip=("graph",))
+    copy_fields(model.graph, shell.graph, skip=("initializer",))
+    instrumenter = _Instrumenter(namespace_names(model)[0], wanted, ranks)
+    found = instrumenter.graph(shell.graph, ())
+    for name, _, _ in found:
+        _set_output(shell.graph, len(shell.graph.output), name)
+    return shell, instrumenter, [probe for _, probe, _ in found]
+
+
+def _session_for(model: onnx.ModelProto, shell: onnx.ModelProto, tmp: Path) -> Any:
+    """An onnxruntime session of ``shell`` with ``model``'s initializers, built from a file streamed to ``tmp``."""
+    if estimated_size(model) > PROTOBUF_LIMIT:
+        full = onnx.ModelProto()
+        full.CopyFrom(shell)
+        full.graph.initializer.extend(model.graph.initializer)
+        return make_session(full, optimization="basic")
+    path = tmp / "probed.onnx"
+    write_model(shell, path, initializers=model.graph.initializer)
+    return make_session(str(path), optimization="basic")
+
+
+def _run(model: onnx.ModelProto, shell: onnx.ModelProto, feeds: Mapping[str, Any], names: list[str]) -> list[Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        session = _session_for(model, shell, Path(tmp))
+        wanted = {i.name for i in session.get_inputs()}
+        return list(session.run(names, {k: v for k, v in feeds.items() if k in wanted}))
+
+
+def _reference(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None, reference: Mapping[str, Any] | None
+) -> tuple[dict[str, npt.NDArray[Any]] | None, str, dict[str, str]]:
+    """The reference input, where it comes from, and the inputs that have no size (then the input is None)."""
+    specs = input_specs(model)
+    if reference is not None:
+        absent = [spec.name for spec in specs if spec.name not in reference]
+        if absent:
+            raise LowRankError(f"the reference input lacks model input(s) {', '.join(absent)}")
+        return {spec.name: np.asarray(reference[spec.name]) for spec in specs}, "the first calibration sample", {}
+    shapes, missing = concrete_input_shapes(specs, input_shapes)
+    if missing:
+        return None, "", missing
+    return random_feed(specs, shapes), "a random input", {}
+
+
+def resolve_shapes(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    reference: Mapping[str, Any] | None = None,
+) -> ModelShapes:
+    """Sizes of every layer's operands (see the module docstring).
+
+    ``input_shapes`` fix symbolic input dims (``--input-shape``); ``reference`` is a concrete input
+    (one sample of each input, batch axis included) that takes precedence. A size given to an input
+    whose dims are symbolic is always run once, even when inference alone knows every layer's size:
+    the run is what checks that the model accepts it.
+    """
+    start = time.perf_counter()
+    specs = input_specs(model)
+    feeds, reference_from, missing = _reference(model, input_shapes, reference)
+    overrides = {name: tuple(v.shape) for name, v in feeds.items()} if feeds is not None else dict(input_shapes or {})
+    static = infer_shapes(model)
+    planning = infer_shapes(model, overrides) if overrides else static
+    result = ModelShapes(static, planning, reference=feeds, reference_from=reference_from, missing_inputs=missing)
+    wanted = _probes_wanted(model)
+    sized = set(input_shapes or {}) | set(reference or {})
+    given_dynamic = any(spec.name in sized and (spec.dims is None or any(not isinstance(d, int) for d in spec.dims[1:])) for spec in specs)
+    if not (_needs_run(model, wanted, planning) or given_dynamic):
+        result.seconds = time.perf_counter() - start
+        return result
+    if feeds is None:
+        result.source = "unknown"
+        result.seconds = time.perf_counter() - start
+        return result
+    ranks = {name: len(shape) for name, shape in planning.items()}
+    shell, instrumenter, probes = _instrumented(model, wanted, ranks)
+    names = [probe.output for probe in probes]
+    try:
+        values = _run(model, shell, feeds, names)
+    except LowRankError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types
+        _explain_failure(model, feeds, reference_from)
+        result.source = "unknown"
+        result.warnings.append(f"the sizes could not be read from a run ({first_line(exc)}); sizes inference left open stay unknown")
+        result.seconds = time.perf_counter() - start
+        return result
+    result.source = "run"
+    result.control_flow = instrumenter.control_flow
+    _read(result, probes, values)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _explain_failure(model: onnx.ModelProto, feeds: Mapping[str, Any], reference_from: str) -> None:
+    """Raise the user's error when the model itself rejects the reference input; return when only the probes failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shell = onnx.ModelProto()
+        copy_fields(model, shell, skip=("graph",))
+        copy_fields(model.graph, shell.graph, skip=("initializer",))
+        try:
+            session = _session_for(model, shell, Path(tmp))
+            wanted = {i.name for i in session.get_inputs()}
+            session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        except LowRankError:
+            raise
+        except Exception as plain:  # onnxruntime raises its own exception types
+            shapes = ", ".join(f"{k}={','.join(map(str, np.shape(v)))}" for k, v in feeds.items())
+            raise LowRankError(f"onnxruntime cannot run the model on {reference_from} ({shapes}): {first_line(plain)}") from None
+
+
+def _read(result: ModelShapes, probes: list[_Probe], values: list[Any]) -> None:
+    for probe, value in zip(probes, values, strict=True):
+        array = np.asarray(value, dtype=np.int64)
+        if probe.marker_of is not None:
+            flags = array.reshape(-1)
+            flow = probe.marker_of
+            flow.runs["then_branch"] = flow.runs.get("then_branch", 0) + int(np.sum(flags == 1))
+            flow.runs["else_branch"] = flow.runs.get("else_branch", 0) + int(np.sum(flags == 0))
+            continue
+        assert probe.key is not None
+        rank = array.shape[-1] if array.ndim else 0
+        rows = array.reshape(-1, rank) if rank else np.zeros((0, 0), np.int64)
+        shapes = [tuple(int(d) for d in row) for row in rows if not np.any(row < 0)]
+        result.observed[probe.key] = shapes
+        if probe.loops:
+            # the leading axes of a stacked probe are the iterations of each enclosing loop
+            iterations = int(np.prod(array.shape[: len(probe.loops)])) if array.ndim > len(probe.loops) else 0
+            innermost = probe.loops[-1]
+            innermost.runs["body"] = max(innermost.runs.get("body", 0), iterations)
+        if not probe.key[0] and shapes:
+            result.planning[probe.key[1]] = shapes[0]
+    for flow in result.control_flow:
+        if flow.op_type in ("Loop", "Scan") and "body" not in flow.runs:
+            flow.runs["body"] = 0
