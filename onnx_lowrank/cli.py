@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompose, inspect
 from .errors import LowRankError
-from .model_io import load_model_with_layout, save_model
+from .model_io import load_model_with_layout, plain_mode, save_model
 from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .verify import KernelTimes, VerifyResult, verify
 
@@ -425,6 +425,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        plain_mode(Path(tmp))  # mkstemp makes the file 0600; a report is a plain file others may read
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -31,6 +31,7 @@ __all__ = [
     "estimated_size",
     "load_model",
     "load_model_with_layout",
+    "plain_mode",
     "save_model",
     "uses_external_data",
     "write_model",
@@ -101,7 +102,7 @@ def load_model_with_layout(path: str | os.PathLike[str]) -> tuple[onnx.ModelProt
     return model, external
 
 
-def _plain_mode(path: Path) -> None:
+def plain_mode(path: Path) -> None:
     """The mode a plainly created file gets (0666 less the umask): onnx writes external data 0600, which
     would leave the weights unreadable to the other users of a model the model file itself is shared with."""
     umask = os.umask(0)
@@ -261,12 +262,12 @@ def save_model(
             # save_model moved the tensors out of `model`; bring them back so the caller's object is unchanged
             external_data_helper.load_external_data_for_model(model, str(staging))
             if (staging / data_name).exists():  # absent when every tensor is under the size threshold
-                _plain_mode(staging / data_name)
+                plain_mode(staging / data_name)
                 moved = dest.parent / data_name
                 os.replace(staging / data_name, moved)
         else:
             write_model(model, staged)
-        _plain_mode(staged)
+        plain_mode(staged)
         os.replace(staged, dest)
     except OSError as exc:
         if moved is not None:
