@@ -7,9 +7,12 @@ start and imports included: what a user waits for), with its peak resident set
 size taken from ``os.wait4`` (the kernel's ``ru_maxrss`` of that one child):
 
 (a) ``python -c "onnx.save(onnx.load(IN), COPY)"``;
-(b) ``python -m onnx_lowrank decompose IN OUT --speedup 2 --quiet --report R.json``.
+(b) ``python -m onnx_lowrank decompose IN OUT --speedup 2 --quiet --report R.json``;
+(c) the same on a copy of IN whose input height and width are symbolic, with ``--input-shape`` giving
+    224x224: the sizes then come from one onnxruntime run of the model (``onnx_lowrank/run_shapes.py``),
+    so (c) − (b) is what that run costs on the largest model of the zoo.
 
-The steps alternate (a, b, a, b, …) ``--repeat`` times; times are medians, peaks
+The steps alternate (a, b, c, a, b, c, …) ``--repeat`` times; times are medians, peaks
 the largest seen. Targets: time(b) / time(a) ≤ 2 and peak RSS(b) / file size ≤
 2.5. Exactness, from the ``--report`` JSON: every decomposed layer's
 ``relative_error`` (measured on the stored factors) within 1e-6 of its
@@ -80,6 +83,21 @@ def remove_model(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def _symbolic_copy(source: Path, target: Path) -> tuple[str, list[int]]:
+    """A copy of the model whose input height and width are symbolic; the input's name and its real shape."""
+    import onnx
+
+    model = onnx.load(str(source))
+    value = model.graph.input[0]
+    dims = value.type.tensor_type.shape.dim
+    shape = [d.dim_value or 1 for d in dims]
+    for axis, name in ((2, "height"), (3, "width")):
+        dims[axis].Clear()
+        dims[axis].dim_param = name
+    onnx.save(model, str(target))
+    return value.name, shape
+
+
 def exactness(report_path: Path) -> dict[str, Any]:
     """Per decomposed layer: the stored factors' error against the Eckart–Young optimum."""
     report = json.loads(report_path.read_text())
@@ -131,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"models/make_vgg.py failed: {build['output_tail']}")
         size = model_bytes(source)
         result["model"].update(file_bytes=size, build=build)
+        dynamic = workdir / "vgg16.dynamic.onnx"
+        input_name, input_shape = _symbolic_copy(source, dynamic)
         # interpreter start and imports are part of both steps' wall time; recorded to show how much of each they are
         result["startup"] = {
             "import onnx": run_measured([python, "-c", "import onnx"], workdir / "startup.log"),
@@ -138,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         plain: list[dict[str, Any]] = []
         lowrank: list[dict[str, Any]] = []
+        sized: list[dict[str, Any]] = []
         for i in range(repeat):
             a = run_measured([python, "-c", LOAD_SAVE, str(source), str(copy)], workdir / "load_save.log")
             remove_model(copy)
@@ -150,12 +171,22 @@ def main(argv: list[str] | None = None) -> int:
             if b["returncode"] != 0:
                 raise SystemExit(f"onnx-lowrank decompose failed: {b['output_tail']}")
             lowrank.append(b)
+            given = f"{input_name}={','.join(map(str, input_shape))}"
+            c_command = [python, "-m", "onnx_lowrank", "decompose", str(dynamic), str(converted), "--speedup", SPEEDUP, "--quiet"]
+            c = run_measured([*c_command, "--input-shape", given, "--report", str(workdir / "sized.json")], workdir / "sized.log")
+            remove_model(converted)
+            if c["returncode"] != 0:
+                raise SystemExit(f"onnx-lowrank decompose --input-shape failed: {c['output_tail']}")
+            c["sizes"] = json.loads((workdir / "sized.json").read_text())["shapes"]
+            sized.append(c)
             log(
                 f"round {i + 1}/{repeat}: load+save {a['seconds']:.2f} s, {a['peak_rss_bytes'] / 2**20:.0f} MiB; "
-                f"decompose {b['seconds']:.2f} s, {b['peak_rss_bytes'] / 2**20:.0f} MiB"
+                f"decompose {b['seconds']:.2f} s, {b['peak_rss_bytes'] / 2**20:.0f} MiB; "
+                f"with a sizing run {c['seconds']:.2f} s ({c['sizes']['seconds']:.2f} s in the run), {c['peak_rss_bytes'] / 2**20:.0f} MiB"
             )
         result["load_save"] = plain
         result["decompose"] = lowrank
+        result["decompose_sized_by_a_run"] = sized
         result["exactness"] = exactness(report)
     finally:
         if not args.workdir:
@@ -163,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
 
     time_a = statistics.median(r["seconds"] for r in plain)
     time_b = statistics.median(r["seconds"] for r in lowrank)
+    time_c = statistics.median(r["seconds"] for r in sized)
+    run_c = statistics.median(r["sizes"]["seconds"] for r in sized)
     peak_a = max(r["peak_rss_bytes"] for r in plain)
     peak_b = max(r["peak_rss_bytes"] for r in lowrank)
+    peak_c = max(r["peak_rss_bytes"] for r in sized)
     result["summary"] = {
         "file_bytes": size,
         "load_save_seconds": time_a,
@@ -179,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         "rss_target_met": peak_b / size <= RSS_TARGET,
         "exactness_tolerance": EXACTNESS,
         "exactness_met": result["exactness"]["passed"],
+        "sized_by_a_run_seconds": time_c,
+        "sizing_run_seconds": run_c,
+        "sized_by_a_run_peak_rss_bytes": peak_c,
         "load_average_after": machine_info()["load_average"],
     }
     write_json(out, result)
@@ -193,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ["onnx.load + onnx.save", fmt(time_a, ".2f"), fmt(peak_a / mib, ".0f"), fmt(peak_a / size, ".2f", "x")],
         [f"onnx-lowrank decompose --speedup {SPEEDUP}", fmt(time_b, ".2f"), fmt(peak_b / mib, ".0f"), fmt(peak_b / size, ".2f", "x")],
+        [
+            f"the same, symbolic H/W and --input-shape (sizes from a run: {run_c:.2f} s)",
+            fmt(time_c, ".2f"),
+            fmt(peak_c / mib, ".0f"),
+            fmt(peak_c / size, ".2f", "x"),
+        ],
     ]
     print(markdown_table(["step", "wall s", "peak RSS (MiB)", "peak RSS / file"], rows))
     print()
