@@ -36,6 +36,7 @@ class LayerReport:
     groups: int | None = None
     shape_known: bool = False
     sensitivity: list[list[float]] | None = None  # with calibration: [rank, damage to the outputs] measured alone
+    quantized: str | None = None  # with quantize: the form its node(s) run in ("int8 (QDQ)", "ConvInteger", "float")
 
     @property
     def mac_ratio(self) -> float:
@@ -55,6 +56,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)  # what the user should know about the plan (one line each)
     latency: dict[str, Any] = field(default_factory=dict)  # with --measure: predicted and measured speedup, per round
     calibration: dict[str, Any] = field(default_factory=dict)  # with calibration data: samples, sensitivity cost, refit per layer
+    mobile: dict[str, Any] = field(default_factory=dict)  # with mobile_safe: coverage before/after, layers kept whole
+    quantization: dict[str, Any] = field(default_factory=dict)  # with quantize: mode, types, samples, nodes quantized
     seconds: float = 0.0
 
     @property
