@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompose, inspect
 from .errors import LowRankError
+from .mobile import EP_NAMES, MobileCoverage
 from .model_io import load_model_with_layout, save_model
 from .report import InspectLayer, Report, unsized_warning
 from .verify import KernelTimes, VerifyResult, verify
@@ -404,8 +405,6 @@ def format_inspect(layers: list[InspectLayer]) -> str:
 
 def format_mobile_summary(mobile: dict[str, Any]) -> str:
     """One line per EP: partitions of the original and the decomposed model, and the layers kept whole."""
-    from .mobile import EP_NAMES
-
     parts = []
     for key, name in EP_NAMES.items():
         before, after = mobile["original"][key], mobile["candidate"][key]
@@ -416,14 +415,8 @@ def format_mobile_summary(mobile: dict[str, Any]) -> str:
     return f"mobile partitions (onnxruntime's checker): {', '.join(parts)}; {len(kept)} layer(s) kept whole by --mobile-safe"
 
 
-def _coverage_cell(ep: Any) -> str:
-    return f"{ep.partitions}  {ep.supported_nodes}/{ep.total_nodes}"
-
-
-def format_mobile(original: Any, candidate: Any | None = None) -> str:
+def format_mobile(original: MobileCoverage, candidate: MobileCoverage | None = None) -> str:
     """Coverage per mobile EP (onnxruntime's usability checker); with ``candidate``, original and candidate side by side."""
-    from .mobile import EP_NAMES
-
     sides = [("original", original)] + ([("candidate", candidate)] if candidate is not None else [])
     dynamic = bool(original.dynamic_inputs) or (candidate is not None and bool(candidate.dynamic_inputs))
     header = ["EP"]

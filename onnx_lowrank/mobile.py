@@ -72,6 +72,7 @@ __all__ = [
     "MobileCoverage",
     "OrtFiles",
     "StagedOrt",
+    "captured_logs",
     "coverage",
     "is_ort_format",
     "layers_adding_partitions",
@@ -132,7 +133,7 @@ def install_file(staged: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def _captured_logs() -> Iterator[list[str]]:
+def captured_logs() -> Iterator[list[str]]:
     """Route Python logging to a list for the duration (onnxruntime's tools log progress at INFO to stderr)."""
     records: list[str] = []
 
@@ -208,7 +209,7 @@ def staged_ort(model: ModelLike, path: str | os.PathLike[str], *, target_platfor
             save_model(loaded, source, external_data=external)
             del loaded
         out = staging / "out"
-        with _captured_logs(), contextlib.redirect_stdout(io.StringIO()):
+        with captured_logs(), contextlib.redirect_stdout(io.StringIO()):
             try:
                 convert_onnx_models_to_ort(
                     source, output_dir=out, optimization_styles=[OptimizationStyle.Fixed], target_platform=target_platform
@@ -409,6 +410,32 @@ def _prepared(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None
     return prepared
 
 
+def _builder_checker(
+    usability_checker: Any, table: Path, ep: str, initializers: Mapping[str, list[int]], dequantized: Mapping[str, list[int]]
+) -> Any:
+    """onnxruntime's supported-ops lookup for ``table``, then the EP builder's Conv limits (:func:`_conv_refusal`);
+    ``.refused`` collects the nodes refused by those limits, with the reason."""
+
+    class BuilderChecker(usability_checker._SupportedOpsChecker):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(table)
+            self.refused: dict[str, str] = {}
+            # a weight behind DequantizeLinear of a constant is a quantized constant to an EP that takes QDQ units
+            takes_qdq = "ai.onnx:DequantizeLinear" in self._ops
+            self.weights = {**initializers, **dequantized} if takes_qdq else dict(initializers)
+
+        def is_op_supported(self, node: onnx.NodeProto) -> bool:
+            if not super().is_op_supported(node):
+                return False
+            why = _conv_refusal(ep, node, self.weights, dequantized)
+            if why is not None:
+                self.refused[node.name] = why
+                return False
+            return True
+
+    return BuilderChecker()
+
+
 def _splitting_nodes(groups: list[list[onnx.NodeProto]], producers: Any, consumers: Any, nodes: list[onnx.NodeProto]) -> list[int]:
     """Indices (in ``nodes``) of unsupported nodes with partitions on both sides, reached through unsupported nodes only."""
     group_of = {id(n): i for i, group in enumerate(groups) for n in group}
@@ -449,12 +476,11 @@ def coverage(model: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | No
         from onnxruntime.tools.mobile_helpers import usability_checker
     except ImportError as exc:
         raise LowRankError(f"this onnxruntime has no mobile usability checker ({exc})") from None
-    with tempfile.TemporaryDirectory() as tmp, _captured_logs():
+    with tempfile.TemporaryDirectory() as tmp, captured_logs():
         proto = _prepared(model, input_shapes, Path(tmp))
     graph = proto.graph
     initializers = {t.name: list(t.dims) for t in graph.initializer}
     dynamic_inputs = [i.name for i in graph.input if i.name not in initializers and not onnx_model_utils.is_fixed_size_tensor(i)]
-    # a weight behind DequantizeLinear of a constant is a quantized constant to an EP that takes QDQ node units
     dequantized = {
         n.output[0]: initializers[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers
     }
@@ -467,23 +493,6 @@ def coverage(model: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | No
 
     eps: dict[str, EPCoverage] = {}
     for key, _name, table, max_rank in MOBILE_EPS:
-        refused: dict[str, str] = {}
-
-        class _Checker(usability_checker._SupportedOpsChecker):  # type: ignore[misc]
-            """onnxruntime's table lookup, then the EP builder's Conv limits (see the module docstring)."""
-
-            def is_op_supported_by_name(self, op_type: str) -> bool:
-                return f"ai.onnx:{op_type}" in self._ops
-
-            def is_op_supported(self, node: onnx.NodeProto) -> bool:
-                if not super().is_op_supported(node):
-                    return False
-                weights = {**initializers, **dequantized} if self.is_op_supported_by_name("DequantizeLinear") else initializers
-                why = _conv_refusal(key, node, weights, dequantized)  # noqa: B023 - used within this iteration only
-                if why is not None:
-                    refused[node.name] = why  # noqa: B023
-                    return False
-                return True
 
         def run(require_fixed: bool, checker: Any) -> Any:
             try:
@@ -491,7 +500,8 @@ def coverage(model: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | No
             except ValueError as exc:  # a model without value_info where shapes are required
                 raise LowRankError(f"the mobile usability checker cannot read the model: {exc}") from None
 
-        checker = _Checker(tables / table)
+        checker = _builder_checker(usability_checker, tables / table, key, initializers, dequantized)
+        refused: dict[str, str] = checker.refused
         info = run(True, checker)
         supported = frozenset(n.name for group in info.supported_groups for n in group)
         shape_info = info
@@ -505,7 +515,7 @@ def coverage(model: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | No
             supported=supported,
         )
         if dynamic_inputs:
-            fixed = run(False, _Checker(tables / table))
+            fixed = run(False, _builder_checker(usability_checker, tables / table, key, initializers, dequantized))
             entry.if_shapes_fixed = {
                 "partitions": int(fixed.num_partitions),
                 "supported_nodes": int(fixed.num_supported_nodes),

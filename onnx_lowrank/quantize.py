@@ -135,7 +135,7 @@ def quantize_model(
         from onnxruntime import quantization as q
     except ImportError as exc:
         raise LowRankError(f"this onnxruntime has no quantization tools ({exc})") from None
-    from .mobile import _captured_logs
+    from .mobile import captured_logs
     from .model_io import load_model, save_model
 
     start = time.perf_counter()
@@ -148,7 +148,7 @@ def quantize_model(
         "reduce_range": reduce_range,
     }
     reader: _Reader | None = None
-    with tempfile.TemporaryDirectory() as tmp, _captured_logs() as logged:
+    with tempfile.TemporaryDirectory() as tmp, captured_logs() as logged:
         raw, source, target = Path(tmp) / "model.onnx", Path(tmp) / "prepared.onnx", Path(tmp) / "quantized.onnx"
         big = proto.ByteSize() > (1 << 30) if _small_enough(proto) else True
         save_model(proto, raw, external_data=big)
