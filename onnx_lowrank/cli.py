@@ -404,15 +404,20 @@ def format_inspect(layers: list[InspectLayer]) -> str:
 
 
 def format_mobile_summary(mobile: dict[str, Any]) -> str:
-    """One line per EP: partitions of the original and the decomposed model, and the layers kept whole."""
-    parts = []
+    """Per EP: partitions of the original and the decomposed model; the layers kept whole; the nodes that split."""
+    parts, splits = [], []
     for key, name in EP_NAMES.items():
         before, after = mobile["original"][key], mobile["candidate"][key]
         b = before.get("if_shapes_fixed", before)["partitions"]
         a = after.get("if_shapes_fixed", after)["partitions"]
         parts.append(f"{name} {b} -> {a}")
+        nodes = after["splitting_nodes"]
+        if nodes:
+            shown = ", ".join(f"{n['op']} {n['node']}" for n in nodes[:3]) + (", …" if len(nodes) > 3 else "")
+            splits.append(f"{name} at {shown}")
     kept = mobile.get("kept_whole", {})
-    return f"mobile partitions (onnxruntime's checker): {', '.join(parts)}; {len(kept)} layer(s) kept whole by --mobile-safe"
+    line = f"mobile partitions (onnxruntime's checker): {', '.join(parts)}; {len(kept)} layer(s) kept whole by --mobile-safe"
+    return line + (f"\nmobile partitions split (result): {'; '.join(splits)}" if splits else "")
 
 
 def format_mobile(original: MobileCoverage, candidate: MobileCoverage | None = None) -> str:
