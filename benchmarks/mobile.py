@@ -36,6 +36,7 @@ the Markdown tables for the README on stdout::
     flock -s /work/team/cpu.lock python benchmarks/mobile.py --parts prepare
     flock -x /work/team/cpu.lock python benchmarks/mobile.py --parts latency
     python benchmarks/mobile.py --parts tables
+    python benchmarks/mobile.py --parts coverage    # the coverage again, on the variants prepare wrote
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from onnx_lowrank.verify import make_session
 
 VARIANTS = ("float", "low-rank", "int8 dynamic", "int8 static", "low-rank + int8 dynamic", "low-rank + int8 static")
 ORT_VARIANTS = ("float", "low-rank", "low-rank + int8 static")
-PARTS = ("prepare", "latency", "tables")
+PARTS = ("prepare", "coverage", "latency", "tables")
 THREADS = (1, 2)
 SPEEDUP = 2.0
 SEED = 0
@@ -175,6 +176,22 @@ def _lowrank(
     return new, info
 
 
+LISTED = 10  # nodes kept per list in the results file (a QDQ model lists hundreds); the counts are complete
+
+
+def compact_coverage(mobile: dict[str, Any]) -> dict[str, Any]:
+    """The coverage per EP for the results file: the numbers, and the first nodes of each list with its length."""
+    out = {}
+    for key, ep in mobile.items():
+        entry = {k: v for k, v in ep.items() if k not in ("caveats", "splitting_nodes", "refused_nodes")}
+        entry["splitting_ops"] = sorted({n["op"] for n in ep["splitting_nodes"]})
+        for listed in ("splitting_nodes", "refused_nodes"):
+            entry[listed] = ep[listed][:LISTED]
+            entry[f"{listed}_count"] = len(ep[listed])
+        out[key] = entry
+    return out
+
+
 def prepare(name: str, work: Path) -> dict[str, Any]:
     """Build the six variants of one model into ``work/<name>/``; their quality, sizes, coverage and ORT round trip."""
     trained = TRAINED.get(name)
@@ -222,7 +239,7 @@ def prepare(name: str, work: Path) -> dict[str, Any]:
             "file": str(paths[v].relative_to(work)),
             "bytes": paths[v].stat().st_size,
             "quality": _quality(trained, paths[v], reference, feeds, labels),
-            "mobile": coverage(paths[v], input_shapes={input_name: list(shape)}).to_dict(),
+            "mobile": compact_coverage(coverage(paths[v], input_shapes={input_name: list(shape)}).to_dict()),
         }
         if v in build:
             entry["build"] = build[v]
@@ -325,7 +342,7 @@ def tables(results: dict[str, Any]) -> str:
             for key in EP_NAMES:
                 ep = variants[v]["mobile"][key]
                 cells.append(f"{ep['partitions']} ({ep['supported_nodes']}/{ep['total_nodes']})")
-            split = sorted({n["op"] for key in EP_NAMES for n in variants[v]["mobile"][key]["splitting_nodes"]})
+            split = sorted({op for key in EP_NAMES for op in variants[v]["mobile"][key]["splitting_ops"]})
             cells.append(", ".join(split) or "–")
             cov_rows.append(cells)
     out.append(markdown_table(["model", "variant", *[f"{n}: partitions (nodes)" for n in EP_NAMES.values()], "split at"], cov_rows))
@@ -356,7 +373,7 @@ def tables(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=["prepare", "latency", "tables"])
     parser.add_argument("--trained", nargs="*", default=list(TRAINED), help=f"trained models ({', '.join(TRAINED)})")
     parser.add_argument("--zoo", nargs="*", default=list(ZOO), help=f"zoo models ({', '.join(ZOO)})")
     parser.add_argument("--work", default=str(ROOT / ".mobile-bench"), help="where the variants are written")
@@ -380,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
             entry["latency"] = {}  # rebuilt variants: earlier timings no longer hold for them
             results["models"][name] = entry
             results["prepare_environment"] = machine_info()
+            write_json(path, results)
+    if "coverage" in args.parts and "prepare" not in args.parts:  # again, on the variants prepare wrote
+        for name in names:
+            entry = results["models"][name]
+            shapes = {entry["input"]["name"]: entry["input"]["shape"]}
+            for variant in entry["variants"].values():
+                variant["mobile"] = compact_coverage(coverage(work / variant["file"], input_shapes=shapes).to_dict())
             write_json(path, results)
     if "latency" in args.parts:
         for name in names:
