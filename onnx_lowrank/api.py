@@ -408,6 +408,8 @@ def decompose(
     inplace: bool = False,
     allow_unknown_shapes: bool = False,
     shapes: ModelShapes | None = None,
+    mobile_safe: bool = False,
+    quantize: str | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Decompose the model's layers; return the new model and what was done.
 
@@ -449,6 +451,14 @@ def decompose(
     horizontal factors and biases are refit in closed form to the original
     layers' outputs (``refit``, default on; see :mod:`onnx_lowrank.calibration`).
 
+    ``mobile_safe`` keeps whole every layer whose pair a mobile execution
+    provider (NNAPI, CoreML) would refuse where it takes the original, so the
+    decomposition adds no partition (:mod:`onnx_lowrank.mobile`; the layer's
+    reason says which EP and node). ``quantize`` (``"dynamic"`` or
+    ``"static"``) then quantizes the result to INT8 with onnxruntime's tools,
+    ``static`` calibrated on ``calibration`` (:mod:`onnx_lowrank.quantize`);
+    each layer's ``quantized`` says the form its nodes run in.
+
     ``model`` is a path or a ``ModelProto``; a given ``ModelProto`` is copied,
     never changed — unless ``inplace``, which rewrites it and saves a copy of
     the weights. Raises :class:`LowRankError` for bad arguments or models.
@@ -476,6 +486,8 @@ def decompose(
     )
     if calibration is None and (refit or sensitivity):
         raise LowRankError("refit and sensitivity allocation need calibration data")
+    if quantize is not None or mobile_safe:
+        return _decompose_for_mobile(model, options, calibration, refit, sensitivity, samples, mobile_safe, quantize)
     # numpy's BLAS on one thread: our workers (and onnxruntime's threads) fill the cores; a multi-threaded
     # OpenBLAS beside them was measured 2-20x slower on 2 cores, and slower even alone for these sizes
     with single_threaded_blas():
@@ -973,3 +985,69 @@ def inspect(
                 layer.energy_ranks[f"{e:g}"] = [r, site.cost.macs / max(site.cost.pair_macs(kind, r), 1)]
         result.append(layer)
     return result
+
+
+def _decompose_for_mobile(
+    model: ModelLike,
+    options: dict[str, Any],
+    calibration: CalibrationSource | None,
+    refit: bool | None,
+    sensitivity: bool | None,
+    samples: int,
+    mobile_safe: bool,
+    quantize: str | None,
+) -> tuple[onnx.ModelProto, Report]:
+    """:func:`decompose`, then the mobile checks: layers kept whole by ``mobile_safe``, INT8 by ``quantize``."""
+    from .mobile import MOBILE_EPS, coverage, layers_adding_partitions, partitions_added
+    from .quantize import MODES, layer_forms, quantize_model
+
+    if quantize is not None and quantize not in MODES:
+        raise LowRankError(f"--quantize must be one of {', '.join(MODES)}, got {quantize!r}")
+    if quantize == "static" and calibration is None:
+        raise LowRankError("--quantize static needs calibration data (--calibration FILE.npz|FOLDER)")
+    start = time.perf_counter()
+
+    def run(opts: dict[str, Any]) -> tuple[onnx.ModelProto, Report]:
+        return decompose(model, calibration=calibration, refit=refit, sensitivity=sensitivity, samples=samples, **opts)
+
+    if not mobile_safe:
+        new, report = run(options)
+    else:
+        # the original is converted more than once and checked against: it is never rewritten in place
+        source = _as_model(model)
+        options = {**options, "inplace": False}
+        model = source
+        shapes = options.get("input_shapes")
+        before = coverage(source, input_shapes=shapes)
+        kept: dict[str, str] = {}
+        user_exclude = options.get("exclude")
+        for _ in range(len(MOBILE_EPS) + 2):  # each round keeps more layers whole; a few rounds settle it
+            exclude = user_exclude
+            if kept:
+                names = "|".join(re.escape(k) for k in kept)
+                exclude = f"(?:{user_exclude})|^(?:{names})$" if user_exclude else f"^(?:{names})$"
+            new, report = run({**options, "exclude": exclude})
+            after = coverage(new, input_shapes=shapes)
+            pairs = {layer.node: [layer.vertical_node or "", layer.horizontal_node or ""] for layer in report.decomposed}
+            found = layers_adding_partitions(before, after, pairs)
+            if not found:
+                break
+            kept.update(found)
+        for layer in report.layers:
+            if layer.node in kept:
+                layer.reason = f"kept whole by --mobile-safe: {kept[layer.node]}"
+        added = partitions_added(before, after)
+        for key, (was, now) in added.items():
+            name = next(n for k, n, _, _ in MOBILE_EPS if k == key)
+            report.warnings.append(f"{name}: {was} -> {now} partitions after decomposition, and no single layer's pair is to blame")
+        report.mobile = {"original": before.to_dict(), "candidate": after.to_dict(), "kept_whole": dict(kept)}
+    if quantize is not None:
+        result = quantize_model(new, quantize, calibration=calibration, samples=samples)
+        new = result.model
+        for layer in report.layers:
+            nodes = [layer.vertical_node or "", layer.horizontal_node or ""] if layer.decomposed else [layer.node]
+            layer.quantized = layer_forms(result.forms, nodes)
+        report.quantization = result.to_dict()
+        report.warnings.extend(result.warnings)
+    report.seconds = time.perf_counter() - start
+    return new, report

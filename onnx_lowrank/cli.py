@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompose, inspect
 from .errors import LowRankError
+from .mobile import EP_NAMES, MobileCoverage
 from .model_io import load_model_with_layout, plain_mode, save_model
 from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .verify import KernelTimes, VerifyResult, verify
@@ -171,6 +172,24 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data beside the model")
     output.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     output.add_argument("--quiet", action="store_true", help="print only the totals")
+    output.add_argument(
+        "--ort",
+        action="store_true",
+        help="also write OUTPUT as NAME.ort (onnxruntime's ORT format, which minimal and mobile builds load) and "
+        "NAME.required_operators.config for a reduced build, with onnxruntime's converter",
+    )
+
+    mobile = d.add_argument_group("mobile", "mobile execution providers and INT8 (onnxruntime's own tools)")
+    mobile.add_argument(
+        "--mobile-safe",
+        action="store_true",
+        help="keep whole every layer whose pair NNAPI or CoreML would refuse where they take the original (it would add a partition)",
+    )
+    mobile.add_argument(
+        "--quantize",
+        choices=("dynamic", "static"),
+        help="after the low-rank step, quantize to INT8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on --calibration",
+    )
 
     checks = d.add_argument_group("checks", "compare the result with the original in onnxruntime")
     checks.add_argument("--verify", action="store_true", help="run `verify` on the result")
@@ -179,11 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per Conv: shape, MACs and the ranks that keep 90/99/99.9%% of the energy")
     i.add_argument("input")
     i.add_argument("--json", action="store_true", help="print JSON")
-    _add_input_shape(i, "fix an input's shape for the MAC model")
+    _add_input_shape(i, "fix an input's shape for the MAC model (and the --mobile check)")
+    i.add_argument("--mobile", action="store_true", help="also estimate NNAPI/CoreML coverage with onnxruntime's mobile usability checker")
 
     v = sub.add_parser("verify", help="compare a candidate with the original in onnxruntime")
-    v.add_argument("original")
-    v.add_argument("candidate")
+    v.add_argument("original", help="an .onnx or .ort model")
+    v.add_argument("candidate", help="an .onnx or .ort model")
     data = v.add_argument_group("inputs", "what both models are run on")
     data.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (first axis: samples); `labels` gives accuracy")
     _add_input_shape(data, "shape of the random input NAME where the model leaves dims symbolic (default: 1)")
@@ -195,6 +215,12 @@ def _parser() -> argparse.ArgumentParser:
     speed_v.add_argument("--runs", type=int, default=20, help="timed runs of each model, interleaved (default 20; 0 skips timing)")
     speed_v.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads")
     speed_v.add_argument("--profile", action="store_true", help="also time each operator type of both models (onnxruntime's profiler)")
+    mobile_v = v.add_argument_group("mobile", "mobile execution providers this onnxruntime lacks")
+    mobile_v.add_argument(
+        "--mobile",
+        action="store_true",
+        help="also estimate NNAPI/CoreML coverage of both models side by side (onnxruntime's mobile usability checker)",
+    )
     v.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -226,18 +252,23 @@ def format_report(report: Report, quiet: bool = False) -> str:
     out = []
     if not quiet:
         rows = []
+        quantized = bool(report.quantization)
         for layer in report.layers:
             cells = [layer.node, layer.op_type, _shape(layer.weight_shape, layer.groups)]
             macs = [_count(layer.macs_before), _count(layer.macs_after)] if layer.counted else ["?", "?"]
             note = _layer_note(layer) if layer.ran is not False else ""  # the reason already says where it is
             if layer.decomposed:
                 cells += [str(layer.kind), f"{layer.rank}/{layer.full_rank}", f"{layer.relative_error:.4f}"]
-                cells += [*macs, f"{layer.mac_ratio:.2f}x" if layer.counted and layer.macs_after else "-", note]
+                cells += [*macs, f"{layer.mac_ratio:.2f}x" if layer.counted and layer.macs_after else "-"]
+                cells += [layer.quantized or "-", note] if quantized else [note]
             else:
                 skipped = f"skipped: {layer.reason}" + (f"; {note}" if note else "")
-                cells += ["-", "-", "-", *macs, "1.00x" if layer.counted and layer.macs_before else "-", skipped]
+                cells += ["-", "-", "-", *macs, "1.00x" if layer.counted and layer.macs_before else "-"]
+                cells += [layer.quantized or "-"] if quantized else []
+                cells.append(skipped)
             rows.append(cells)
-        out.append(_table(rows, ["node", "op", "weight", "kind", "rank", "rel.err", "MACs", "MACs after", "ratio", "note"]))
+        header = ["node", "op", "weight", "kind", "rank", "rel.err", "MACs", "MACs after", "ratio"]
+        out.append(_table(rows, [*header, *(["int8"] if quantized else []), "note"]))
     if report.latency:
         lat = report.latency
         out.append(
@@ -260,6 +291,16 @@ def format_report(report: Report, quiet: bool = False) -> str:
             line += f"; refit {done} of {len(refit['layers'])} layers in {refit['seconds']:.1f} s"
         out.append(line)
     out += _sizes_lines(report)
+    if report.mobile:
+        out.append(format_mobile_summary(report.mobile))
+    if report.quantization:
+        quant = report.quantization
+        line = f"quantized to INT8 ({quant['mode']}, {quant['format']}, int8 weights"
+        line += f"{' per channel' if quant['per_channel'] else ''}{', 7-bit' if quant['reduce_range'] else ''}, activations "
+        line += f"{quant['activation_type']}): {quant['quantized_nodes']} nodes in {quant['seconds']:.1f} s"
+        if quant.get("samples"):
+            line += f", ranges from {quant['samples']} calibration samples"
+        out.append(line)
     out += [f"warning: {warning}" for warning in report.warnings]
     if report.folded_batchnorms:
         out.append(f"folded {len(report.folded_batchnorms)} BatchNormalization nodes into their Conv")
@@ -415,6 +456,68 @@ def format_inspect(layers: list[InspectLayer]) -> str:
     return table + f"\n{len(layers)} layers, {_count(total)} MACs"
 
 
+def format_mobile_summary(mobile: dict[str, Any]) -> str:
+    """Per EP: partitions of the original and the decomposed model; the layers kept whole; the nodes that split."""
+    parts, splits = [], []
+    for key, name in EP_NAMES.items():
+        before, after = mobile["original"][key], mobile["candidate"][key]
+        b = before.get("if_shapes_fixed", before)["partitions"]
+        a = after.get("if_shapes_fixed", after)["partitions"]
+        parts.append(f"{name} {b} -> {a}")
+        nodes = after["splitting_nodes"]
+        if nodes:
+            shown = ", ".join(f"{n['op']} {n['node']}" for n in nodes[:3]) + (", …" if len(nodes) > 3 else "")
+            splits.append(f"{name} at {shown}")
+    kept = mobile.get("kept_whole", {})
+    line = f"mobile partitions (onnxruntime's checker): {', '.join(parts)}; {len(kept)} layer(s) kept whole by --mobile-safe"
+    return line + (f"\nmobile partitions split (result): {'; '.join(splits)}" if splits else "")
+
+
+def format_mobile(original: MobileCoverage, candidate: MobileCoverage | None = None) -> str:
+    """Coverage per mobile EP (onnxruntime's usability checker); with ``candidate``, original and candidate side by side."""
+    sides = [("original", original)] + ([("candidate", candidate)] if candidate is not None else [])
+    dynamic = bool(original.dynamic_inputs) or (candidate is not None and bool(candidate.dynamic_inputs))
+    header = ["EP"]
+    for label, _ in sides:
+        prefix = f"{label} " if candidate is not None else ""
+        header += [f"{prefix}partitions", f"{prefix}nodes"] + ([f"{prefix}if shapes fixed"] if dynamic else [])
+    header.append("unsupported ops")
+    rows = []
+    for key, name in EP_NAMES.items():
+        row = [name]
+        ops: list[str] = []
+        for _, cov in sides:
+            ep = cov.eps[key]
+            row += [str(ep.partitions), f"{ep.supported_nodes}/{ep.total_nodes}"]
+            if dynamic:
+                fixed = ep.if_shapes_fixed
+                row.append(f"{fixed['partitions']}, {fixed['supported_nodes']}/{fixed['total_nodes']}" if fixed else "-")
+            ops += [op for op in ep.unsupported_ops if op not in ops]
+        row.append(", ".join(op.removeprefix("ai.onnx:") for op in ops) or "-")
+        rows.append(row)
+    lines = ["mobile execution providers (onnxruntime's mobile usability checker; partitions, nodes supported/total):"]
+    lines.append(_table(rows, header))
+    for label, cov in sides:
+        for key, name in EP_NAMES.items():
+            ep = cov.eps[key]
+            where = f"{label}, {name}" if candidate is not None else name
+            if ep.splitting_nodes:
+                shown = "; ".join(f"{n['op']} {n['node']} ({n['reason']})" for n in ep.splitting_nodes[:5])
+                more = f"; and {len(ep.splitting_nodes) - 5} more" if len(ep.splitting_nodes) > 5 else ""
+                lines.append(f"{where}: partitions split at {shown}{more}")
+            if ep.refused_nodes:
+                shown = "; ".join(f"{n['op']} {n['node']} ({n['reason']})" for n in ep.refused_nodes[:5])
+                lines.append(f"{where}: the EP refuses {shown}")
+    if dynamic:
+        names = sorted(set(original.dynamic_inputs) | set(candidate.dynamic_inputs if candidate is not None else []))
+        lines.append(
+            f"inputs of dynamic shape ({', '.join(names)}): NNAPI and the checker take fixed shapes only; 'if shapes fixed' "
+            "counts as if they were (--input-shape NAME=D1,D2,... fixes them)"
+        )
+    lines.append("an estimate by operator type, shape and (for Conv) the EP builders' limits; no mobile EP runs on this machine")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -462,6 +565,17 @@ def _decompose(args: argparse.Namespace) -> int:
         raise LowRankError(f"{args.report}: the report would overwrite the {protected[Path(args.report).resolve()]}")
     if args.verify_inputs and not Path(args.verify_inputs).is_file():
         raise LowRankError(f"{args.verify_inputs}: no such inputs file")
+    if args.quantize == "static" and not args.calibration:
+        raise LowRankError("--quantize static needs calibration data (--calibration FILE.npz|FOLDER)")
+    if args.ort:
+        from .mobile import ort_config_path, ort_path_for
+
+        ort_dst = ort_path_for(dst)
+        for extra in (ort_dst, ort_config_path(ort_dst)):
+            if extra.is_dir():
+                raise LowRankError(f"{extra}: is a directory")
+            if extra.resolve() in protected:
+                raise LowRankError(f"{extra}: --ort would overwrite the {protected[extra.resolve()]}")
     ranks = _read_ranks(args.ranks) if args.ranks else None
     start = time.perf_counter()
     model, was_external = load_model_with_layout(src)
@@ -491,16 +605,26 @@ def _decompose(args: argparse.Namespace) -> int:
             refit=args.refit,
             sensitivity=args.sensitivity,
             inplace=True,  # the loaded copy is ours: rewriting it saves a copy of the weights
+            mobile_safe=args.mobile_safe,
+            quantize=args.quantize,
         )
     finally:
         bar.close()
     del model
-    save_model(new, dst, external_data=external, inputs=(src,))
+    ort_files = None
+    if args.ort:
+        from .mobile import save_with_ort
+
+        ort_files = save_with_ort(new, dst, external_data=external, inputs=(src,))
+    else:
+        save_model(new, dst, external_data=external, inputs=(src,))
     report.seconds = time.perf_counter() - start
     if args.report:
         _write_text_atomic(Path(args.report), report.to_json() + "\n")
     print(format_report(report, args.quiet))
     print(f"wrote {dst}" + (f" (+ {dst.name}.data)" if external else ""))
+    if ort_files is not None:
+        print(f"wrote {ort_files.model} and {ort_files.config.name} (onnxruntime's ORT format, optimization {ort_files.optimization})")
     if args.verify or args.verify_inputs:
         del new
         result = verify(src, dst, inputs=args.verify_inputs, threads=args.threads, input_shapes=dict(args.input_shape))
@@ -554,12 +678,20 @@ class _ProgressBar:
 
 def _inspect(args: argparse.Namespace) -> int:
     layers = inspect(args.input, input_shapes=dict(args.input_shape))
+    mobile = None
+    if args.mobile:
+        from .mobile import coverage
+
+        mobile = coverage(args.input, input_shapes=dict(args.input_shape))
     if args.json:
         from dataclasses import asdict
 
-        print(json.dumps([asdict(layer) for layer in layers], indent=2))
+        listed = [asdict(layer) for layer in layers]
+        print(json.dumps({"layers": listed, "mobile": mobile.to_dict()} if mobile is not None else listed, indent=2))
     else:
         print(format_inspect(layers))
+        if mobile is not None:
+            print(format_mobile(mobile))
     return 0
 
 
@@ -569,6 +701,12 @@ def _verify(args: argparse.Namespace) -> int:
         raise LowRankError(f"--runs must be >= 0, got {args.runs}")
     if args.profile and args.runs == 0:
         raise LowRankError("--profile times the models: it needs --runs > 0")
+    mobile = None
+    if args.mobile:  # first: a model the checker cannot read fails before anything runs
+        from .mobile import coverage
+
+        shapes = dict(args.input_shape)
+        mobile = (coverage(args.original, input_shapes=shapes), coverage(args.candidate, input_shapes=shapes))
     result = verify(
         args.original,
         args.candidate,
@@ -581,7 +719,15 @@ def _verify(args: argparse.Namespace) -> int:
         profile=args.profile,
         input_shapes=dict(args.input_shape),
     )
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_verify(result))
+    if args.json:
+        data = result.to_dict()
+        if mobile is not None:
+            data["mobile"] = {"original": mobile[0].to_dict(), "candidate": mobile[1].to_dict()}
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_verify(result))
+        if mobile is not None:
+            print(format_mobile(*mobile))
     return 0 if result.passed else 1
 
 
