@@ -166,7 +166,19 @@ def main() -> None:
     test, calibration = str(models / "digits_test.npz"), str(models / "digits_calibration.npz")
     pages: dict[str, int] = {}  # page -> images expected
 
-    _cli("sweep", digits, "--eval-inputs", test, "--calibration", calibration, "--runs", runs, "--profile", "--html", str(out / "digits_sweep.html"))
+    _cli(
+        "sweep",
+        digits,
+        "--eval-inputs",
+        test,
+        "--calibration",
+        calibration,
+        "--runs",
+        runs,
+        "--profile",
+        "--html",
+        str(out / "digits_sweep.html"),
+    )
     pages["digits_sweep.html"] = 4  # trade-off, spectra, MACs per layer, kernel time
     _cli("decompose", digits, str(out / "digits_2x.onnx"), "--verify-inputs", test, "--html", str(out / "digits_decompose.html"))
     pages["digits_decompose.html"] = 3  # spectra, MACs per layer, kernel time

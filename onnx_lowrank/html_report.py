@@ -224,7 +224,7 @@ def _tradeoff_figure(result: SweepResult) -> tuple[str, str] | None:
     fig.tight_layout(rect=(0, 0, 1, 0.88))
     what = "top-1 accuracy on the labelled eval inputs" if labelled else "relative L2 error of the outputs"
     caption = (
-        f"{_e(what.capitalize())} of the model converted at each target (labelled), against the measured speedup in onnxruntime "
+        f"{_e(what[0].upper() + what[1:])} of the model converted at each target (labelled), against the measured speedup in onnxruntime "
         f"({result.threads} thread(s)) on the left and against the MAC ratio on the right. The dashed line and the point at 1× are "
         f"the original model."
     )
@@ -414,7 +414,7 @@ def sweep_html(result: SweepResult, plots: bool | None = None) -> str:
     """The page for a sweep (see the module docstring); ``plots=False`` leaves the figures out."""
     plots = plots_available() if plots is None else plots
     reached = [r for r in result.rows if r.reached and r.report is not None]
-    colors = _target_colors([r.target for r in result.rows])
+    colors = _target_colors([r.target for r in result.rows]) if plots else {}
     meta = (
         f"{len(result.rows)} targets; evaluated on {result.samples} {'labelled ' if result.labelled else ''}sample(s) "
         f"({_e(result.inputs)} inputs); latency: median of {result.runs} interleaved runs, {result.threads} onnxruntime thread(s); "
