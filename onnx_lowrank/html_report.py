@@ -61,7 +61,15 @@ def _e(value: object) -> str:
 
 
 def _short(name: str, chars: int = NAME_CHARS) -> str:
-    return name if len(name) <= chars else "…" + name[-(chars - 1) :]
+    """``name``, or its end cut at a ``/`` or ``.`` where one is near, so that no word is split."""
+    if len(name) <= chars:
+        return name
+    tail = name[-(chars - 1) :]
+    for separator in ("/", ".", "_"):
+        cut = tail.find(separator)
+        if 0 <= cut < chars // 2:
+            return "…" + tail[cut:]
+    return "…" + tail
 
 
 def _count(n: float) -> str:
