@@ -547,11 +547,15 @@ def _write_decompose_html(args: argparse.Namespace, src: Path, dst: Path, report
     from .html_report import PLOTS_HINT, decompose_html, plots_available
     from .sweep import report_spectra
 
+    notes = []
     if result is None:  # the page shows the output error: compared here, without timing
-        result = verify(src, dst, runs=0, input_shapes=dict(args.input_shape))
+        try:
+            result = verify(src, dst, runs=0, input_shapes=dict(args.input_shape))
+        except LowRankError as exc:  # the model is written: the page says why its error is missing
+            notes.append(f"output error not measured: {exc}")
     plots = plots_available()
     spectra = report_spectra(src, report, dict(args.input_shape)) if plots else []
-    _write_text_atomic(Path(args.html), decompose_html(src.name, report, spectra, result, plots=plots))
+    _write_text_atomic(Path(args.html), decompose_html(src.name, report, spectra, result, plots=plots, notes=notes))
     print(f"wrote {args.html}" + ("" if plots else f" (tables only; for the plots: {PLOTS_HINT})"))
 
 
@@ -623,7 +627,7 @@ def _sweep(args: argparse.Namespace) -> int:
         raise LowRankError(f"{args.eval_inputs}: no such eval inputs file")
     if args.profile and args.runs == 0:
         raise LowRankError("--profile times the models: it needs --runs > 0")
-    bar = _ProgressBar(True)
+    bar = _ProgressBar(True, "converting and measuring targets", "target")
     try:
         result = sweep(
             src,
@@ -671,7 +675,8 @@ class _ProgressBar:
 
     DELAY = 1.0  # seconds before anything is drawn: quick conversions stay quiet
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, what: str = "analysing layers", unit: str = "layer") -> None:
+        self.what, self.unit = what, unit
         self.enabled = enabled and sys.stderr.isatty()
         self.start = time.perf_counter()
         self.bar: Any = None
@@ -684,14 +689,14 @@ class _ProgressBar:
             try:
                 from tqdm import tqdm  # optional; imported only when a bar is due
 
-                self.bar = tqdm(total=total, desc="analysing layers", unit="layer", file=sys.stderr, leave=False)
+                self.bar = tqdm(total=total, desc=self.what, unit=self.unit, file=sys.stderr, leave=False)
             except ImportError:
                 self.bar = False
         if self.bar:
             self.bar.n = done
             self.bar.set_postfix_str(name[-30:], refresh=True)
         else:
-            print(f"\ranalysing layers {done}/{total} {name[-40:]:<40}", end="", file=sys.stderr, flush=True)
+            print(f"\r{self.what} {done}/{total} {name[-40:]:<40}", end="", file=sys.stderr, flush=True)
             self.drawn = True
 
     def close(self) -> None:

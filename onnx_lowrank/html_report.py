@@ -581,6 +581,7 @@ def decompose_html(
     spectra: Sequence[LayerSpectrum],
     verify: VerifyResult | None = None,
     plots: bool | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
     """The page for one conversion: totals, spectra, MACs per layer, and the error statistics of ``verify``."""
     plots = plots_available() if plots is None else plots
@@ -615,8 +616,8 @@ def decompose_html(
     sections = [
         "<h2>Summary</h2>" + _table(["", "original → converted", "ratio"], [[_e(c) for c in r] for r in totals], [False, True, True])
     ]
-    if report.warnings:
-        sections.append("".join(f'<p class="note">{_e(w)}</p>' for w in report.warnings))
+    if report.warnings or notes:
+        sections.append("".join(f'<p class="note">{_e(w)}</p>' for w in [*report.warnings, *notes]))
     if verify is not None:
         rows = _error_rows(verify.outputs)
         text = "<h2>Output error statistics</h2>"

@@ -168,3 +168,31 @@ def test_browser_check_sees_broken_pages(tmp_path: Path) -> None:
     check = check_page(page)
     assert check.images == 2 and check.decoded == 0
     assert any("Content Security Policy" in line for line in check.console), check.console
+
+
+def test_decompose_html_when_no_inputs_can_be_made(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model whose input cannot be drawn at random: the model and the page are written, the page says why the error is missing."""
+    from builders import make_model
+    from onnx import TensorProto, helper
+
+    import onnx_lowrank.cli
+
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Conv", ["xf", "W"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    weight = np.random.default_rng(0).standard_normal((32, 16, 3, 3)).astype(np.float32)
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.UINT16, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        {"W": weight},
+    )
+    onnx.save(model, tmp_path / "u16.onnx")
+    code = onnx_lowrank.cli.main(
+        ["decompose", str(tmp_path / "u16.onnx"), str(tmp_path / "out.onnx"), "--speedup", "1.5", "--html", str(tmp_path / "r.html")]
+    )
+    assert code == 0, capsys.readouterr().err
+    page = (tmp_path / "r.html").read_text()
+    assert "output error not measured" in page and "uint16" in page
+    assert "Output error statistics" not in page
