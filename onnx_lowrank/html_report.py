@@ -217,7 +217,8 @@ def _tradeoff_figure(result: SweepResult) -> tuple[str, str] | None:
     low, high = min(values), max(values)
     if labelled:  # a drop of a few tenths of a point must not fill the whole height
         low = min(low, high - 5.0)
-        axes[0].set_ylim(max(low - 0.5, 0.0), min(high + 0.5 + 0.08 * (high - low), 100.5))
+        pad = max(0.5, 0.06 * (high - low))
+        axes[0].set_ylim(max(low - pad, 0.0), min(high + pad + 0.04 * (high - low), 100.5))
     else:
         axes[0].set_ylim(0.0, high * 1.15 if high > 0 else 1.0)
     handles = [
