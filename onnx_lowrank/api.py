@@ -31,7 +31,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import onnx
@@ -50,6 +50,9 @@ from .ranks import Infeasible, LayerChoices, Option, allocate, allocate_two, can
 from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .run_shapes import ModelShapes, resolve_shapes
 from .shapes import needs_input_shape_message
+
+if TYPE_CHECKING:  # sensitivity imports this module; at run time it is imported where used
+    from .sensitivity import Sensitivity
 
 __all__ = ["DEFAULT_KINDS", "DEFAULT_RANK_MULTIPLE", "DEFAULT_SPEEDUP", "count_params", "decompose", "inspect"]
 
@@ -182,15 +185,21 @@ def _stored_error(site: Site, kernel: np.ndarray, factors: Factors) -> float:
     return float(np.linalg.norm(w - reconstruct(rounded, site.groups)) / norm)
 
 
+_SharedDecompositions = dict[tuple[object, ...], dict[Kind, Decomposition]]
+
+
 class _Unit:
     """Sites that share one weight: factored once, one kind and rank for all."""
 
-    def __init__(self, sites: list[Site], kinds: list[Kind]) -> None:
+    def __init__(self, sites: list[Site], kinds: list[Kind], shared: _SharedDecompositions | None = None) -> None:
         self.sites = sites
         self.kinds = kinds
-        self._decompositions: dict[Kind, Decomposition] = {}
-        self.macs = sum(s.cost.macs for s in sites if s.cost)
         first = sites[0]
+        # keyed by the weight as buckets are: units of several plans over one prepared model share the spectra
+        self._decompositions: dict[Kind, Decomposition] = (
+            {} if shared is None else shared.setdefault((first.weight_key, type(first), first.groups), {})
+        )
+        self.macs = sum(s.cost.macs for s in sites if s.cost)
         assert first.cost is not None
         self.params = first.cost.params  # the weight is stored once
         self.rank_macs = {k: sum(s.cost.rank_macs[k] for s in sites if s.cost) for k in kinds}
@@ -499,8 +508,7 @@ def decompose(
 def _decompose_calibrated(
     model: ModelLike, options: dict[str, Any], calibration: CalibrationSource, refit: bool, sensitivity: bool, samples: int
 ) -> tuple[onnx.ModelProto, Report]:
-    from .calibration import load_calibration, refit_layers
-    from .sensitivity import allocate_ranks, measure_sensitivity
+    from .calibration import load_calibration
 
     start = time.perf_counter()
     # the refit compares with the model as given, so the conversion itself works on a copy
@@ -511,19 +519,49 @@ def _decompose_calibrated(
         # one set of sizes for the allocation, the measurements and the plan: those of a real input
         reference = {name: values[:1] for name, values in data.items()}
         options = {**options, "shapes": resolve_shapes(source, options["input_shapes"], reference)}
+    measured = _calibration_statistics(source, data, options, sensitivity, samples)
+    new, report = _calibrated_target(source, data, measured, refit, options)
+    report.seconds = time.perf_counter() - start
+    return new, report
+
+
+def _calibration_statistics(
+    source: onnx.ModelProto, data: Mapping[str, Any], options: Mapping[str, Any], sensitivity: bool, samples: int
+) -> Sensitivity | None:
+    """What the calibration measures once for every target: the layers' damage curves (``None`` when not used)."""
+    from .sensitivity import measure_sensitivity
+
     policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
-    measured = None
+    if not (sensitivity and policy.name == "budget" and policy.params_ratio is None and not options["measure"]):
+        return None
+    return measure_sensitivity(
+        source,
+        data,
+        samples=samples,
+        include=options["include"],
+        exclude=options["exclude"],
+        threads=options["threads"] or None,
+        shapes=options["shapes"],
+    )
+
+
+def _calibrated_target(
+    source: onnx.ModelProto,
+    data: Mapping[str, Any],
+    measured: Sensitivity | None,
+    refit: bool,
+    options: dict[str, Any],
+    prepared: _Prepared | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """One conversion with calibration data: ranks from the ``measured`` statistics (the
+    :func:`_calibration_statistics` of ``source``) when given, then the refit. ``prepared``: a
+    :func:`_prepare` of ``source`` to convert a copy of (else ``source`` is prepared anew)."""
+    from .calibration import refit_layers
+    from .sensitivity import allocate_ranks
+
+    policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
     allocation = "kernel error"
-    if sensitivity and policy.name == "budget" and policy.params_ratio is None and not options["measure"]:
-        measured = measure_sensitivity(
-            source,
-            data,
-            samples=samples,
-            include=options["include"],
-            exclude=options["exclude"],
-            threads=options["threads"] or None,
-            shapes=options["shapes"],
-        )
+    if measured is not None:
         target = float(policy.speedup)  # type: ignore[arg-type]
         try:
             ranks = allocate_ranks(measured, target)
@@ -533,7 +571,7 @@ def _decompose_calibrated(
         if ranks:
             allocation = "sensitivity"
             options = {**options, "speedup": None, "ranks": ranks, "kinds": ["spatial"]}
-    new, report = _decompose(source, **options)
+    new, report = _decompose(source, **options) if prepared is None else _decompose_prepared(prepared, **options)
     report.policy["allocation"] = allocation
     if allocation == "sensitivity":
         report.policy.update(name="budget", speedup=float(policy.speedup))  # type: ignore[arg-type]
@@ -550,12 +588,88 @@ def _decompose_calibrated(
         new = result.model
         report.calibration["refit"] = result.to_dict()
     report.calibration["samples"] = len(next(iter(data.values()))) if data else 0
-    report.seconds = time.perf_counter() - start
     return new, report
+
+
+@dataclass
+class _Prepared:
+    """A model made ready for planning, once for any number of plans: BatchNormalization folded, shapes
+    inferred, the decomposable sites found. ``decompositions`` caches every spectrum computed, by weight."""
+
+    proto: onnx.ModelProto
+    params_before: int
+    folded: list[tuple[str, str]]
+    kept_batchnorms: dict[str, str]
+    shapes: ModelShapes
+    sites: list[Site]
+    fold_bn: bool
+    decompositions: _SharedDecompositions
+
+
+def _prepare(
+    model: ModelLike,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    fold_bn: bool = True,
+    inplace: bool = False,
+    shapes: ModelShapes | None = None,
+    reference: Mapping[str, Any] | None = None,
+) -> _Prepared:
+    """Load (or copy) the model, fold BatchNormalization, resolve the sizes that run and find the sites."""
+    proto = _as_model(model, inplace)
+    params_before = count_params(proto)
+    folded: list[tuple[str, str]] = []
+    kept_batchnorms: dict[str, str] = {}
+    if fold_bn:
+        proto, fold = fold_batchnorm(proto)
+        folded, kept_batchnorms = fold.folded, fold.refused
+    model_shapes = shapes if shapes is not None else resolve_shapes(proto, input_shapes, reference)
+    sites = find_sites(proto, model_shapes)
+    return _Prepared(proto, params_before, folded, kept_batchnorms, model_shapes, sites, fold_bn, {})
 
 
 def _decompose(
     model: ModelLike,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    fold_bn: bool = True,
+    inplace: bool = False,
+    shapes: ModelShapes | None = None,
+    reference: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> tuple[onnx.ModelProto, Report]:
+    """The data-free conversion; :func:`decompose` documents the arguments."""
+    start = time.perf_counter()
+    _check_options(**options)  # bad arguments are refused before the model is read
+    prepared = _prepare(model, input_shapes=input_shapes, fold_bn=fold_bn, inplace=inplace, shapes=shapes, reference=reference)
+    return _decompose_prepared(prepared, copy=False, start=start, **options)
+
+
+def _check_options(
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    speedup: float | None = None,
+    params_ratio: float | None = None,
+    ranks: Mapping[str, Any] | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    kinds: Sequence[str] | None = None,
+    rank_multiple: int | None = None,
+    **_: Any,
+) -> tuple[_Policy, tuple[Kind, ...], int, re.Pattern[str] | None, re.Pattern[str] | None]:
+    """The policy, kinds, rank multiple and name filters, or :class:`LowRankError` for bad arguments."""
+    policy = _policy(rank, energy, speedup, params_ratio, ranks)
+    allowed = _kinds(kinds)
+    if rank_multiple is None:
+        rank_multiple = DEFAULT_RANK_MULTIPLE if policy.name == "budget" else 1
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise LowRankError(f"rank multiple must be a whole number >= 1, got {rank_multiple!r}")
+    return policy, allowed, rank_multiple, _regex(include, "--include"), _regex(exclude, "--exclude")
+
+
+def _decompose_prepared(
+    prepared: _Prepared,
     *,
     rank: int | None = None,
     energy: float | None = None,
@@ -566,37 +680,33 @@ def _decompose(
     exclude: str | None = None,
     force: bool = False,
     kinds: Sequence[str] | None = None,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
     rank_multiple: int | None = None,
-    fold_bn: bool = True,
     progress: Progress | None = None,
     workers: int | None = None,
     measure: bool = False,
     threads: int = 1,
-    inplace: bool = False,
     allow_unknown_shapes: bool = False,
-    shapes: ModelShapes | None = None,
-    reference: Mapping[str, Any] | None = None,
+    copy: bool = True,
+    start: float | None = None,
+    **_: Any,  # input_shapes, fold_bn, inplace, shapes: fixed by _prepare
 ) -> tuple[onnx.ModelProto, Report]:
-    """The data-free conversion; :func:`decompose` documents the arguments."""
-    start = time.perf_counter()
+    """Plan ranks for one policy on a prepared model and apply them: to a copy (``copy``), else to
+    ``prepared.proto`` itself, which is then used up."""
+    start = time.perf_counter() if start is None else start
     workers = workers or min(os.cpu_count() or 1, 4)
-    policy = _policy(rank, energy, speedup, params_ratio, ranks)
-    allowed = _kinds(kinds)
-    if rank_multiple is None:
-        rank_multiple = DEFAULT_RANK_MULTIPLE if policy.name == "budget" else 1
-    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
-        raise LowRankError(f"rank multiple must be a whole number >= 1, got {rank_multiple!r}")
-    include_re, exclude_re = _regex(include, "--include"), _regex(exclude, "--exclude")
-    proto = _as_model(model, inplace)
-    params_before = count_params(proto)
-    folded: list[tuple[str, str]] = []
-    kept_batchnorms: dict[str, str] = {}
-    if fold_bn:
-        proto, fold = fold_batchnorm(proto)
-        folded, kept_batchnorms = fold.folded, fold.refused
-    model_shapes = shapes if shapes is not None else resolve_shapes(proto, input_shapes, reference)
-    sites = find_sites(proto, model_shapes)
+    policy, allowed, rank_multiple, include_re, exclude_re = _check_options(
+        rank=rank,
+        energy=energy,
+        speedup=speedup,
+        params_ratio=params_ratio,
+        ranks=ranks,
+        include=include,
+        exclude=exclude,
+        kinds=kinds,
+        rank_multiple=rank_multiple,
+    )
+    proto, model_shapes, sites = prepared.proto, prepared.shapes, prepared.sites
+    params_before = prepared.params_before
     if policy.ranks is not None:
         unknown = sorted(set(policy.ranks) - {s.key for s in sites})
         if unknown:
@@ -629,7 +739,7 @@ def _decompose(
     for site in selected:
         rank_key = policy.ranks.get(site.key) if policy.ranks else None
         buckets.setdefault((site.weight_key, type(site), site.groups, rank_key), []).append(site)
-    units = [_Unit(group, group[0].available(allowed)) for group in buckets.values()]
+    units = [_Unit(group, group[0].available(allowed), prepared.decompositions) for group in buckets.values()]
     counted = [s for s in sites if s.cost is not None and (s.shape_known or not exact)]
     if policy.name == "budget" and policy.params_ratio is None:
         units = _screen_for_macs(units, reasons, sum(s.cost.macs for s in counted if s.cost))
@@ -660,6 +770,10 @@ def _decompose(
     for site in sites:
         layers[site.key].counted = site in counted
     plan = _plan(units, chosen, layers, workers)
+    if copy:  # the prepared model stays as it is for the next plan: the same sites, found again in a copy
+        proto = _as_model(proto)
+        own = {site.key: site for site in find_sites(proto, model_shapes)}
+        plan = [(own[site.key], factors) for site, factors in plan]
     proto, made = apply_factors(proto, plan)
     for key, names in made.items():
         layers[key].vertical_node = names.first
@@ -676,11 +790,11 @@ def _decompose(
             "kinds": list(allowed),
             "force": force,
             "rank_multiple": rank_multiple,
-            "fold_bn": fold_bn,
+            "fold_bn": prepared.fold_bn,
             "measure": measure,
         },
-        folded_batchnorms=[bn for _, bn in folded],
-        kept_batchnorms=kept_batchnorms,
+        folded_batchnorms=[bn for _, bn in prepared.folded],
+        kept_batchnorms=dict(prepared.kept_batchnorms),
         warnings=warnings,
         latency=measured,
         seconds=time.perf_counter() - start,

@@ -11,18 +11,19 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from ._files import write_text_atomic
 from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompose, inspect
 from .errors import LowRankError
 from .mobile import EP_NAMES, MobileCoverage
-from .model_io import load_model_with_layout, plain_mode, save_model
+from .model_io import load_model_with_layout, save_model
 from .report import InspectLayer, LayerReport, Report, unsized_warning
+from .sweep import DEFAULT_SPEEDUPS, SweepResult, parse_speedups
 from .verify import KernelTimes, VerifyResult, verify
 
 __all__ = ["main"]
@@ -178,6 +179,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also write OUTPUT as NAME.ort (onnxruntime's ORT format, which minimal and mobile builds load) and "
         "NAME.required_operators.config for a reduced build, with onnxruntime's converter",
     )
+    output.add_argument(
+        "--html",
+        metavar="FILE.html",
+        help="also write a self-contained HTML report: spectra and chosen ranks, MACs per layer, output error "
+        "(with --verify: latency and kernel time per operator type); plots need onnx-lowrank[plots]",
+    )
 
     mobile = d.add_argument_group("mobile", "mobile execution providers and INT8 (onnxruntime's own tools)")
     mobile.add_argument(
@@ -222,7 +229,86 @@ def _parser() -> argparse.ArgumentParser:
         help="also estimate NNAPI/CoreML coverage of both models side by side (onnxruntime's mobile usability checker)",
     )
     v.add_argument("--json", action="store_true", help="print JSON")
+    _add_sweep(sub)
     return parser
+
+
+def _speedups(text: str) -> list[float]:
+    try:
+        return parse_speedups(text)
+    except LowRankError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--speedups: ")) from None
+
+
+def _add_sweep(sub: Any) -> None:
+    s = sub.add_parser(
+        "sweep",
+        help="convert at several --speedup targets and measure each against the original",
+        description="Convert at each target (one shared factorization) and compare each result with the original in onnxruntime.",
+    )
+    s.add_argument("input", help="the ONNX model to read (never modified)")
+    policy = s.add_argument_group("policy", "the targets, and which layers are decomposed")
+    policy.add_argument(
+        "--speedups",
+        type=_speedups,
+        default=list(DEFAULT_SPEEDUPS),
+        metavar="S1,S2,...",
+        help=f"--speedup targets, numbers >= 1 (default {','.join(f'{t:g}' for t in DEFAULT_SPEEDUPS)})",
+    )
+    policy.add_argument(
+        "--kinds", default=",".join(DEFAULT_KINDS), help=f"splits to offer, comma-separated (default {','.join(DEFAULT_KINDS)})"
+    )
+    policy.add_argument("--include", metavar="REGEX", help="only layers whose node name matches")
+    policy.add_argument("--exclude", metavar="REGEX", help="leave layers whose node name matches")
+    policy.add_argument(
+        "--rank-multiple", type=_positive_int, metavar="M", help=f"round ranks up to a multiple of M (default {DEFAULT_RANK_MULTIPLE})"
+    )
+    policy.add_argument("--no-fold-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them into the Conv first)")
+    _add_input_shape(
+        policy, "the input size to plan by (MACs of one onnxruntime run on an input of this shape) and of the random eval inputs"
+    )
+    policy.add_argument(
+        "--allow-unknown-shapes",
+        action="store_true",
+        help="plan even when an input has a symbolic dim and no --input-shape: layers of unknown size count at one output pixel",
+    )
+    calibration = s.add_argument_group("calibration", "data-aware ranks and factors; the statistics are measured once for all targets")
+    calibration.add_argument("--calibration", metavar="FILE.npz|FOLDER", help="calibration inputs, as for decompose")
+    calibration.add_argument(
+        "--refit", action=argparse.BooleanOptionalAction, help="with --calibration: refit each decomposed layer (default: on)"
+    )
+    calibration.add_argument(
+        "--sensitivity", action=argparse.BooleanOptionalAction, help="with --calibration: allocate ranks by measured damage (default: on)"
+    )
+    speed = s.add_argument_group("speed", "latency measured in onnxruntime on this machine, original and converted interleaved")
+    speed.add_argument(
+        "--measure", action="store_true", help="choose ranks by latency timed in onnxruntime, not MACs (as decompose --measure)"
+    )
+    speed.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime intra-op threads (default 1)")
+    speed.add_argument(
+        "--runs", type=_runs, default=20, help="timed runs of each model per target, interleaved (default 20; 0 skips timing)"
+    )
+    speed.add_argument("--profile", action="store_true", help="also time each operator type (onnxruntime's profiler)")
+    checks = s.add_argument_group("checks", "what each converted model is compared on")
+    checks.add_argument(
+        "--eval-inputs",
+        metavar="FILE.npz",
+        help="inputs keyed by input name (samples on axis 0), `labels` for accuracy (default: random inputs)",
+    )
+    output = s.add_argument_group("output", "what is printed and written (no model unless --save-dir)")
+    output.add_argument("--json", action="store_true", help="print the rows as JSON")
+    output.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML report with the trade-off plots")
+    output.add_argument("--save-dir", metavar="DIR", help="write each converted model there as <model>-x<S>.onnx")
+
+
+def _runs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- printing
@@ -522,17 +608,7 @@ def format_mobile(original: MobileCoverage, candidate: MobileCoverage | None = N
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    if not path.parent.is_dir():
-        raise LowRankError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        plain_mode(Path(tmp))  # mkstemp makes the file 0600; a report is a plain file others may read
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise LowRankError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    write_text_atomic(path, text)
 
 
 def _read_ranks(path: str) -> dict[str, int]:
@@ -576,6 +652,10 @@ def _decompose(args: argparse.Namespace) -> int:
                 raise LowRankError(f"{extra}: is a directory")
             if extra.resolve() in protected:
                 raise LowRankError(f"{extra}: --ort would overwrite the {protected[extra.resolve()]}")
+    if args.html:
+        if args.report:
+            protected.setdefault(Path(args.report).resolve(), "report")
+        _check_text_output(Path(args.html), "--html", protected)
     ranks = _read_ranks(args.ranks) if args.ranks else None
     start = time.perf_counter()
     model, was_external = load_model_with_layout(src)
@@ -625,11 +705,146 @@ def _decompose(args: argparse.Namespace) -> int:
     print(f"wrote {dst}" + (f" (+ {dst.name}.data)" if external else ""))
     if ort_files is not None:
         print(f"wrote {ort_files.model} and {ort_files.config.name} (onnxruntime's ORT format, optimization {ort_files.optimization})")
+    result = None
     if args.verify or args.verify_inputs:
         del new
-        result = verify(src, dst, inputs=args.verify_inputs, threads=args.threads, input_shapes=dict(args.input_shape))
+        result = verify(
+            src, dst, inputs=args.verify_inputs, threads=args.threads, input_shapes=dict(args.input_shape), profile=bool(args.html)
+        )
         # a low-rank model approximates by design: report the error, leave gating to `verify --rtol/--atol`
         print(format_verify(result, gate=False))
+    if args.html:
+        _write_decompose_html(args, src, dst, report, result)
+    return 0
+
+
+def _check_text_output(path: Path, flag: str, protected: dict[Path, str]) -> None:
+    """Refuse, before any work, a text output whose folder is missing, that is a folder, or that would replace a file of this run."""
+    if not path.parent.is_dir():
+        raise LowRankError(f"{path}: {flag} folder {path.parent} does not exist")
+    if path.is_dir():
+        raise LowRankError(f"{path}: {flag} path is a directory")
+    if path.resolve() in protected:
+        raise LowRankError(f"{path}: {flag} would overwrite the {protected[path.resolve()]}")
+
+
+def _write_decompose_html(args: argparse.Namespace, src: Path, dst: Path, report: Report, result: VerifyResult | None) -> None:
+    from .html_report import PLOTS_HINT, decompose_html, plots_available
+    from .sweep import report_spectra
+
+    notes = []
+    if result is None:  # the page shows the output error: compared here, without timing
+        try:
+            result = verify(src, dst, runs=0, input_shapes=dict(args.input_shape))
+        except LowRankError as exc:  # the model is written: the page says why its error is missing
+            notes.append(f"output error not measured: {exc}")
+    plots = plots_available()
+    spectra = report_spectra(src, report, dict(args.input_shape)) if plots else []
+    _write_text_atomic(Path(args.html), decompose_html(src.name, report, spectra, result, plots=plots, notes=notes))
+    print(f"wrote {args.html}" + ("" if plots else f" (tables only; for the plots: {PLOTS_HINT})"))
+
+
+def format_sweep(result: SweepResult) -> str:
+    """One row per target: MAC ratio, measured speedup, output error, agreement, accuracy, conversion time."""
+    rows = []
+    for row in result.rows:
+        if not row.reached:
+            rows.append(
+                [
+                    f"{row.target:g}x",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    *(["-"] if result.labelled else []),
+                    "-",
+                    "-",
+                    f"not reached: {row.reason}",
+                ]
+            )
+            continue
+        timed = row.latency_ratio is not None
+        cells = [
+            f"{row.target:g}x",
+            f"{row.mac_ratio:.2f}x",
+            f"{row.latency_ratio:.2f}x" if timed else "not timed",
+            f"{row.original_ms:.3f} -> {row.candidate_ms:.3f}" if timed else "-",
+            f"{row.relative_l2:.3g}" if row.relative_l2 is not None else "-",
+            f"{row.max_abs:.3g}" if row.max_abs is not None else "-",
+            f"{row.top1_agreement:.2%}" if row.top1_agreement is not None else "-",
+        ]
+        if result.labelled:
+            cells.append(f"{row.accuracy:.2%}" if row.accuracy is not None else "-")
+        cells += [f"{row.decomposed}/{row.layers}", f"{row.convert_seconds:.2f}", "; ".join(row.notes)]
+        rows.append(cells)
+    header = ["target", "MACs", "speedup", "ms (orig -> conv)", "rel L2", "max abs", "top-1 agree"]
+    header += ["accuracy"] if result.labelled else []
+    header += ["layers", "convert s", "note"]
+    lines = [_table(rows, header)]
+    accuracy = next((r.accuracy_original for r in result.rows if r.accuracy_original is not None), None)
+    if accuracy is not None:
+        lines.append(f"original accuracy {accuracy:.2%} on {result.samples} labelled samples")
+    lines.append(
+        f"speedup: original / converted latency, median of {result.runs} interleaved runs, {result.threads} thread(s); "
+        f"MACs: decomposable layers before / after; evaluated on {result.samples} sample(s) ({result.inputs} inputs); "
+        f"shared preparation {result.prepare_seconds:.2f} s (the first target's time also holds the spectra the others reuse)"
+    )
+    if result.calibration.get("sensitivity"):
+        sens = result.calibration["sensitivity"]
+        lines.append(
+            f"calibration: layer damage measured once in {sens['seconds']:.1f} s on {sens['samples']} samples, shared by every target"
+        )
+    return "\n".join(lines)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import sweep
+
+    src = Path(args.input)
+    protected = {src.resolve(): "input model"}
+    if args.html:
+        _check_text_output(Path(args.html), "--html", protected)
+    if args.save_dir and not Path(args.save_dir).is_dir():
+        raise LowRankError(f"{args.save_dir}: --save-dir folder does not exist")
+    if args.eval_inputs and not Path(args.eval_inputs).is_file():
+        raise LowRankError(f"{args.eval_inputs}: no such eval inputs file")
+    if args.profile and args.runs == 0:
+        raise LowRankError("--profile times the models: it needs --runs > 0")
+    bar = _ProgressBar(True, "converting and measuring targets", "target")
+    try:
+        result = sweep(
+            src,
+            args.speedups,
+            eval_inputs=args.eval_inputs,
+            calibration=args.calibration,
+            refit=args.refit,
+            sensitivity=args.sensitivity,
+            measure=args.measure,
+            threads=args.threads,
+            runs=args.runs,
+            profile=args.profile,
+            input_shapes=dict(args.input_shape),
+            allow_unknown_shapes=args.allow_unknown_shapes,
+            kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+            include=args.include,
+            exclude=args.exclude,
+            rank_multiple=args.rank_multiple,
+            fold_bn=not args.no_fold_bn,
+            save_dir=args.save_dir,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    if args.html:
+        from .html_report import PLOTS_HINT, plots_available, sweep_html
+
+        _write_text_atomic(Path(args.html), sweep_html(result))
+        note = "" if plots_available() else f" (tables only; for the plots: {PLOTS_HINT})"
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_sweep(result))
+    if args.html and not args.json:
+        print(f"wrote {args.html}{note}")
     return 0
 
 
@@ -646,7 +861,8 @@ class _ProgressBar:
 
     DELAY = 1.0  # seconds before anything is drawn: quick conversions stay quiet
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, what: str = "analysing layers", unit: str = "layer") -> None:
+        self.what, self.unit = what, unit
         self.enabled = enabled and sys.stderr.isatty()
         self.start = time.perf_counter()
         self.bar: Any = None
@@ -659,14 +875,14 @@ class _ProgressBar:
             try:
                 from tqdm import tqdm  # optional; imported only when a bar is due
 
-                self.bar = tqdm(total=total, desc="analysing layers", unit="layer", file=sys.stderr, leave=False)
+                self.bar = tqdm(total=total, desc=self.what, unit=self.unit, file=sys.stderr, leave=False)
             except ImportError:
                 self.bar = False
         if self.bar:
             self.bar.n = done
             self.bar.set_postfix_str(name[-30:], refresh=True)
         else:
-            print(f"\ranalysing layers {done}/{total} {name[-40:]:<40}", end="", file=sys.stderr, flush=True)
+            print(f"\r{self.what} {done}/{total} {name[-40:]:<40}", end="", file=sys.stderr, flush=True)
             self.drawn = True
 
     def close(self) -> None:
@@ -734,7 +950,7 @@ def _verify(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        handler = {"decompose": _decompose, "inspect": _inspect, "verify": _verify}[args.command]
+        handler = {"decompose": _decompose, "inspect": _inspect, "verify": _verify, "sweep": _sweep}[args.command]
         return handler(args)
     except LowRankError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
