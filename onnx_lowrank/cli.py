@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +18,11 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompose, inspect
+from .data_io import model_input_specs
 from .errors import LowRankError
-from .model_io import load_model_with_layout, save_model
+from .model_io import StagedOutputs, load_model_files, save_model
 from .report import InspectLayer, Report, unsized_warning
-from .verify import KernelTimes, VerifyResult, verify
+from .verify import KernelTimes, VerifyResult, check_random_inputs, load_inputs, verify
 
 __all__ = ["main"]
 
@@ -300,6 +300,13 @@ def format_verify(result: VerifyResult, gate: bool = True) -> str:
         )
     ]
     for o in result.outputs:
+        if o.nonfinite_original or o.nonfinite_candidate:
+            agreement = "at the same positions" if not o.nonfinite_mismatch else f"{o.nonfinite_mismatch} positions differ in finiteness"
+            lines.append(
+                f"{o.name}: non-finite values (NaN/Inf): {o.nonfinite_original} in the original, {o.nonfinite_candidate} in the "
+                f"candidate, {agreement}; the statistics are over the values finite in both"
+            )
+    for o in result.outputs:
         if o.top1_agreement is not None:
             line = f"{o.name}: top-1 agreement {o.top1_agreement:.2%} over {o.shape[0]} samples"
             if o.accuracy_original is not None and o.accuracy_candidate is not None:
@@ -365,19 +372,6 @@ def format_inspect(layers: list[InspectLayer]) -> str:
 # --------------------------------------------------------------------------- commands
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    if not path.parent.is_dir():
-        raise LowRankError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise LowRankError(f"{path}: cannot write ({exc.strerror or exc})") from None
-
-
 def _read_ranks(path: str) -> dict[str, int]:
     p = Path(path)
     try:
@@ -393,62 +387,69 @@ def _read_ranks(path: str) -> dict[str, int]:
 
 def _decompose(args: argparse.Namespace) -> int:
     src, dst = Path(args.input), Path(args.output)
-    if not dst.parent.is_dir():  # fail before any work
-        raise LowRankError(f"{dst}: output folder {dst.parent} does not exist")
-    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
-        raise LowRankError(f"{dst}: output would overwrite the input model")
-    if args.report and not Path(args.report).parent.is_dir():
-        raise LowRankError(f"{args.report}: report folder does not exist")
-    if args.report and Path(args.report).is_dir():
-        raise LowRankError(f"{args.report}: report path is a directory")
-    protected = {src.resolve(): "input model", dst.resolve(): "output model"}
-    if args.ranks:
-        protected.setdefault(Path(args.ranks).resolve(), "ranks file")
-    if args.report and Path(args.report).resolve() in protected:  # the report must not replace a file this run reads or writes
-        raise LowRankError(f"{args.report}: the report would overwrite the {protected[Path(args.report).resolve()]}")
-    if args.verify_inputs and not Path(args.verify_inputs).is_file():
-        raise LowRankError(f"{args.verify_inputs}: no such inputs file")
-    ranks = _read_ranks(args.ranks) if args.ranks else None
-    start = time.perf_counter()
-    model, was_external = load_model_with_layout(src)
-    external = args.external_data or was_external
-    _progress(args, f"loaded {src} in {time.perf_counter() - start:.2f} s")
-    bar = _ProgressBar(not args.quiet)
-    try:
-        new, report = decompose(
-            model,
-            rank=args.rank,
-            energy=args.energy,
-            speedup=args.speedup,
-            params_ratio=args.params_ratio,
-            ranks=ranks,
-            kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
-            include=args.include,
-            exclude=args.exclude,
-            force=args.force,
-            input_shapes=dict(args.input_shape),
-            rank_multiple=args.rank_multiple,
-            fold_bn=not args.no_fold_bn,
-            progress=bar,
-            measure=args.measure,
-            threads=args.threads,
-            calibration=args.calibration,
-            refit=args.refit,
-            sensitivity=args.sensitivity,
-            inplace=True,  # the loaded copy is ours: rewriting it saves a copy of the weights
-        )
-    finally:
-        bar.close()
-    del model
-    save_model(new, dst, external_data=external, inputs=(src,))
-    report.seconds = time.perf_counter() - start
-    if args.report:
-        _write_text_atomic(Path(args.report), report.to_json() + "\n")
+    # what this run reads must not be replaced by what it writes
+    protected: dict[str | os.PathLike[str], str] = {src: "input model"}
+    for flag, what in ((args.ranks, "ranks file"), (args.verify_inputs, "inputs file"), (args.calibration, "calibration data")):
+        if flag:
+            protected.setdefault(Path(flag), what)
+    with StagedOutputs(protected) as outputs:
+        # every destination is checked (and its staging folder made) before any work; nothing appears until the commit
+        outputs.stage(dst, "output model")
+        if args.report:
+            outputs.stage(args.report, "report")
+        ranks = _read_ranks(args.ranks) if args.ranks else None
+        start = time.perf_counter()
+        model, data_files = load_model_files(src)
+        for data_file in data_files:
+            outputs.protect(data_file, "external data of the input model")
+        external = args.external_data or bool(data_files)
+        _progress(args, f"loaded {src} in {time.perf_counter() - start:.2f} s")
+        verify_data: dict[str, Any] | None = None
+        if args.verify_inputs:  # read and checked against the model now, not after the conversion
+            arrays, labels = load_inputs(args.verify_inputs, model_input_specs(model))
+            verify_data = {**arrays, **({"labels": labels} if labels is not None else {})}
+        elif args.verify:
+            check_random_inputs(model, dict(args.input_shape))
+        bar = _ProgressBar(not args.quiet)
+        try:
+            new, report = decompose(
+                model,
+                rank=args.rank,
+                energy=args.energy,
+                speedup=args.speedup,
+                params_ratio=args.params_ratio,
+                ranks=ranks,
+                kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+                include=args.include,
+                exclude=args.exclude,
+                force=args.force,
+                input_shapes=dict(args.input_shape),
+                rank_multiple=args.rank_multiple,
+                fold_bn=not args.no_fold_bn,
+                progress=bar,
+                measure=args.measure,
+                threads=args.threads,
+                calibration=args.calibration,
+                refit=args.refit,
+                sensitivity=args.sensitivity,
+                inplace=True,  # the loaded copy is ours: rewriting it saves a copy of the weights
+            )
+        finally:
+            bar.close()
+        del model
+        save_model(new, dst, external_data=external, outputs=outputs)
+        report.seconds = time.perf_counter() - start
+        if args.report:
+            outputs.write_text(args.report, report.to_json() + "\n", "report")
+        result = None
+        if args.verify or args.verify_inputs:
+            del new
+            # on the staged files: a model that fails to load or run is never committed
+            result = verify(src, outputs.staged(dst), inputs=verify_data, threads=args.threads, input_shapes=dict(args.input_shape))
+        outputs.commit()
     print(format_report(report, args.quiet))
     print(f"wrote {dst}" + (f" (+ {dst.name}.data)" if external else ""))
-    if args.verify or args.verify_inputs:
-        del new
-        result = verify(src, dst, inputs=args.verify_inputs, threads=args.threads, input_shapes=dict(args.input_shape))
+    if result is not None:
         # a low-rank model approximates by design: report the error, leave gating to `verify --rtol/--atol`
         print(format_verify(result, gate=False))
     return 0
@@ -544,9 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print(f"{PROG}: error: out of memory", file=sys.stderr)
-        return 1
+    except MemoryError:  # a size no check foresaw: still the input's size, not a bug
+        print(f"{PROG}: error: out of memory (the model or its data is too large for this machine)", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug of ours: one line unless asked for the traceback
         if os.environ.get("ONNX_LOWRANK_DEBUG"):
             raise

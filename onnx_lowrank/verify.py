@@ -2,7 +2,12 @@
 
 Inputs are random (seeded) from the original model's input types and shapes —
 symbolic dims become 1 — or come from an ``.npz`` keyed by input name; an
-``.npz`` that also holds ``labels`` gives accuracy and top-1 agreement.
+``.npz`` that also holds ``labels`` gives accuracy and top-1 agreement. Random
+inputs too large for this machine's memory, and data files that do not fit the
+model's inputs, are refused before anything runs.
+Non-finite outputs: a NaN where the other model has a NaN, or an infinity of the
+same sign, counts as equal; the statistics are taken over the pairs where both
+are finite, and the counts of non-finite values are reported beside them.
 Latency: both sessions are warmed up, then run alternately (the order flips
 each round so neither model always runs on a warm cache), thread spinning off;
 the medians and their ratio are reported.
@@ -10,11 +15,11 @@ the medians and their ratio are reported.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
+from .data_io import InputSpec, check_allocation, check_samples, load_npz, model_input_specs
 from .errors import LowRankError
 from .model_io import PROTOBUF_LIMIT, load_model
 
@@ -33,9 +39,11 @@ __all__ = [
     "KernelTimes",
     "OutputStats",
     "VerifyResult",
+    "check_random_inputs",
     "compare_outputs",
     "interleaved_latency",
     "kernel_times",
+    "load_inputs",
     "make_session",
     "random_inputs",
     "verify",
@@ -72,6 +80,10 @@ class OutputStats:
     top1_agreement: float | None = None
     accuracy_original: float | None = None
     accuracy_candidate: float | None = None
+    # NaN/Inf counts; the statistics above are over the pairs where both values are finite
+    nonfinite_original: int = 0
+    nonfinite_candidate: int = 0
+    nonfinite_mismatch: int = 0  # positions where one is non-finite and the other is not the same value
 
 
 @dataclass
@@ -125,7 +137,7 @@ def make_session(
     if missing:
         raise LowRankError(f"execution provider(s) {', '.join(missing)} not in this onnxruntime build (has: {', '.join(available)})")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions, turned into one line; the log would add more
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -167,36 +179,64 @@ def _session(ort: Any, source: Any, options: Any, providers: list[str]) -> Any:
         raise LowRankError(f"onnxruntime cannot load the model: {first}") from None
 
 
+_SESSION_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _random_shapes(
+    specs: Sequence[InputSpec], batch: int, input_shapes: Mapping[str, Sequence[int]] | None
+) -> dict[str, tuple[list[int], np.dtype[Any]]]:
+    """The shape and dtype of each random input (symbolic or unset dims: 1, the first ``batch``; ``input_shapes``
+    overrides), refused up front when they cannot fit in memory."""
+    out: dict[str, tuple[list[int], np.dtype[Any]]] = {}
+    total = 0
+    for name, dtype, dims in specs:
+        if dtype is None:
+            raise LowRankError(f"input {name!r} has a type random inputs cannot be made for; give inputs with --inputs")
+        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(dims or [])]
+        if input_shapes and name in input_shapes:
+            shape = [int(d) for d in input_shapes[name]]
+        # the values are drawn in float64, then cast: both copies live at once
+        nbytes = math.prod(shape) * (8 + dtype.itemsize)
+        check_allocation(nbytes, f"random input {name!r} of shape {shape}")
+        total += nbytes
+        out[name] = (shape, dtype)
+    check_allocation(total, "the random inputs")
+    return out
+
+
+def check_random_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Refuse (:class:`LowRankError`) random inputs for ``model`` that would not fit in memory, before anything runs."""
+    _random_shapes([s for s in model_input_specs(model) if s[1] is not None], 1, input_shapes)
+
+
 def random_inputs(
     session: Any, seed: int = 0, batch: int = 1, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> dict[str, npt.NDArray[Any]]:
     """Seeded random inputs for every input of ``session``: of the shape ``input_shapes`` gives it, else with
     symbolic dims as 1 (the first: ``batch``)."""
     rng = np.random.default_rng(seed)
-    feeds: dict[str, npt.NDArray[Any]] = {}
-    type_names = {
-        "tensor(float)": np.float32,
-        "tensor(float16)": np.float16,
-        "tensor(double)": np.float64,
-        "tensor(int64)": np.int64,
-        "tensor(int32)": np.int32,
-        "tensor(int8)": np.int8,
-        "tensor(uint8)": np.uint8,
-        "tensor(bool)": np.bool_,
-    }
+    specs: list[InputSpec] = []
     for value in session.get_inputs():
-        dtype = type_names.get(value.type)
-        if dtype is None:
+        if value.type not in _SESSION_TYPES:
             raise LowRankError(f"input {value.name!r} has type {value.type}; give inputs with --inputs")
-        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(value.shape)]
-        if input_shapes and value.name in input_shapes:
-            shape = [int(d) for d in input_shapes[value.name]]
+        specs.append((value.name, np.dtype(_SESSION_TYPES[value.type]), list(value.shape)))
+    feeds: dict[str, npt.NDArray[Any]] = {}
+    for name, (shape, dtype) in _random_shapes(specs, batch, input_shapes).items():
         if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[name] = rng.random(shape) < 0.5
         else:
-            feeds[value.name] = rng.integers(0, 10, size=shape).astype(dtype)
+            feeds[name] = rng.integers(0, 10, size=shape).astype(dtype)
     return feeds
 
 
@@ -208,50 +248,61 @@ def compare_outputs(
     atol: float,
     labels: npt.NDArray[Any] | None = None,
 ) -> list[OutputStats]:
+    """Per output: error statistics over the pairs where both values are finite, and the NaN/Inf counts.
+
+    An output passes when every finite pair is within ``atol + rtol·|reference|`` and the
+    non-finite values agree (NaN with NaN, an infinity with the same infinity).
+    """
     stats = []
     for name, ref, cand in zip(names, reference, candidate, strict=False):
         a = np.asarray(ref, dtype=np.float64)
         b = np.asarray(cand, dtype=np.float64)
         if a.shape != b.shape:
             raise LowRankError(f"output {name!r}: shapes differ, {list(a.shape)} vs {list(b.shape)}")
-        diff = np.abs(a - b)
-        finite = bool(np.all(np.isfinite(b)) or np.array_equal(np.isfinite(a), np.isfinite(b)))
-        ref_norm = float(np.linalg.norm(a))
-        cos_den = ref_norm * float(np.linalg.norm(b))
-        entry = OutputStats(
-            name=name,
-            shape=list(a.shape),
-            max_abs=float(diff.max()) if diff.size else 0.0,
-            max_rel=float((diff / np.maximum(np.abs(a), 1e-12)).max()) if diff.size else 0.0,
-            mean_abs=float(diff.mean()) if diff.size else 0.0,
-            p99_abs=float(np.percentile(diff, 99)) if diff.size else 0.0,
-            relative_l2=float(np.linalg.norm(a - b) / ref_norm) if ref_norm else float(np.linalg.norm(b)),
-            cosine=float(np.sum(a * b) / cos_den) if cos_den else 1.0,
-            required_atol=float(np.max(diff - rtol * np.abs(a), initial=0.0)),
-            passed=finite and bool(np.all(diff <= atol + rtol * np.abs(a))),
-        )
-        if a.ndim == 2 and a.shape[1] > 1:
-            top_a, top_b = a.argmax(axis=1), b.argmax(axis=1)
-            entry.top1_agreement = float(np.mean(top_a == top_b))
-            if labels is not None and len(labels) == a.shape[0]:
-                entry.accuracy_original = float(np.mean(top_a == labels))
-                entry.accuracy_candidate = float(np.mean(top_b == labels))
+        with np.errstate(all="ignore"):  # NaN and Inf are counted, not warned about
+            finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+            both = finite_a & finite_b
+            same_special = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+            mismatch = int(np.count_nonzero(~both & ~same_special))
+            fa, fb = a[both], b[both]
+            diff = np.abs(fa - fb)
+            ref_norm = float(np.linalg.norm(fa))
+            cos_den = ref_norm * float(np.linalg.norm(fb))
+            entry = OutputStats(
+                name=name,
+                shape=list(a.shape),
+                max_abs=float(diff.max()) if diff.size else 0.0,
+                max_rel=float((diff / np.maximum(np.abs(fa), 1e-12)).max()) if diff.size else 0.0,
+                mean_abs=float(diff.mean()) if diff.size else 0.0,
+                p99_abs=float(np.percentile(diff, 99)) if diff.size else 0.0,
+                relative_l2=float(np.linalg.norm(fa - fb) / ref_norm) if ref_norm else float(np.linalg.norm(fb)),
+                cosine=float(np.sum(fa * fb) / cos_den) if cos_den else 1.0,
+                required_atol=float(np.max(diff - rtol * np.abs(fa), initial=0.0)),
+                passed=mismatch == 0 and bool(np.all(diff <= atol + rtol * np.abs(fa))),
+                nonfinite_original=int(a.size - np.count_nonzero(finite_a)),
+                nonfinite_candidate=int(b.size - np.count_nonzero(finite_b)),
+                nonfinite_mismatch=mismatch,
+            )
+            if a.ndim == 2 and a.shape[1] > 1:
+                top_a, top_b = a.argmax(axis=1), b.argmax(axis=1)
+                entry.top1_agreement = float(np.mean(top_a == top_b))
+                if labels is not None and len(labels) == a.shape[0]:
+                    entry.accuracy_original = float(np.mean(top_a == labels))
+                    entry.accuracy_candidate = float(np.mean(top_b == labels))
         stats.append(entry)
     return stats
 
 
-def _load_inputs(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise LowRankError(f"{p}: no such inputs file")
-    try:
-        with open(p, "rb") as f:
-            if f.read(2) != b"PK":  # np.load would take a .npy or a pickle, or fail on an empty file with EOFError
-                raise ValueError("not a zip archive")
-        with np.load(p, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise LowRankError(f"{p}: not a readable .npz ({exc})") from None
+def load_inputs(
+    inputs: str | os.PathLike[str] | Mapping[str, npt.ArrayLike], specs: Sequence[InputSpec]
+) -> tuple[dict[str, npt.NDArray[Any]], npt.NDArray[Any] | None]:
+    """The arrays of an ``.npz`` (or a mapping) for the model inputs ``specs``, checked and cast; and its ``labels``."""
+    if isinstance(inputs, (str, os.PathLike)):
+        data: dict[str, Any] = load_npz(inputs, "inputs file")
+    else:
+        data = {str(k): np.asarray(v) for k, v in inputs.items()}
+    labels = data.pop("labels", None)
+    return check_samples(data, specs, "input", "inputs file"), labels
 
 
 def _batches(
@@ -289,6 +340,8 @@ def verify(
     """
     if not rtol >= 0 or not atol >= 0:
         raise LowRankError(f"tolerances must be >= 0, got rtol={rtol} atol={atol}")
+    if not (math.isfinite(rtol) and math.isfinite(atol)):
+        raise LowRankError(f"tolerances must be finite, got rtol={rtol} atol={atol}")
     if isinstance(original, (str, os.PathLike)):
         load_model(original)  # one-line errors for a missing or broken file before onnxruntime sees it
     if isinstance(candidate, (str, os.PathLike)):
@@ -304,11 +357,10 @@ def verify(
     if inputs is None:
         batches = [random_inputs(ref, seed, input_shapes=input_shapes)]
     else:
-        data = dict(_load_inputs(inputs)) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
-        labels = data.pop("labels", None)
-        missing = [n for n in input_names if n not in data]
-        if missing:
-            raise LowRankError(f"inputs file lacks model input(s): {', '.join(missing)}")
+        specs: list[InputSpec] = [
+            (i.name, np.dtype(_SESSION_TYPES[i.type]) if i.type in _SESSION_TYPES else None, list(i.shape)) for i in ref.get_inputs()
+        ]
+        data, labels = load_inputs(inputs, specs)
         fixed = {i.name: (i.shape[0] if i.shape and isinstance(i.shape[0], int) else None) for i in ref.get_inputs()}
         batches = _batches(data, input_names, fixed)
     ref_out: list[list[npt.NDArray[Any]]] = []

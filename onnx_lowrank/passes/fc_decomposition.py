@@ -13,7 +13,10 @@ Eckart–Young optimum of ``||W − W_K||_F`` (the "channel" kind of
   ``T = MatMul(X, Pᵀ)`` then ``Y = MatMul(T, Qᵀ)``.
 
 Preconditions: the weight is the second input, a 2-D floating-point constant
-(Identity/Cast chains allowed); a MatMul's first input is not constant. A
+(Identity/Cast chains allowed) with no empty dim; a MatMul's first input is not
+constant; ``transA``/``transB`` are 0 or 1 and ``alpha``/``beta`` floats; where
+the input's shape is known, a Gemm's input is a matrix and the input's inner
+dim is the weight's (a layer that fails one is left as it is, with the reason). A
 ``K`` at or above ``in·out / (in + out)`` saves nothing, which the planner
 sees in the cost model.
 """
@@ -31,7 +34,7 @@ from onnx import helper
 from ..cost import fc_cost
 from ..factorization import Factors, Kind
 from ..shapes import Shape
-from ._graph import Scope, attrs, iter_scopes, resolve_weight
+from ._graph import InvalidAttribute, Scope, attr_float, attr_int, iter_scopes, resolve_weight, type_name
 from ._rewrite import FLOAT_TYPES, Site, node_key
 
 __all__ = ["FCSite", "find_fc_sites"]
@@ -42,7 +45,9 @@ FC_OPS = {"Gemm", "MatMul"}
 class FCSite(Site):
     """A Gemm or MatMul whose second input is a constant matrix."""
 
+    trans_a: bool = False
     trans_b: bool = False
+    gemm_scales: dict[str, float] | None = None  # alpha/beta as given (absent ones are not written)
 
     @classmethod
     def build(cls, node: onnx.NodeProto, scope: Scope, shapes: dict[str, Shape], key: str) -> FCSite:
@@ -56,24 +61,48 @@ class FCSite(Site):
             return site
         w = weight.shape
         if weight.data_type not in FLOAT_TYPES or (weight.cast_to is not None and weight.cast_to not in FLOAT_TYPES):
-            site.reason = f"weight type {onnx.TensorProto.DataType.Name(weight.data_type)} is not floating point"
+            bad = weight.data_type if weight.data_type not in FLOAT_TYPES else weight.cast_to
+            site.reason = f"weight type {type_name(bad)} is not floating point"  # type: ignore[arg-type]
             return site
         if len(w) != 2:
             site.reason = f"weight of shape {w} is not a matrix"
+            return site
+        if any(d < 1 for d in w):
+            site.reason = f"weight of shape {w} is empty"
             return site
         if node.op_type == "MatMul" and not isinstance(resolve_weight(node.input[0], scope), str):
             site.reason = "both MatMul inputs are constant"
             return site
         site.weight = weight
-        a = attrs(node)
-        site.trans_b = node.op_type == "Gemm" and bool(a.get("transB", 0))
+        if node.op_type == "Gemm":
+            try:
+                flags = {name: attr_int(node, name, 0) for name in ("transA", "transB")}
+                site.gemm_scales = {
+                    name: attr_float(node, name, 1.0) for name in ("alpha", "beta") if any(a.name == name for a in node.attribute)
+                }
+            except InvalidAttribute as exc:
+                site.reason = str(exc)
+                return site
+            flag = next((f"{name} {value}" for name, value in flags.items() if value not in (0, 1)), None)
+            if flag is not None:
+                site.reason = f"{flag} is not 0 or 1"
+                return site
+            site.trans_a, site.trans_b = bool(flags["transA"]), bool(flags["transB"])
         out_features, in_features = (w[0], w[1]) if site.trans_b else (w[1], w[0])
         x_shape = shapes.get(node.input[0])
+        if x_shape is not None:
+            inner = x_shape[0 if site.trans_a else -1] if x_shape else None
+            if node.op_type == "Gemm" and len(x_shape) != 2:
+                site.reason = f"Gemm input of rank {len(x_shape)}: Gemm takes a matrix"
+                return site
+            if inner is not None and inner != in_features:
+                site.reason = f"input inner dim {inner} does not match the weight's {in_features} input features"
+                return site
         rows = 1
         if x_shape is not None and all(d is not None for d in x_shape):
             dims = [int(d) for d in x_shape]  # type: ignore[arg-type]
             if node.op_type == "Gemm":
-                rows = dims[1] if a.get("transA", 0) else dims[0]
+                rows = dims[1] if site.trans_a else dims[0]
             else:
                 rows = math.prod(dims[:-1])
             site.shape_known = True
@@ -113,14 +142,10 @@ class FCSite(Site):
                 helper.make_node("MatMul", [node.input[0], first_w], [middle], name=names[0], domain=node.domain),
                 helper.make_node("MatMul", [middle, second_w], list(node.output), name=names[1], domain=node.domain),
             )
-        a = attrs(node)
         first: dict[str, Any] = {"transB": 1}
-        if a.get("transA", 0):
+        if self.trans_a:
             first["transA"] = 1
-        second: dict[str, Any] = {"transB": 1}
-        for name in ("alpha", "beta"):
-            if name in a:
-                second[name] = a[name]
+        second: dict[str, Any] = {"transB": 1, **(self.gemm_scales or {})}
         bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
         return (
             helper.make_node("Gemm", [node.input[0], first_w], [middle], name=names[0], domain=node.domain, **first),
