@@ -515,7 +515,7 @@ def _decompose_calibrated(
 
 def _unsized(site: Site, shapes: Mapping[str, Any]) -> bool:
     """Whether ``site`` is a conv whose input's spatial dims (after batch and channels) are not all known."""
-    if site.node.op_type not in ("Conv", "ConvTranspose"):
+    if site.node.op_type not in ("Conv", "ConvTranspose") or not site.node.input:
         return False
     shape = shapes.get(site.node.input[0])
     return shape is None or len(shape) < 3 or any(d is None for d in shape[2:])

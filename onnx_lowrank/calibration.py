@@ -205,7 +205,12 @@ def load_calibration(source: CalibrationSource, model: ModelLike | None = None) 
             raise LowRankError("calibration data has no samples")
         return arrays
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    return check_samples(arrays, model_input_specs(proto), "calibration input", "calibration data")
+    checked = check_samples(arrays, model_input_specs(proto), "calibration input", "calibration data")
+    for name, values in checked.items():
+        # a NaN would spread through every sum the refit and the sensitivity measure are made of
+        if np.issubdtype(values.dtype, np.inexact) and not np.all(np.isfinite(values)):
+            raise LowRankError(f"calibration input {name!r} holds NaN or infinite values")
+    return checked
 
 
 def iter_batches(
@@ -478,7 +483,9 @@ class NormalEquations:
             system = gram + np.diag(lam)
             rhs = rhs + lam[:, None] * prior[gi]
             try:
-                out[gi] = scipy.linalg.solve(system, rhs, assume_a="pos", check_finite=False)
+                # Cholesky, as solve(assume_a="pos") does, without its warning on ill-conditioned systems: the ridge
+                # keeps them well posed, and a result that is not finite is refused by the caller
+                out[gi] = scipy.linalg.cho_solve(scipy.linalg.cho_factor(system, check_finite=False), rhs, check_finite=False)
             except (np.linalg.LinAlgError, ValueError):
                 out[gi] = scipy.linalg.lstsq(system, rhs, check_finite=False)[0]
         return out
@@ -625,12 +632,18 @@ def _refit_one(
     theta = eq.solve(prior, ridge)
     h, b = unpack(theta, h0.shape)
     # score the factors as they will be stored (rounded to the model's dtype)
-    stored_h = h.astype(_np_dtype(weight.tensor.data_type)).astype(np.float64)
+    with np.errstate(all="ignore"):  # overflow in the cast shows as a non-finite factor, refused below
+        stored_h = h.astype(_np_dtype(weight.tensor.data_type)).astype(np.float64)
     in_place = bias is not None and bias.readers <= 1
     # a bias of the conv's own is written where it is stored; a new one is read by the conv directly,
     # so it takes the type the conv computes in (after any Cast)
     bias_type = bias.tensor.data_type if bias is not None and in_place else weight.data_type
-    stored_b = b.astype(_np_dtype(bias_type)).astype(np.float64)
+    with np.errstate(all="ignore"):
+        stored_b = b.astype(_np_dtype(bias_type)).astype(np.float64)
+    if not (np.all(np.isfinite(stored_h)) and np.all(np.isfinite(stored_b))):
+        result.reason = "the refit factors are not finite in the model's dtype; kept the data-free factors"
+        result.seconds = time.perf_counter() - start
+        return result
     norm = float(eq.target.sum())
     before = eq.residual(prior)
     after = eq.residual(pack(stored_h, stored_b, geometry.groups))

@@ -176,6 +176,8 @@ def check_samples(arrays: Mapping[str, Array], inputs: Sequence[InputSpec], labe
                 raise LowRankError(f"{label} {name!r} has shape {tuple(data.shape)}; the model expects {_show(dims)}")
         if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
             raise LowRankError(f"{label} {name!r} has non-numeric dtype {data.dtype}")
+        if np.issubdtype(data.dtype, np.complexfloating) and not (dtype is not None and np.issubdtype(dtype, np.complexfloating)):
+            raise LowRankError(f"{label} {name!r} has complex dtype {data.dtype}; the model takes {dtype or 'real values'}")
         if len(data) == 0:
             raise LowRankError(f"{label} {name!r} has no samples (axis 0 is empty)")
         if dtype is not None and data.dtype != dtype:

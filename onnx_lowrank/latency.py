@@ -16,6 +16,7 @@ multiples of the blocking width.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .data_io import check_allocation
 from .factorization import Factors, Kind
 from .passes._rewrite import Site
 from .shapes import Shape
@@ -33,14 +35,9 @@ __all__ = ["LayerTimer", "time_model"]
 
 
 def _session(model: onnx.ModelProto, threads: int) -> Any:
-    import onnxruntime as ort
+    from .verify import make_session  # one-line errors, quiet logs, no spinning threads
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return make_session(model, threads=threads)
 
 
 def _median_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int, warmup: int) -> float:
@@ -98,6 +95,10 @@ class LayerTimer:
             inits,
         )
         model = helper.make_model(graph, opset_imports=self.opset_imports)
+        # drawn in float64, then cast: both copies live at once
+        check_allocation(
+            math.prod(x_shape) * (8 + np_dtype.itemsize), f"the input of layer {site.key!r} (shape {list(x_shape)}) to time it"
+        )
         feeds = {x_name: self.rng.standard_normal(x_shape).astype(np_dtype)}
         self.timed += 1
         return _median_ms(_session(model, self.threads), feeds, self.runs, self.warmup)

@@ -174,8 +174,8 @@ def _estimated_size(model: onnx.ModelProto) -> int:
     """Bytes of the weights plus the rest: close to ``ByteSize()`` without a pass over every weight byte."""
     weights = 0
     for tensor in external_data_helper._get_all_tensors(model):
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 1
-        weights += math.prod(tensor.dims) * itemsize
+        itemsize = _WHOLE_BYTE_TYPES.get(tensor.data_type, 1)  # 1 for the rest (strings, 4-bit types, unknown numbers)
+        weights += max(math.prod(tensor.dims), 0) * itemsize
     return weights + 1_000_000 * (1 + len(model.graph.node) // 1000)
 
 
@@ -271,9 +271,12 @@ def _tensor_pieces(tensor: onnx.TensorProto) -> tuple[int, Callable[[BinaryIO, o
     size = len(meta_bytes) + len(_tag(_RAW_DATA_FIELD)) + len(_varint(raw_length)) + raw_length
 
     def write(f: BinaryIO, t: onnx.TensorProto) -> None:
+        raw = t.raw_data  # the one copy of the bytes, needed to write them anyway
+        if len(raw) != raw_length:  # the length prefix written above would not match: refuse, not corrupt
+            raise ValueError(f"tensor {t.name!r} declares dims {list(t.dims)} ({raw_length} bytes), its data holds {len(raw)} bytes")
         f.write(meta_bytes)
         f.write(_tag(_RAW_DATA_FIELD) + _varint(raw_length))
-        f.write(t.raw_data)
+        f.write(raw)
 
     return size, write
 
@@ -493,3 +496,5 @@ def save_model(
             write_model(model, staged)
     except OSError as exc:
         raise LowRankError(f"{dest}: cannot write ({exc.strerror or exc})") from None
+    except ValueError as exc:  # a tensor whose data contradicts its dims
+        raise LowRankError(f"{dest}: cannot write the model: {exc}") from None

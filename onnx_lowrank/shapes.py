@@ -5,7 +5,8 @@ So large initializers and Constant values are swapped for data-less stand-ins
 (marked as external data that is never read) while a skeleton copy of the model
 is taken, and put back at once; the skeleton, a few kilobytes, is what
 shape inference sees. Symbolic batch dims (the first dim of a graph input) are
-set to 1; other symbolic dims stay unknown unless ``overrides`` gives a shape.
+set to 1; other symbolic dims stay unknown unless ``overrides`` gives a shape
+(a name in ``overrides`` that is not an input of the model is an error).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import onnx
 from onnx import helper
 
+from .errors import LowRankError
 from .model_io import copy_fields
 
 __all__ = ["Shape", "infer_shapes"]
@@ -82,6 +84,10 @@ def infer_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]] 
     skeleton = _skeleton(model)
     overrides = dict(overrides or {})
     initializer_names = {t.name for t in skeleton.graph.initializer}
+    feedable = [v.name for v in skeleton.graph.input if v.name not in initializer_names]
+    unknown = sorted(set(overrides) - set(feedable))
+    if unknown:
+        raise LowRankError(f"--input-shape: the model has no input {unknown[0]!r} (its inputs: {', '.join(feedable) or 'none'})")
     for value in skeleton.graph.input:
         if value.name in initializer_names or not value.type.HasField("tensor_type"):
             continue

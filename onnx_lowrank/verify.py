@@ -131,6 +131,7 @@ def make_session(
     """
     import onnxruntime as ort
 
+    _quiet_default_logger(ort)
     available = ort.get_available_providers()
     wanted = list(providers) if providers else ["CPUExecutionProvider"]
     missing = [p for p in wanted if p not in available]
@@ -171,6 +172,22 @@ def make_session(
     return _session(ort, str(model), options, wanted)
 
 
+_QUIET = False
+
+
+def _quiet_default_logger(ort: Any) -> None:
+    """Limit onnxruntime's process-wide logger to fatal messages (once).
+
+    Besides raising its errors, onnxruntime logs some of them (an invalid
+    initializer, say) to stderr through that logger, which the session options
+    do not reach; every error is reported here as an exception already.
+    """
+    global _QUIET
+    if not _QUIET:
+        ort.set_default_logger_severity(4)
+        _QUIET = True
+
+
 def _session(ort: Any, source: Any, options: Any, providers: list[str]) -> Any:
     try:
         return ort.InferenceSession(source, sess_options=options, providers=providers)
@@ -192,13 +209,20 @@ _SESSION_TYPES = {
 
 
 def _random_shapes(
-    specs: Sequence[InputSpec], batch: int, input_shapes: Mapping[str, Sequence[int]] | None
+    specs: Sequence[InputSpec],
+    batch: int,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    check_only: Sequence[InputSpec] | None = None,
 ) -> dict[str, tuple[list[int], np.dtype[Any]]]:
     """The shape and dtype of each random input (symbolic or unset dims: 1, the first ``batch``; ``input_shapes``
-    overrides), refused up front when they cannot fit in memory."""
+    overrides), refused up front when they cannot fit in memory; ``input_shapes`` must name inputs of ``specs``.
+    With ``check_only``, only those inputs are sized."""
+    unknown = sorted(set(input_shapes or {}) - {name for name, _, _ in specs})
+    if unknown:
+        raise LowRankError(f"--input-shape: the model has no input {unknown[0]!r} (its inputs: {', '.join(s[0] for s in specs) or 'none'})")
     out: dict[str, tuple[list[int], np.dtype[Any]]] = {}
     total = 0
-    for name, dtype, dims in specs:
+    for name, dtype, dims in specs if check_only is None else check_only:
         if dtype is None:
             raise LowRankError(f"input {name!r} has a type random inputs cannot be made for; give inputs with --inputs")
         shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(dims or [])]
@@ -215,7 +239,9 @@ def _random_shapes(
 
 def check_random_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
     """Refuse (:class:`LowRankError`) random inputs for ``model`` that would not fit in memory, before anything runs."""
-    _random_shapes([s for s in model_input_specs(model) if s[1] is not None], 1, input_shapes)
+    specs = model_input_specs(model)
+    # inputs of a type random values are not made for are refused when the inputs are made
+    _random_shapes(specs, 1, input_shapes, check_only=[s for s in specs if s[1] is not None])
 
 
 def random_inputs(
