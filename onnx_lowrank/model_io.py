@@ -79,6 +79,19 @@ def _check_external(model: onnx.ModelProto, base: Path) -> list[Path]:
             raise LowRankError(f"tensor {tensor.name!r}: external data offset/length are not whole numbers") from None
         if offset < 0 or length < 0:
             raise LowRankError(f"tensor {tensor.name!r}: external data offset/length are negative")
+        itemsize = _WHOLE_BYTE_TYPES.get(tensor.data_type)
+        if itemsize is not None and min(tensor.dims, default=0) >= 0:
+            expected = math.prod(tensor.dims) * itemsize
+            if length and length != expected:
+                raise LowRankError(
+                    f"tensor {tensor.name!r}: external data length {length} does not match its dims {list(tensor.dims)} ({expected} bytes)"
+                )
+            if not length:
+                # no length (or 0): the dims say how much to read, as onnxruntime reads it; onnx's loader would
+                # read to the end of the file instead
+                length = expected
+                entry = next((e for e in tensor.external_data if e.key == "length"), None) or tensor.external_data.add(key="length")
+                entry.value = str(expected)
         if offset + length > target.stat().st_size:
             raise LowRankError(f"tensor {tensor.name!r}: external data file {target} is truncated")
         if target not in files:

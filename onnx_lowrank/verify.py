@@ -328,6 +328,12 @@ def load_inputs(
     else:
         data = {str(k): np.asarray(v) for k, v in inputs.items()}
     labels = data.pop("labels", None)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+            raise LowRankError(
+                f"inputs file: labels of shape {tuple(labels.shape)} and dtype {labels.dtype}; expected one class index per sample"
+            )
     return check_samples(data, specs, "input", "inputs file"), labels
 
 

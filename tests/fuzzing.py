@@ -496,6 +496,7 @@ def data_file(rng: random.Random, model_bytes: bytes, pick: Picker) -> tuple[byt
             "huge-header",
             "missing-input",
             "pickle",
+            "bad-labels",
         ],
     )
     name = next(iter(arrays), "x")
@@ -522,6 +523,8 @@ def data_file(rng: random.Random, model_bytes: bytes, pick: Picker) -> tuple[byt
         arrays = {"not_an_input": first}
     elif how == "labels":
         arrays["labels"] = np.arange(rng.choice([0, 1, 5]))
+    elif how == "bad-labels":
+        arrays["labels"] = rng.choice([np.int64(3), np.zeros((1, 2)), np.array(["cat"])])
     if how == "bad-zip":
         return b"PK\x03\x04" + bytes(rng.randrange(256) for _ in range(64)), how
     if how == "empty":
@@ -696,7 +699,10 @@ def _external_layout(rng: random.Random, data: bytes) -> tuple[dict[str, bytes],
     except Exception:  # a mutation made it unparseable: keep the single file
         return {"model.onnx": data}, "not applicable"
     with tempfile.TemporaryDirectory() as tmp:
-        onnx.save_model(model, f"{tmp}/model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+        try:
+            onnx.save_model(model, f"{tmp}/model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+        except Exception:  # onnx cannot write what a mutation made (a name that is not text, say)
+            return {"model.onnx": data}, "not applicable"
         model = onnx.load(f"{tmp}/model.onnx", load_external_data=False)
         weights = Path(f"{tmp}/model.onnx.data").read_bytes() if Path(f"{tmp}/model.onnx.data").exists() else b""
     how = rng.choice(["valid", "valid", "truncated", "missing", "location", "offset", "length"])

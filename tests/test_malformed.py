@@ -397,3 +397,87 @@ def test_library_raises_lowrank_error_for_huge_random_inputs() -> None:
     model = conv_model(input_shape=("n", 6, "h", "w"))
     with pytest.raises(LowRankError, match="memory"):
         onnx_lowrank.verify(model, model, runs=0, input_shapes={"x": [1, 6, 2**31, 2**31]})
+
+
+# --------------------------------------------------------------------------- found by the fuzz suite
+
+
+def test_external_data_without_length(tmp_path: Path) -> None:
+    """An external tensor whose ``length`` is 0 is read by its dims, as onnxruntime reads it (onnx's loader would read
+    to the end of the file); an explicit length that contradicts the dims makes the model invalid."""
+    model = conv_model(input_shape=("n", 6, 12, 12))
+    src = tmp_path / "in.onnx"
+    onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    proto = onnx.load(str(src), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        next(e for e in tensor.external_data if e.key == "length").value = "0"
+    src.write_bytes(proto.SerializeToString())
+    assert loads(src)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "out.onnx"
+    before = snapshot(tmp_path)
+    outcome = run_cli(["decompose", src, out, "--rank", "2"])
+    assert violations(outcome, before, snapshot(tmp_path), ["out/out.onnx", "out/out.onnx.data"]) == [], outcome
+    assert outcome.code == 0 and loads(out)
+    next(e for e in proto.graph.initializer[0].external_data if e.key == "length").value = "7"
+    src.write_bytes(proto.SerializeToString())
+    outcome = run_cli(["inspect", src])
+    assert outcome.code == 2 and "does not match its dims" in outcome.error, outcome
+
+
+def test_calibration_data_with_nan(tmp_path: Path) -> None:
+    """NaN calibration data would make every refit factor NaN: refused with one line."""
+    data = tmp_path / "calibration.npz"
+    x = np.random.default_rng(0).standard_normal((4, 6, 12, 12)).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan
+    np.savez(data, x=x)
+    outcome, _ = decompose_run(tmp_path, conv_model(input_shape=("n", 6, 12, 12)), "--calibration", str(data))
+    assert outcome.code == 2 and "NaN" in outcome.error, outcome
+
+
+def test_input_shape_for_an_input_the_model_lacks(tmp_path: Path) -> None:
+    """``--input-shape`` naming no input of the model is an error, not silently ignored."""
+    outcome, _ = decompose_run(tmp_path, conv_model(), "--rank", "2", "--input-shape", "image=1,6,12,12")
+    assert outcome.code == 2 and "no input 'image'" in outcome.error, outcome
+    src = tmp_path / "in.onnx"
+    for argv in (["inspect", src], ["verify", src, src, "--runs", "0"]):
+        outcome = run_cli([*argv, "--input-shape", "image=1,6,12,12"])
+        assert outcome.code == 2 and "no input 'image'" in outcome.error, outcome
+
+
+def test_conv_without_inputs(tmp_path: Path) -> None:
+    """A Conv node with no inputs at all is listed with a reason, not a crash."""
+    model = conv_model()
+    del model.graph.node[0].input[:]
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    outcome = run_cli(["inspect", path])
+    assert outcome.code == 0 and "no weight input" in outcome.stdout, outcome
+
+
+def test_strides_from_a_function_attribute(tmp_path: Path) -> None:
+    """A conv in a model-local function whose strides refer to the call's attribute is left alone, with the reason."""
+    rng = np.random.default_rng(0)
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="fconv", pads=[1, 1, 1, 1])
+    conv.attribute.append(onnx.AttributeProto(name="strides", ref_attr_name="s", type=onnx.AttributeProto.INTS))
+    weight = helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32)))
+    function = helper.make_function("local", "Block", ["x"], ["y"], [weight, conv], [helper.make_opsetid("", 17)], attributes=["s"])
+    call = helper.make_node("Block", ["x"], ["y"], name="call", domain="local", s=[2, 2])
+    model = make_model(
+        [call], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])], [helper.make_tensor_value_info("y", 1, None)]
+    )
+    model.functions.append(function)
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    outcome, report = decompose_run(tmp_path, model, "--rank", "2", "--force")
+    assert outcome.code == 0 and report is not None, outcome
+    assert "function attribute 's'" in layer_reason(report, "Block::fconv")
+
+
+@pytest.mark.parametrize("labels", [np.int64(3), np.zeros((1, 2)), np.array(["cat"])], ids=["scalar", "2-d", "strings"])
+def test_verify_labels_that_are_not_class_indices(tmp_path: Path, labels: np.ndarray) -> None:
+    src = tmp_path / "m.onnx"
+    src.write_bytes(conv_model(input_shape=("n", 6, 12, 12)).SerializeToString())
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=np.zeros((1, 6, 12, 12), np.float32), labels=labels)
+    outcome = run_cli(["verify", src, src, "--runs", "0", "--inputs", inputs])
+    assert outcome.code == 2 and "labels" in outcome.error, outcome
