@@ -386,67 +386,71 @@ def _read_ranks(path: str) -> dict[str, int]:
 
 
 def _decompose(args: argparse.Namespace) -> int:
-    src, dst = Path(args.input), Path(args.output)
     # what this run reads must not be replaced by what it writes
-    protected: dict[str | os.PathLike[str], str] = {src: "input model"}
+    protected: dict[str | os.PathLike[str], str] = {args.input: "input model"}
     for flag, what in ((args.ranks, "ranks file"), (args.verify_inputs, "inputs file"), (args.calibration, "calibration data")):
         if flag:
-            protected.setdefault(Path(flag), what)
-    with StagedOutputs(protected) as outputs:
-        # every destination is checked (and its staging folder made) before any work; nothing appears until the commit
-        outputs.stage(dst, "output model")
-        if args.report:
-            outputs.stage(args.report, "report")
-        ranks = _read_ranks(args.ranks) if args.ranks else None
-        start = time.perf_counter()
-        model, data_files = load_model_files(src)
-        for data_file in data_files:
-            outputs.protect(data_file, "external data of the input model")
-        external = args.external_data or bool(data_files)
-        _progress(args, f"loaded {src} in {time.perf_counter() - start:.2f} s")
-        verify_data: dict[str, Any] | None = None
-        if args.verify_inputs:  # read and checked against the model now, not after the conversion
-            arrays, labels = load_inputs(args.verify_inputs, model_input_specs(model))
-            verify_data = {**arrays, **({"labels": labels} if labels is not None else {})}
-        elif args.verify:
-            check_random_inputs(model, dict(args.input_shape))
-        bar = _ProgressBar(not args.quiet)
-        try:
-            new, report = decompose(
-                model,
-                rank=args.rank,
-                energy=args.energy,
-                speedup=args.speedup,
-                params_ratio=args.params_ratio,
-                ranks=ranks,
-                kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
-                include=args.include,
-                exclude=args.exclude,
-                force=args.force,
-                input_shapes=dict(args.input_shape),
-                rank_multiple=args.rank_multiple,
-                fold_bn=not args.no_fold_bn,
-                progress=bar,
-                measure=args.measure,
-                threads=args.threads,
-                calibration=args.calibration,
-                refit=args.refit,
-                sensitivity=args.sensitivity,
-                inplace=True,  # the loaded copy is ours: rewriting it saves a copy of the weights
-            )
-        finally:
-            bar.close()
-        del model
-        save_model(new, dst, external_data=external, outputs=outputs)
-        report.seconds = time.perf_counter() - start
-        if args.report:
-            outputs.write_text(args.report, report.to_json() + "\n", "report")
-        result = None
-        if args.verify or args.verify_inputs:
-            del new
-            # on the staged files: a model that fails to load or run is never committed
-            result = verify(src, outputs.staged(dst), inputs=verify_data, threads=args.threads, input_shapes=dict(args.input_shape))
-        outputs.commit()
+            protected.setdefault(flag, what)
+    with StagedOutputs(protected) as outputs:  # on any failure, everything staged is removed
+        return _decompose_into(args, outputs)
+
+
+def _decompose_into(args: argparse.Namespace, outputs: StagedOutputs) -> int:
+    """The conversion; its files are staged in ``outputs`` and appear together at the commit, before anything is printed."""
+    src, dst = Path(args.input), Path(args.output)
+    outputs.stage(dst, "output model")  # every destination is checked (and its staging folder made) before any work
+    if args.report:
+        outputs.stage(args.report, "report")
+    ranks = _read_ranks(args.ranks) if args.ranks else None
+    start = time.perf_counter()
+    model, data_files = load_model_files(src)
+    for data_file in data_files:
+        outputs.protect(data_file, "external data of the input model")
+    external = args.external_data or bool(data_files)
+    _progress(args, f"loaded {src} in {time.perf_counter() - start:.2f} s")
+    verify_data: dict[str, Any] | None = None
+    if args.verify_inputs:  # read and checked against the model now, not after the conversion
+        arrays, labels = load_inputs(args.verify_inputs, model_input_specs(model))
+        verify_data = {**arrays, **({"labels": labels} if labels is not None else {})}
+    elif args.verify:
+        check_random_inputs(model, dict(args.input_shape))
+    bar = _ProgressBar(not args.quiet)
+    try:
+        new, report = decompose(
+            model,
+            rank=args.rank,
+            energy=args.energy,
+            speedup=args.speedup,
+            params_ratio=args.params_ratio,
+            ranks=ranks,
+            kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+            include=args.include,
+            exclude=args.exclude,
+            force=args.force,
+            input_shapes=dict(args.input_shape),
+            rank_multiple=args.rank_multiple,
+            fold_bn=not args.no_fold_bn,
+            progress=bar,
+            measure=args.measure,
+            threads=args.threads,
+            calibration=args.calibration,
+            refit=args.refit,
+            sensitivity=args.sensitivity,
+            inplace=True,  # the loaded copy is ours: rewriting it saves a copy of the weights
+        )
+    finally:
+        bar.close()
+    del model
+    save_model(new, dst, external_data=external, outputs=outputs)
+    report.seconds = time.perf_counter() - start
+    if args.report:
+        outputs.write_text(args.report, report.to_json() + "\n", "report")
+    result = None
+    if args.verify or args.verify_inputs:
+        del new
+        # on the staged files: a model that fails to load or run is never committed
+        result = verify(src, outputs.staged(dst), inputs=verify_data, threads=args.threads, input_shapes=dict(args.input_shape))
+    outputs.commit()
     print(format_report(report, args.quiet))
     print(f"wrote {dst}" + (f" (+ {dst.name}.data)" if external else ""))
     if result is not None:

@@ -99,35 +99,37 @@ def _check_external(model: onnx.ModelProto, base: Path) -> list[Path]:
     return files
 
 
-def _invalid_text(message: Message, where: str) -> str | None:
-    """The first text field under ``message`` that is not valid UTF-8 (its path), or None.
+_TENSOR = onnx.TensorProto.DESCRIPTOR
+_TENSOR_TEXT = ("name", "doc_string", "external_data", "metadata_props")  # a tensor's fields that hold text
 
-    Only ``string`` fields are read: bytes fields (weights) are not touched, so
-    this costs a walk over the messages, not a copy of the data.
+
+def _invalid_text(message: Message) -> str | None:
+    """The path of the first text field under ``message`` that is not valid UTF-8, or None.
+
+    Only the fields that are set are visited, and a tensor's data is never read
+    (``ListFields`` would copy ``raw_data``): a walk over the messages, not a copy
+    of the weights.
     """
-    for descriptor in message.DESCRIPTOR.fields:
-        repeated = getattr(descriptor, "is_repeated", None)  # protobuf >= 6; `label` before
-        if repeated is None:
-            repeated = descriptor.label == descriptor.LABEL_REPEATED
-        name = descriptor.name
+    if message.DESCRIPTOR is _TENSOR:
+        by_name = _TENSOR.fields_by_name
+        fields = [(by_name[n], getattr(message, n)) for n in _TENSOR_TEXT if len(getattr(message, n))]
+    else:
+        fields = message.ListFields()
+    for descriptor, value in fields:
         if descriptor.type == descriptor.TYPE_STRING:
-            # protobuf's C implementation hands back the bytes of a string that is not UTF-8; others raise
-            try:
-                values = list(getattr(message, name)) if repeated else [getattr(message, name)]
-            except UnicodeDecodeError:
-                return f"{where}.{name}"
-            if any(isinstance(v, bytes) for v in values):
-                return f"{where}.{name}"
+            # protobuf's C implementation hands back the bytes of a string that is not UTF-8; others raise on access
+            if isinstance(value, bytes) or (not isinstance(value, str) and any(isinstance(v, bytes) for v in value)):
+                return str(descriptor.name)
         elif descriptor.type == descriptor.TYPE_MESSAGE:
-            if repeated:
-                for i, item in enumerate(getattr(message, name)):
-                    found = _invalid_text(item, f"{where}.{name}[{i}]")
-                    if found:
-                        return found
-            elif message.HasField(name):
-                found = _invalid_text(getattr(message, name), f"{where}.{name}")
+            if isinstance(value, Message):
+                found = _invalid_text(value)
                 if found:
-                    return found
+                    return f"{descriptor.name}.{found}"
+            else:
+                for i, item in enumerate(value):
+                    found = _invalid_text(item)
+                    if found:
+                        return f"{descriptor.name}[{i}].{found}"
     return None
 
 
@@ -163,7 +165,10 @@ def load_model_files(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, lis
         raise LowRankError(f"{p}: cannot read ({exc.strerror or exc})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
         raise LowRankError(f"{p}: not an ONNX model (no IR version or empty graph)")
-    bad_text = _invalid_text(model, "model")
+    try:
+        bad_text = _invalid_text(model)
+    except UnicodeDecodeError:  # a protobuf implementation that raises on reading such a field
+        bad_text = "(unknown)"
     if bad_text:
         raise LowRankError(f"{p}: not a valid ONNX model (text field {bad_text} is not valid UTF-8)")
     data_files = _check_external(model, p.parent)

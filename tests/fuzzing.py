@@ -742,7 +742,7 @@ def outcome_class(outcome: Outcome) -> str:
     if outcome.code != 2:
         return f"exit {outcome.code}"
     message = outcome.error or outcome.stderr.strip().splitlines()[0] if outcome.stderr.strip() else ""
-    message = re.sub(r"/\S+", "<path>", message)
+    message = re.sub(r"(?<![\w.])/\S+", "<path>", message)
     message = re.sub(r"'[^']*'|\"[^\"]*\"", "<name>", message)
     message = re.sub(r"\[[^\]]*\]|\([^)]*\)", "(…)", message)
     message = re.sub(r"-?\d[\d,.]*(e[+-]?\d+)?", "N", message)

@@ -5,7 +5,7 @@ The fast slice runs in the default test run (small built models, ~200 cases); th
 models included, is marked ``fuzz``::
 
     python -m pytest -q -m fuzz tests/test_fuzz.py       # 3000 cases
-    python benchmarks/fuzz.py --runs 3000                 # the same, with the outcome classes printed
+    python benchmarks/fuzz.py --runs 3000 --seed 100000   # the same cases, with the outcome classes printed
 """
 
 from __future__ import annotations

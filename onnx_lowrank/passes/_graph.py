@@ -189,7 +189,10 @@ def tensor_problem(tensor: onnx.TensorProto) -> str | None:
         return f"tensor {tensor.name!r} has {type_name(tensor.data_type)}, not an ONNX element type"
     count = math.prod(dims)
     if tensor.data_type != onnx.TensorProto.STRING:
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):  # a type this onnx cannot map to numpy
+            return f"tensor {tensor.name!r} has {type_name(tensor.data_type)}, which cannot be read as numbers here"
         nbytes = (count + 1) // 2 if tensor.data_type in _SUB_BYTE_TYPES else count * itemsize
         if nbytes > memory_budget():
             return f"tensor {tensor.name!r} declares dims {_dims_text(dims)} ({format_bytes(nbytes)}), more than this machine's memory"

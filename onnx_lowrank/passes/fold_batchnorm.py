@@ -110,12 +110,12 @@ def _check(bn: onnx.NodeProto, conv: onnx.NodeProto | None, scope: Scope, uses: 
     return None
 
 
-LABELS = ("Conv weight", "BatchNormalization scale", "BatchNormalization bias", "mean", "variance", "Conv bias")
+_LABELS = ("Conv weight", "BatchNormalization scale", "BatchNormalization bias", "mean", "variance", "Conv bias")
 
 
 def _folded(
     sources: list[WeightSource], bias_source: WeightSource | None, epsilon: float
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | str:
+) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.generic]] | str:
     """The folded weight (in the weight's dtype) and bias (in the dtype the Conv computes in), or why the pair cannot be folded."""
     try:
         weight, gamma, beta, mean, var = (s.values.astype(np.float64) for s in sources)
@@ -123,7 +123,7 @@ def _folded(
     except ValueError as exc:  # data that does not hold the declared dims
         return str(exc)
     channels = weight.shape[0] if weight.ndim else 0
-    for label, values in zip(LABELS[1:], (gamma, beta, mean, var, bias), strict=True):
+    for label, values in zip(_LABELS[1:], (gamma, beta, mean, var, bias), strict=True):
         if values is not None and values.shape != (channels,):
             return f"{label} has shape {list(values.shape)} for {channels} output channels"
     with np.errstate(all="ignore"):  # non-finite results are refused below, not warned about
@@ -149,28 +149,29 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldResult]
         for bn in [n for n in scope.nodes if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
             conv = scope.producers.get(bn.input[0]) if bn.input else None
             reason = _check(bn, conv, scope, uses)
+            folded: tuple[npt.NDArray[np.generic], npt.NDArray[np.generic]] | str | None = None
             if reason is None:
                 assert conv is not None
                 sources = [resolve_weight(name, scope) for name in [conv.input[1], *bn.input[1:5]]]
                 has_bias = len(conv.input) > 2 and bool(conv.input[2])
                 bias_source = resolve_weight(conv.input[2], scope) if has_bias else None
-                bad = next(((label, s) for label, s in zip(LABELS, [*sources, bias_source], strict=True) if isinstance(s, str)), None)
+                bad = next(((label, s) for label, s in zip(_LABELS, [*sources, bias_source], strict=True) if isinstance(s, str)), None)
+                resolved = [s for s in sources if not isinstance(s, str)]
                 if bad is not None:
                     reason = f"{bad[0]} {bad[1].removeprefix('weight ')}"
-                elif not isinstance(sources[0], str) and sources[0].data_type not in _FLOATS:
+                elif resolved[0].data_type not in _FLOATS:
                     reason = "Conv weight is not floating point"
-            folded = None
-            if reason is None:
-                folded = _folded(sources, bias_source, attr_float(bn, "epsilon", 1e-5))  # type: ignore[arg-type]
-                if isinstance(folded, str):
-                    reason = folded
+                else:
+                    epsilon = attr_float(bn, "epsilon", 1e-5)  # its type was checked with the other attributes
+                    folded = _folded(resolved, bias_source if not isinstance(bias_source, str) else None, epsilon)
+                    if isinstance(folded, str):
+                        reason = folded
             if reason is not None or folded is None or isinstance(folded, str):
                 result.refused[bn.name or (bn.output[0] if bn.output else "") or "BatchNormalization"] = str(reason)
                 continue
             assert conv is not None
             folded_w, folded_b = folded
-            w_source = sources[0]
-            assert not isinstance(w_source, str)
+            w_source = resolved[0]
             if names is None:
                 names = namespace_names(model)
             ns = names[scope.namespace]
