@@ -92,6 +92,7 @@ import scipy.linalg
 from onnx import helper, numpy_helper
 
 from ._threads import single_threaded_blas
+from .data_io import check_samples, load_npy, load_npz, model_input_specs
 from .errors import LowRankError
 from .model_io import load_model
 from .report import Report
@@ -137,34 +138,11 @@ def _declared(value: onnx.ValueInfoProto) -> tuple[int | None, list[int | str | 
     return t.elem_type, dims
 
 
-def _show(dims: Sequence[int | str | None]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
-
-
-def _read_npz(path: Path) -> dict[str, Array]:
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise LowRankError(f"{path}: a single array, not an .npz of named inputs (name .npy files after the inputs, in a folder)")
-        with data:
-            return {k: np.asarray(data[k]) for k in data.files}
-    except LowRankError:
-        raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise LowRankError(f"{path}: not a readable .npz ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-
-
 def _read_folder(path: Path) -> dict[str, Array]:
     files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and p.is_file())
     if not files:
         raise LowRankError(f"{path}: folder holds no .npy files (one per model input, named after the input)")
-    arrays = {}
-    for f in files:
-        try:
-            arrays[f.stem] = np.load(f, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise LowRankError(f"{f}: not a readable .npy ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    return arrays
+    return {f.stem: load_npy(f) for f in files}
 
 
 def _concat_batches(batches: Iterable[Mapping[str, npt.ArrayLike]]) -> dict[str, Array]:
@@ -207,7 +185,7 @@ def load_calibration(source: CalibrationSource, model: ModelLike | None = None) 
         path = Path(source)
         if not path.exists():
             raise LowRankError(f"{path}: no such calibration file or folder")
-        arrays = _read_folder(path) if path.is_dir() else _read_npz(path)
+        arrays = _read_folder(path) if path.is_dir() else load_npz(path, "calibration file")
     elif isinstance(source, Mapping):
         arrays = {str(k): np.asarray(v) for k, v in source.items()}
     elif isinstance(source, Iterable):
@@ -227,27 +205,12 @@ def load_calibration(source: CalibrationSource, model: ModelLike | None = None) 
             raise LowRankError("calibration data has no samples")
         return arrays
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    out: dict[str, Array] = {}
-    for value in _model_inputs(proto):
-        if value.name not in arrays:
-            raise LowRankError(f"calibration data lacks model input {value.name!r} (has: {', '.join(sorted(arrays)) or 'nothing'})")
-        data = arrays[value.name]
-        elem, dims = _declared(value)
-        pairs = zip(dims[1:], data.shape[1:], strict=False) if dims is not None else ()
-        fixed_dims = [(d, n) for d, n in pairs if isinstance(d, int) and d > 0]
-        if dims is not None and (data.ndim != len(dims) or any(d != n for d, n in fixed_dims)):
-            raise LowRankError(f"calibration input {value.name!r} has shape {tuple(data.shape)}; the model expects {_show(dims)}")
-        if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
-            raise LowRankError(f"calibration input {value.name!r} has non-numeric dtype {data.dtype}")
-        if elem:
-            data = data.astype(helper.tensor_dtype_to_np_dtype(elem), copy=False)
-        out[value.name] = data
-    counts = {name: len(v) for name, v in out.items()}
-    if len(set(counts.values())) > 1:
-        raise LowRankError(f"calibration inputs differ in sample count: {counts}")
-    if counts and min(counts.values()) == 0:
-        raise LowRankError("calibration data has no samples")
-    return out
+    checked = check_samples(arrays, model_input_specs(proto), "calibration input", "calibration data")
+    for name, values in checked.items():
+        # a NaN would spread through every sum the refit and the sensitivity measure are made of
+        if np.issubdtype(values.dtype, np.inexact) and not np.all(np.isfinite(values)):
+            raise LowRankError(f"calibration input {name!r} holds NaN or infinite values")
+    return checked
 
 
 def iter_batches(
@@ -520,7 +483,9 @@ class NormalEquations:
             system = gram + np.diag(lam)
             rhs = rhs + lam[:, None] * prior[gi]
             try:
-                out[gi] = scipy.linalg.solve(system, rhs, assume_a="pos", check_finite=False)
+                # Cholesky, as solve(assume_a="pos") does, without its warning on ill-conditioned systems: the ridge
+                # keeps them well posed, and a result that is not finite is refused by the caller
+                out[gi] = scipy.linalg.cho_solve(scipy.linalg.cho_factor(system, check_finite=False), rhs, check_finite=False)
             except (np.linalg.LinAlgError, ValueError):
                 out[gi] = scipy.linalg.lstsq(system, rhs, check_finite=False)[0]
         return out
@@ -667,12 +632,18 @@ def _refit_one(
     theta = eq.solve(prior, ridge)
     h, b = unpack(theta, h0.shape)
     # score the factors as they will be stored (rounded to the model's dtype)
-    stored_h = h.astype(_np_dtype(weight.tensor.data_type)).astype(np.float64)
+    with np.errstate(all="ignore"):  # overflow in the cast shows as a non-finite factor, refused below
+        stored_h = h.astype(_np_dtype(weight.tensor.data_type)).astype(np.float64)
     in_place = bias is not None and bias.readers <= 1
     # a bias of the conv's own is written where it is stored; a new one is read by the conv directly,
     # so it takes the type the conv computes in (after any Cast)
     bias_type = bias.tensor.data_type if bias is not None and in_place else weight.data_type
-    stored_b = b.astype(_np_dtype(bias_type)).astype(np.float64)
+    with np.errstate(all="ignore"):
+        stored_b = b.astype(_np_dtype(bias_type)).astype(np.float64)
+    if not (np.all(np.isfinite(stored_h)) and np.all(np.isfinite(stored_b))):
+        result.reason = "the refit factors are not finite in the model's dtype; kept the data-free factors"
+        result.seconds = time.perf_counter() - start
+        return result
     norm = float(eq.target.sum())
     before = eq.residual(prior)
     after = eq.residual(pack(stored_h, stored_b, geometry.groups))

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from ._files import write_text_atomic
 from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompose, inspect
+from .data_io import model_input_specs
 from .errors import LowRankError
 from .mobile import EP_NAMES, MobileCoverage
-from .model_io import load_model_with_layout, save_model
+from .model_io import StagedOutputs, load_model_files, save_model
 from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .sweep import DEFAULT_SPEEDUPS, SweepResult, parse_speedups
-from .verify import KernelTimes, VerifyResult, verify
+from .verify import KernelTimes, VerifyResult, check_random_inputs, load_inputs, verify
 
 __all__ = ["main"]
 
@@ -480,6 +480,13 @@ def format_verify(result: VerifyResult, gate: bool = True) -> str:
         )
     ]
     for o in result.outputs:
+        if o.nonfinite_original or o.nonfinite_candidate:
+            agreement = "at the same positions" if not o.nonfinite_mismatch else f"{o.nonfinite_mismatch} positions differ in finiteness"
+            lines.append(
+                f"{o.name}: non-finite values (NaN/Inf): {o.nonfinite_original} in the original, {o.nonfinite_candidate} in the "
+                f"candidate, {agreement}; the statistics are over the values finite in both"
+            )
+    for o in result.outputs:
         if o.top1_agreement is not None:
             line = f"{o.name}: top-1 agreement {o.top1_agreement:.2%} over {o.shape[0]} samples"
             if o.accuracy_original is not None and o.accuracy_candidate is not None:
@@ -607,10 +614,6 @@ def format_mobile(original: MobileCoverage, candidate: MobileCoverage | None = N
 # --------------------------------------------------------------------------- commands
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
 def _read_ranks(path: str) -> dict[str, int]:
     p = Path(path)
     try:
@@ -625,42 +628,45 @@ def _read_ranks(path: str) -> dict[str, int]:
 
 
 def _decompose(args: argparse.Namespace) -> int:
+    # what this run reads must not be replaced by what it writes
+    protected: dict[str | os.PathLike[str], str] = {args.input: "input model"}
+    for flag, what in ((args.ranks, "ranks file"), (args.verify_inputs, "inputs file"), (args.calibration, "calibration data")):
+        if flag:
+            protected.setdefault(flag, what)
+    with StagedOutputs(protected) as outputs:  # on any failure, everything staged is removed
+        return _decompose_into(args, outputs)
+
+
+def _decompose_into(args: argparse.Namespace, outputs: StagedOutputs) -> int:
+    """The conversion; its files are staged in ``outputs`` and appear together at the commit, before anything is printed."""
     src, dst = Path(args.input), Path(args.output)
-    if not dst.parent.is_dir():  # fail before any work
-        raise LowRankError(f"{dst}: output folder {dst.parent} does not exist")
-    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
-        raise LowRankError(f"{dst}: output would overwrite the input model")
-    if args.report and not Path(args.report).parent.is_dir():
-        raise LowRankError(f"{args.report}: report folder does not exist")
-    if args.report and Path(args.report).is_dir():
-        raise LowRankError(f"{args.report}: report path is a directory")
-    protected = {src.resolve(): "input model", dst.resolve(): "output model"}
-    if args.ranks:
-        protected.setdefault(Path(args.ranks).resolve(), "ranks file")
-    if args.report and Path(args.report).resolve() in protected:  # the report must not replace a file this run reads or writes
-        raise LowRankError(f"{args.report}: the report would overwrite the {protected[Path(args.report).resolve()]}")
-    if args.verify_inputs and not Path(args.verify_inputs).is_file():
-        raise LowRankError(f"{args.verify_inputs}: no such inputs file")
+    outputs.stage(dst, "output model")  # every destination is checked (and its staging folder made) before any work
+    if args.report:
+        outputs.stage(args.report, "report")
     if args.quantize == "static" and not args.calibration:
         raise LowRankError("--quantize static needs calibration data (--calibration FILE.npz|FOLDER)")
+    ort_dst: Path | None = None
     if args.ort:
         from .mobile import ort_config_path, ort_path_for
 
         ort_dst = ort_path_for(dst)
-        for extra in (ort_dst, ort_config_path(ort_dst)):
-            if extra.is_dir():
-                raise LowRankError(f"{extra}: is a directory")
-            if extra.resolve() in protected:
-                raise LowRankError(f"{extra}: --ort would overwrite the {protected[extra.resolve()]}")
+        outputs.stage(ort_dst, "ORT model")
+        outputs.stage(ort_config_path(ort_dst), "ORT required-operators config")
     if args.html:
-        if args.report:
-            protected.setdefault(Path(args.report).resolve(), "report")
-        _check_text_output(Path(args.html), "--html", protected)
+        outputs.stage(args.html, "HTML report")
     ranks = _read_ranks(args.ranks) if args.ranks else None
     start = time.perf_counter()
-    model, was_external = load_model_with_layout(src)
-    external = args.external_data or was_external
+    model, data_files = load_model_files(src)
+    for data_file in data_files:
+        outputs.protect(data_file, "external data of the input model")
+    external = args.external_data or bool(data_files)
     _progress(args, f"loaded {src} in {time.perf_counter() - start:.2f} s")
+    verify_data: dict[str, Any] | None = None
+    if args.verify_inputs:  # read and checked against the model now, not after the conversion
+        arrays, labels = load_inputs(args.verify_inputs, model_input_specs(model))
+        verify_data = {**arrays, **({"labels": labels} if labels is not None else {})}
+    elif args.verify:
+        check_random_inputs(model, dict(args.input_shape))
     bar = _ProgressBar(not args.quiet)
     try:
         new, report = decompose(
@@ -691,31 +697,53 @@ def _decompose(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     del model
+    save_model(new, dst, external_data=external, outputs=outputs)
     ort_files = None
-    if args.ort:
-        from .mobile import save_with_ort
-
-        ort_files = save_with_ort(new, dst, external_data=external, inputs=(src,))
-    else:
-        save_model(new, dst, external_data=external, inputs=(src,))
+    if ort_dst is not None:
+        ort_files = _stage_ort(new, ort_dst, outputs)
     report.seconds = time.perf_counter() - start
     if args.report:
-        _write_text_atomic(Path(args.report), report.to_json() + "\n")
+        outputs.write_text(args.report, report.to_json() + "\n", "report")
+    result = None
+    if args.verify or args.verify_inputs:
+        del new
+        # on the staged files: a model that fails to load or run is never committed
+        result = verify(
+            src,
+            outputs.staged(dst),
+            inputs=verify_data,
+            threads=args.threads,
+            input_shapes=dict(args.input_shape),
+            profile=bool(args.html),
+        )
+    html_note = None
+    if args.html:
+        page, html_note = _decompose_html(args, src, outputs.staged(dst), report, result)
+        outputs.write_text(args.html, page, "HTML report")
+    outputs.commit()
     print(format_report(report, args.quiet))
     print(f"wrote {dst}" + (f" (+ {dst.name}.data)" if external else ""))
     if ort_files is not None:
         print(f"wrote {ort_files.model} and {ort_files.config.name} (onnxruntime's ORT format, optimization {ort_files.optimization})")
-    result = None
-    if args.verify or args.verify_inputs:
-        del new
-        result = verify(
-            src, dst, inputs=args.verify_inputs, threads=args.threads, input_shapes=dict(args.input_shape), profile=bool(args.html)
-        )
+    if result is not None:
         # a low-rank model approximates by design: report the error, leave gating to `verify --rtol/--atol`
         print(format_verify(result, gate=False))
-    if args.html:
-        _write_decompose_html(args, src, dst, report, result)
+    if html_note is not None:
+        print(html_note)
     return 0
+
+
+def _stage_ort(model: Any, ort_dst: Path, outputs: StagedOutputs) -> Any:
+    """The ORT model and its required-operators config, converted by onnxruntime and staged with the other outputs."""
+    from .mobile import ort_config_path, staged_ort
+
+    with staged_ort(model, ort_dst) as staged:
+        try:
+            os.replace(staged.staged_model, outputs.staged(ort_dst))
+            os.replace(staged.staged_config, outputs.staged(ort_config_path(ort_dst)))
+        except OSError as exc:
+            raise LowRankError(f"{ort_dst}: cannot write ({exc.strerror or exc})") from None
+        return staged.files
 
 
 def _check_text_output(path: Path, flag: str, protected: dict[Path, str]) -> None:
@@ -728,20 +756,21 @@ def _check_text_output(path: Path, flag: str, protected: dict[Path, str]) -> Non
         raise LowRankError(f"{path}: {flag} would overwrite the {protected[path.resolve()]}")
 
 
-def _write_decompose_html(args: argparse.Namespace, src: Path, dst: Path, report: Report, result: VerifyResult | None) -> None:
+def _decompose_html(args: argparse.Namespace, src: Path, converted: Path, report: Report, result: VerifyResult | None) -> tuple[str, str]:
+    """The HTML report of one conversion, and the line that says it was written."""
     from .html_report import PLOTS_HINT, decompose_html, plots_available
     from .sweep import report_spectra
 
     notes = []
     if result is None:  # the page shows the output error: compared here, without timing
         try:
-            result = verify(src, dst, runs=0, input_shapes=dict(args.input_shape))
+            result = verify(src, converted, runs=0, input_shapes=dict(args.input_shape))
         except LowRankError as exc:  # the model is written: the page says why its error is missing
             notes.append(f"output error not measured: {exc}")
     plots = plots_available()
     spectra = report_spectra(src, report, dict(args.input_shape)) if plots else []
-    _write_text_atomic(Path(args.html), decompose_html(src.name, report, spectra, result, plots=plots, notes=notes))
-    print(f"wrote {args.html}" + ("" if plots else f" (tables only; for the plots: {PLOTS_HINT})"))
+    page = decompose_html(src.name, report, spectra, result, plots=plots, notes=notes)
+    return page, f"wrote {args.html}" + ("" if plots else f" (tables only; for the plots: {PLOTS_HINT})")
 
 
 def format_sweep(result: SweepResult) -> str:
@@ -840,7 +869,9 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.html:
         from .html_report import PLOTS_HINT, plots_available, sweep_html
 
-        _write_text_atomic(Path(args.html), sweep_html(result))
+        with StagedOutputs({args.input: "input model"}) as outputs:
+            outputs.write_text(args.html, sweep_html(result), "HTML report")
+            outputs.commit()
         note = "" if plots_available() else f" (tables only; for the plots: {PLOTS_HINT})"
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_sweep(result))
     if args.html and not args.json:
@@ -961,9 +992,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print(f"{PROG}: error: out of memory", file=sys.stderr)
-        return 1
+    except MemoryError:  # a size no check foresaw: still the input's size, not a bug
+        print(f"{PROG}: error: out of memory (the model or its data is too large for this machine)", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug of ours: one line unless asked for the traceback
         if os.environ.get("ONNX_LOWRANK_DEBUG"):
             raise

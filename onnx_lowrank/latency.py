@@ -16,6 +16,7 @@ multiples of the blocking width.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .data_io import check_allocation
 from .factorization import Factors, Kind
 from .passes._rewrite import Site
 from .runtime import make_session
@@ -85,6 +87,10 @@ class LayerTimer:
             inits,
         )
         model = helper.make_model(graph, opset_imports=self.opset_imports)
+        # drawn in float64, then cast: both copies live at once
+        check_allocation(
+            math.prod(x_shape) * (8 + np_dtype.itemsize), f"the input of layer {site.key!r} (shape {list(x_shape)}) to time it"
+        )
         feeds = {x_name: self.rng.standard_normal(x_shape).astype(np_dtype)}
         self.timed += 1
         return _median_ms(make_session(model, threads=self.threads), feeds, self.runs, self.warmup)

@@ -1,12 +1,17 @@
 """Loading and saving models safely.
 
 * Loading checks that the file exists, is readable and parses as an ONNX model,
-  and that every external-data reference stays inside the model's folder and
-  inside its data file, before any weight is read.
-* Saving is atomic: the model (and its external data file, if any) is written
-  into a temporary folder beside the destination and renamed into place, the
-  model file last; a failure leaves nothing behind. The input is never opened
-  for writing.
+  that every text field is valid UTF-8 (protobuf checks them only when read, so
+  a corrupt name would otherwise fail deep inside a pass), and that every
+  external-data reference stays inside the model's folder and inside its data
+  file, before any weight is read.
+* Writing goes through :class:`StagedOutputs`, one transaction per command: every
+  file (the model, its external data, a report, …) is written into a hidden
+  staging folder beside its destination and renamed into place by ``commit``, so
+  the outputs of one command appear together or not at all; a failure leaves
+  nothing behind and puts back any file a rename had replaced. Destinations are
+  checked when staged — before any work — against each other and against the
+  command's inputs, which are never opened for writing.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO
 
 import onnx
@@ -27,9 +34,11 @@ from .errors import LowRankError
 
 __all__ = [
     "PROTOBUF_LIMIT",
+    "StagedOutputs",
     "copy_fields",
     "estimated_size",
     "load_model",
+    "load_model_files",
     "load_model_with_layout",
     "plain_mode",
     "save_model",
@@ -52,8 +61,10 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
     return bool(_external_tensors(model))
 
 
-def _check_external(model: onnx.ModelProto, base: Path) -> None:
+def _check_external(model: onnx.ModelProto, base: Path) -> list[Path]:
+    """The external data files ``model`` reads, each checked to be inside ``base`` and long enough."""
     root = base.resolve()
+    files: list[Path] = []
     for tensor in _external_tensors(model):
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
@@ -64,9 +75,64 @@ def _check_external(model: onnx.ModelProto, base: Path) -> None:
             raise LowRankError(f"tensor {tensor.name!r}: external data location {location!r} points outside {root}")
         if not target.is_file():
             raise LowRankError(f"tensor {tensor.name!r}: external data file {target} is missing")
-        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
-        if end > target.stat().st_size:
+        try:
+            offset, length = int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0)
+        except ValueError:
+            raise LowRankError(f"tensor {tensor.name!r}: external data offset/length are not whole numbers") from None
+        if offset < 0 or length < 0:
+            raise LowRankError(f"tensor {tensor.name!r}: external data offset/length are negative")
+        itemsize = _WHOLE_BYTE_TYPES.get(tensor.data_type)
+        if itemsize is not None and min(tensor.dims, default=0) >= 0:
+            expected = math.prod(tensor.dims) * itemsize
+            if length and length != expected:
+                raise LowRankError(
+                    f"tensor {tensor.name!r}: external data length {length} does not match its dims {list(tensor.dims)} ({expected} bytes)"
+                )
+            if not length:
+                # no length (or 0): the dims say how much to read, as onnxruntime reads it; onnx's loader would
+                # read to the end of the file instead
+                length = expected
+                entry = next((e for e in tensor.external_data if e.key == "length"), None) or tensor.external_data.add(key="length")
+                entry.value = str(expected)
+        if offset + length > target.stat().st_size:
             raise LowRankError(f"tensor {tensor.name!r}: external data file {target} is truncated")
+        if target not in files:
+            files.append(target)
+    return files
+
+
+_TENSOR = onnx.TensorProto.DESCRIPTOR
+_TENSOR_TEXT = ("name", "doc_string", "external_data", "metadata_props")  # a tensor's fields that hold text
+
+
+def _invalid_text(message: Message) -> str | None:
+    """The path of the first text field under ``message`` that is not valid UTF-8, or None.
+
+    Only the fields that are set are visited, and a tensor's data is never read
+    (``ListFields`` would copy ``raw_data``): a walk over the messages, not a copy
+    of the weights.
+    """
+    if message.DESCRIPTOR is _TENSOR:
+        by_name = _TENSOR.fields_by_name
+        fields = [(by_name[n], getattr(message, n)) for n in _TENSOR_TEXT if len(getattr(message, n))]
+    else:
+        fields = message.ListFields()
+    for descriptor, value in fields:
+        if descriptor.type == descriptor.TYPE_STRING:
+            # protobuf's C implementation hands back the bytes of a string that is not UTF-8; others raise on access
+            if isinstance(value, bytes) or (not isinstance(value, str) and any(isinstance(v, bytes) for v in value)):
+                return str(descriptor.name)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            if isinstance(value, Message):
+                found = _invalid_text(value)
+                if found:
+                    return f"{descriptor.name}.{found}"
+            else:
+                for i, item in enumerate(value):
+                    found = _invalid_text(item)
+                    if found:
+                        return f"{descriptor.name}[{i}].{found}"
+    return None
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -76,6 +142,12 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
 def load_model_with_layout(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
     """:func:`load_model`, and whether the file kept its weights as external data."""
+    model, data_files = load_model_files(path)
+    return model, bool(data_files)
+
+
+def load_model_files(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
+    """:func:`load_model`, and the external data files it was read from (none for a single-file model)."""
     p = Path(path)
     if not p.exists():
         raise LowRankError(f"{p}: no such file")
@@ -95,11 +167,19 @@ def load_model_with_layout(path: str | os.PathLike[str]) -> tuple[onnx.ModelProt
         raise LowRankError(f"{p}: cannot read ({exc.strerror or exc})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
         raise LowRankError(f"{p}: not an ONNX model (no IR version or empty graph)")
-    _check_external(model, p.parent)
-    external = uses_external_data(model)
-    if external:
-        external_data_helper.load_external_data_for_model(model, str(p.parent))
-    return model, external
+    try:
+        bad_text = _invalid_text(model)
+    except UnicodeDecodeError:  # a protobuf implementation that raises on reading such a field
+        bad_text = "(unknown)"
+    if bad_text:
+        raise LowRankError(f"{p}: not a valid ONNX model (text field {bad_text} is not valid UTF-8)")
+    data_files = _check_external(model, p.parent)
+    if data_files:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except OSError as exc:
+            raise LowRankError(f"{p}: cannot read its external data ({exc.strerror or exc})") from None
+    return model, data_files
 
 
 def plain_mode(path: Path) -> None:
@@ -114,8 +194,8 @@ def estimated_size(model: onnx.ModelProto) -> int:
     """Bytes of the weights plus the rest: close to ``ByteSize()`` without a pass over every weight byte."""
     weights = 0
     for tensor in external_data_helper._get_all_tensors(model):
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 1
-        weights += math.prod(tensor.dims) * itemsize
+        itemsize = _WHOLE_BYTE_TYPES.get(tensor.data_type, 1)  # 1 for the rest (strings, 4-bit types, unknown numbers)
+        weights += max(math.prod(tensor.dims), 0) * itemsize
     return weights + 1_000_000 * (1 + len(model.graph.node) // 1000)
 
 
@@ -212,21 +292,183 @@ def _tensor_pieces(tensor: onnx.TensorProto) -> tuple[int, Callable[[BinaryIO, o
     size = len(meta_bytes) + len(_tag(_RAW_DATA_FIELD)) + len(_varint(raw_length)) + raw_length
 
     def write(f: BinaryIO, t: onnx.TensorProto) -> None:
+        raw = t.raw_data  # the one copy of the bytes, needed to write them anyway
+        if len(raw) != raw_length:  # the length prefix written above would not match: refuse, not corrupt
+            raise ValueError(f"tensor {t.name!r} declares dims {list(t.dims)} ({raw_length} bytes), its data holds {len(raw)} bytes")
         f.write(meta_bytes)
         f.write(_tag(_RAW_DATA_FIELD) + _varint(raw_length))
-        f.write(t.raw_data)
+        f.write(raw)
 
     return size, write
 
 
-def _check_destination(path: Path, sources: tuple[Path, ...]) -> None:
-    if not path.parent.is_dir():
-        raise LowRankError(f"{path}: output folder {path.parent} does not exist")
-    if path.is_dir():
-        raise LowRankError(f"{path}: is a directory")
-    for src in sources:
-        if src.exists() and path.exists() and path.resolve() == src.resolve():
-            raise LowRankError(f"{path}: output would overwrite the input model")
+@dataclass
+class _Staged:
+    dest: Path
+    staged: Path
+    what: str
+    optional: bool
+
+
+class StagedOutputs:
+    """The files one command writes, made to appear together or not at all.
+
+    :meth:`stage` checks a destination (its folder exists and is writable, it is
+    not a folder, not an input of the command, not another output) and returns
+    the path in a hidden staging folder beside it where the caller writes the
+    file. :meth:`commit` renames every staged file into place, in the order
+    staged; an existing destination is kept (hard-linked, else renamed aside) in
+    the staging folder until the commit is done, so a failed commit puts back what
+    was there and removes what was new. Leaving the ``with`` block without a
+    commit (an exception, a refused check) removes everything staged::
+
+        with StagedOutputs({"model.onnx": "input model"}) as outputs:
+            save_model(decomposed, "out.onnx", outputs=outputs)   # stages out.onnx (and out.onnx.data)
+            outputs.write_text("report.json", text, "report")
+            verify("model.onnx", outputs.staged("out.onnx"))      # runs on the staged files
+            outputs.commit()
+
+    Failures are :class:`LowRankError` of one line.
+    """
+
+    def __init__(self, protect: Mapping[str | os.PathLike[str], str] | None = None) -> None:
+        self._protected: dict[Path, str] = {}
+        self._entries: list[_Staged] = []
+        self._folders: dict[Path, Path] = {}  # destination folder -> its staging folder
+        self._done = False
+        for path, what in (protect or {}).items():
+            self.protect(path, what)
+
+    def __enter__(self) -> StagedOutputs:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.discard()
+
+    def protect(self, path: str | os.PathLike[str], what: str) -> None:
+        """Refuse any output that would replace ``path`` (an input of the command, named ``what`` in the message)."""
+        p = Path(path)
+        self._protected[p] = what
+        for entry in self._entries:
+            if _same_file(entry.dest, p):
+                raise LowRankError(f"{entry.dest}: the {entry.what} would overwrite the {what}")
+
+    def stage(self, dest: str | os.PathLike[str], what: str, *, optional: bool = False) -> Path:
+        """Check ``dest`` and return where to write it; ``optional``: the writer may leave it unwritten.
+
+        Staging the same destination again as the same ``what`` returns the same path.
+        """
+        path = Path(dest)
+        for entry in self._entries:
+            if _same_file(entry.dest, path) or entry.dest == path:
+                if entry.what == what:
+                    return entry.staged
+                raise LowRankError(f"{path}: the {what} would overwrite the {entry.what}")
+        for protected, other in self._protected.items():
+            if _same_file(path, protected):
+                raise LowRankError(f"{path}: the {what} would overwrite the {other}")
+        if not path.parent.is_dir():
+            raise LowRankError(f"{path}: {what} folder {path.parent} does not exist")
+        if path.is_dir():
+            raise LowRankError(f"{path}: is a directory")
+        entry = _Staged(path, self._folder(path) / path.name, what, optional)
+        self._entries.append(entry)
+        return entry.staged
+
+    def staged(self, dest: str | os.PathLike[str]) -> Path:
+        """Where ``dest`` (already staged) is written until the commit."""
+        path = Path(dest)
+        for entry in self._entries:
+            if entry.dest == path or _same_file(entry.dest, path):
+                return entry.staged
+        raise KeyError(f"{path} is not staged")
+
+    def write_text(self, dest: str | os.PathLike[str], text: str, what: str) -> None:
+        """Stage ``dest`` and write ``text`` to it (UTF-8)."""
+        staged = self.stage(dest, what)
+        try:
+            staged.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise LowRankError(f"{dest}: cannot write ({exc.strerror or exc})") from None
+
+    def _folder(self, dest: Path) -> Path:
+        parent = dest.parent
+        key = parent.resolve()
+        if key not in self._folders:
+            try:
+                self._folders[key] = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
+            except OSError as exc:
+                raise LowRankError(f"{dest}: cannot write in {parent} ({exc.strerror or exc})") from None
+        return self._folders[key]
+
+    def _move_before(self, entry_path: Path, anchor: Path) -> None:
+        """Commit ``entry_path`` before ``anchor`` (a model's data file before the model that reads it)."""
+        entries = self._entries
+        moving = next(e for e in entries if e.staged == entry_path)
+        entries.remove(moving)
+        index = next(i for i, e in enumerate(entries) if e.staged == anchor)
+        entries.insert(index, moving)
+
+    def commit(self) -> None:
+        """Rename every staged file into place; on any failure, undo the renames done and raise."""
+        if self._done:
+            raise RuntimeError("StagedOutputs already committed or discarded")
+        done: list[tuple[Path, Path | None]] = []  # destination, where its previous file was kept
+        entry: _Staged | None = None
+        kept: Path | None = None
+        try:
+            for entry in self._entries:
+                kept = None
+                if not entry.staged.exists():
+                    if entry.optional:
+                        continue
+                    raise RuntimeError(f"{entry.dest}: staged but never written")
+                plain_mode(entry.staged)
+                if os.path.lexists(entry.dest):
+                    kept = entry.staged.with_name(f"{entry.staged.name}.previous~")
+                    try:
+                        os.link(entry.dest, kept, follow_symlinks=False)
+                    except OSError:  # no hard links on this file system: move it aside (briefly absent)
+                        os.replace(entry.dest, kept)
+                os.replace(entry.staged, entry.dest)
+                done.append((entry.dest, kept))
+                kept = None
+        except BaseException as exc:
+            if entry is not None and kept is not None and not os.path.lexists(entry.dest):
+                os.replace(kept, entry.dest)  # moved aside, then the rename failed
+            for dest, previous in reversed(done):
+                try:
+                    if previous is not None:
+                        os.replace(previous, dest)
+                    else:
+                        dest.unlink(missing_ok=True)
+                except OSError:
+                    pass  # the original error is the one to report
+            self.discard()
+            if isinstance(exc, OSError) and entry is not None:
+                raise LowRankError(f"{entry.dest}: cannot write ({exc.strerror or exc})") from None
+            raise
+        self.discard()
+        self._done = True
+
+    def discard(self) -> None:
+        """Remove the staging folders and everything in them (a no-op after a commit)."""
+        for folder in self._folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._folders.clear()
+        if not self._done:
+            self._entries.clear()
+        self._done = True
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name the same file (another spelling, a symlink or a hard link)."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def save_model(
@@ -234,23 +476,33 @@ def save_model(
     path: str | os.PathLike[str],
     *,
     external_data: bool = False,
-    inputs: tuple[str | os.PathLike[str], ...] = (),
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    outputs: StagedOutputs | None = None,
 ) -> None:
     """Write ``model`` to ``path`` atomically; external data goes to ``<name>.data`` beside it.
 
     A model whose serialized size would exceed 2 GiB is always written with
-    external data. ``inputs`` are paths that must not be overwritten.
+    external data. ``inputs`` are paths that must not be overwritten. With
+    ``outputs`` the files are only staged in that transaction (the caller
+    commits them together with its other outputs); without, they are committed
+    at once.
     """
+    if outputs is None:
+        with StagedOutputs() as own:
+            save_model(model, path, external_data=external_data, inputs=inputs, outputs=own)
+            own.commit()
+        return
+    for source in inputs:
+        outputs.protect(source, "input model")
     dest = Path(path)
-    _check_destination(dest, tuple(Path(s) for s in inputs))
+    staged = outputs.stage(dest, "output model")
     if not external_data:
         external_data = estimated_size(model) > PROTOBUF_LIMIT
     data_name = dest.name + ".data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    moved: Path | None = None  # the data file once renamed into place: removed again if the model's rename fails
     try:
-        staged = staging / dest.name
         if external_data:
+            staged_data = outputs.stage(dest.parent / data_name, "external data of the output model", optional=True)
+            outputs._move_before(staged_data, staged)
             onnx.save_model(
                 model,
                 str(staged),
@@ -260,18 +512,10 @@ def save_model(
                 size_threshold=1024,
             )
             # save_model moved the tensors out of `model`; bring them back so the caller's object is unchanged
-            external_data_helper.load_external_data_for_model(model, str(staging))
-            if (staging / data_name).exists():  # absent when every tensor is under the size threshold
-                plain_mode(staging / data_name)
-                moved = dest.parent / data_name
-                os.replace(staging / data_name, moved)
+            external_data_helper.load_external_data_for_model(model, str(staged.parent))
         else:
             write_model(model, staged)
-        plain_mode(staged)
-        os.replace(staged, dest)
     except OSError as exc:
-        if moved is not None:
-            moved.unlink(missing_ok=True)
         raise LowRankError(f"{dest}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except ValueError as exc:  # a tensor whose data contradicts its dims
+        raise LowRankError(f"{dest}: cannot write the model: {exc}") from None

@@ -51,11 +51,12 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
+from .data_io import model_input_specs
 from .errors import LowRankError
 from .model_io import PROTOBUF_LIMIT, copy_fields, estimated_size, write_model
 from .passes._graph import GraphPath, Names, namespace_names, subgraphs
 from .runtime import first_line, make_session
-from .shapes import Shape, concrete_input_shapes, infer_shapes, input_specs, random_feed
+from .shapes import Shape, concrete_input_shapes, infer_shapes, random_feed
 
 __all__ = ["MAC_OPS", "ControlFlow", "ModelShapes", "TensorSizes", "resolve_shapes"]
 
@@ -358,7 +359,7 @@ def _reference(
     model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None, reference: Mapping[str, Any] | None
 ) -> tuple[dict[str, npt.NDArray[Any]] | None, str, dict[str, str]]:
     """The reference input, where it comes from, and the inputs that have no size (then the input is None)."""
-    specs = input_specs(model)
+    specs = model_input_specs(model)
     if reference is not None:
         absent = [spec.name for spec in specs if spec.name not in reference]
         if absent:
@@ -383,7 +384,7 @@ def resolve_shapes(
     the run is what checks that the model accepts it.
     """
     start = time.perf_counter()
-    specs = input_specs(model)
+    specs = model_input_specs(model)
     feeds, reference_from, missing = _reference(model, input_shapes, reference)
     overrides = {name: tuple(v.shape) for name, v in feeds.items()} if feeds is not None else dict(input_shapes or {})
     static = infer_shapes(model)

@@ -43,13 +43,14 @@ def make_session(
     """
     import onnxruntime as ort
 
+    _quiet_default_logger(ort)
     available = ort.get_available_providers()
     wanted = list(providers) if providers else ["CPUExecutionProvider"]
     missing = [p for p in wanted if p not in available]
     if missing:
         raise LowRankError(f"execution provider(s) {', '.join(missing)} not in this onnxruntime build (has: {', '.join(available)})")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions, turned into one line; the log would add more
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -81,6 +82,22 @@ def make_session(
             save_model(model, path, external_data=True)
             return _session(ort, str(path), options, wanted)
     return _session(ort, str(model), options, wanted)
+
+
+_QUIET = False
+
+
+def _quiet_default_logger(ort: Any) -> None:
+    """Limit onnxruntime's process-wide logger to fatal messages (once).
+
+    Besides raising its errors, onnxruntime logs some of them (an invalid
+    initializer, say) to stderr through that logger, which the session options
+    do not reach; every error is reported here as an exception already.
+    """
+    global _QUIET
+    if not _QUIET:
+        ort.set_default_logger_severity(4)
+        _QUIET = True
 
 
 def _session(ort: Any, source: Any, options: Any, providers: list[str]) -> Any:

@@ -7,7 +7,8 @@ So large initializers and Constant values are swapped for data-less stand-ins
 (marked as external data that is never read) while a skeleton copy of the model
 is taken, and put back at once; the skeleton, a few kilobytes, is what
 shape inference sees. Symbolic batch dims (the first dim of a graph input) are
-set to 1; other symbolic dims stay unknown unless ``overrides`` gives a shape.
+set to 1; other symbolic dims stay unknown unless ``overrides`` gives a shape
+(a name in ``overrides`` that is not an input of the model is an error).
 
 :func:`input_specs`, :func:`concrete_input_shapes` and :func:`random_feed`
 build the concrete inputs every run of the tool uses (the reference run that
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,17 +29,15 @@ import numpy.typing as npt
 import onnx
 from onnx import helper
 
+from .data_io import InputSpec, check_allocation
 from .errors import LowRankError
 from .model_io import copy_fields
 
 __all__ = [
-    "MAX_INPUT_BYTES",
-    "InputSpec",
     "Shape",
     "check_input_shapes",
     "concrete_input_shapes",
     "infer_shapes",
-    "input_specs",
     "needs_input_shape_message",
     "random_feed",
     "session_input_specs",
@@ -107,6 +105,10 @@ def infer_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]] 
     skeleton = _skeleton(model)
     overrides = dict(overrides or {})
     initializer_names = {t.name for t in skeleton.graph.initializer}
+    feedable = [v.name for v in skeleton.graph.input if v.name not in initializer_names]
+    unknown = sorted(set(overrides) - set(feedable))
+    if unknown:
+        raise LowRankError(f"--input-shape: the model has no input {unknown[0]!r} (its inputs: {', '.join(feedable) or 'none'})")
     for value in skeleton.graph.input:
         if value.name in initializer_names or not value.type.HasField("tensor_type"):
             continue
@@ -136,9 +138,6 @@ def infer_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]] 
 
 # --------------------------------------------------------------------------- inputs of a run
 
-# a random input larger than this is refused before it is built (a symbolic dim given as 2^31, say)
-MAX_INPUT_BYTES = 8 * 2**30
-
 _ORT_TYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -150,44 +149,6 @@ _ORT_TYPES: dict[str, type[np.generic]] = {
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """A graph input that must be fed: its element type and dims (an int, a symbolic name, or None)."""
-
-    name: str
-    dtype: np.dtype[Any] | None  # None: a type the tool cannot make random values of
-    dims: tuple[int | str | None, ...] | None  # None: the rank is not declared
-
-    def show(self) -> str:
-        if self.dims is None:
-            return "(rank unknown)"
-        return "(" + ", ".join("?" if d is None else str(d) for d in self.dims) + ")"
-
-
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The main graph's inputs that are not initializers (IR 3 lists initializers as inputs too)."""
-    constants = {t.name for t in model.graph.initializer} | {t.values.name for t in model.graph.sparse_initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in constants:
-            continue
-        if not value.type.HasField("tensor_type"):
-            specs.append(InputSpec(value.name, None, None))
-            continue
-        tensor = value.type.tensor_type
-        try:
-            dtype: np.dtype[Any] | None = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)) if tensor.elem_type else None
-        except (KeyError, TypeError, ValueError):
-            dtype = None
-        dims: tuple[int | str | None, ...] | None = None
-        if tensor.HasField("shape"):
-            dims = tuple(
-                int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in tensor.shape.dim
-            )
-        specs.append(InputSpec(value.name, dtype, dims))
-    return specs
 
 
 def session_input_specs(session: Any) -> list[InputSpec]:
@@ -272,12 +233,8 @@ def random_feed(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]],
         shape = [int(d) for d in shapes[spec.name]]
         if spec.dtype is None:
             raise LowRankError(f"input {spec.name!r} has a type the tool cannot make random values of; give inputs from a file")
-        size = math.prod(shape) * spec.dtype.itemsize
-        if size > MAX_INPUT_BYTES:
-            raise LowRankError(
-                f"input {spec.name!r} of shape {tuple(shape)} would take {size / 2**30:.1f} GiB, more than the "
-                f"{MAX_INPUT_BYTES / 2**30:.0f} GiB the tool builds; give a smaller --input-shape"
-            )
+        # the values are drawn in float64, then cast: both copies live at once
+        check_allocation(math.prod(shape) * (8 + spec.dtype.itemsize), f"random input {spec.name!r} of shape {tuple(shape)}")
         if np.issubdtype(spec.dtype, np.floating):
             value = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:

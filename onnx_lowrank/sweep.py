@@ -59,7 +59,8 @@ from .factorization import Kind, decompose_kernel
 from .model_io import load_model, save_model
 from .report import Report
 from .run_shapes import resolve_shapes
-from .verify import OutputStats, _load_inputs, compare_outputs, interleaved_latency, kernel_times, make_session, random_inputs
+from .shapes import session_input_specs
+from .verify import OutputStats, compare_outputs, interleaved_latency, kernel_times, load_inputs, make_session, random_inputs
 
 __all__ = ["DEFAULT_SPEEDUPS", "LayerSpectrum", "SweepResult", "SweepRow", "layer_spectra", "parse_speedups", "report_spectra", "sweep"]
 
@@ -217,17 +218,11 @@ def _evaluation(
         feeds = random_inputs(session, seed=0, batch=RANDOM_SAMPLES if free else 1, input_shapes=input_shapes)
         description = "random"
     else:
-        data = dict(_load_inputs(inputs)) if isinstance(inputs, (str, os.PathLike)) else {k: np.asarray(v) for k, v in inputs.items()}
+        # names, shapes, dtypes and sample counts checked against the model's inputs, as verify does
+        data, labels = load_inputs(inputs, session_input_specs(session))
         description = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "given arrays"
-        labels = data.pop("labels", None)
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise LowRankError(f"eval inputs lack model input(s) {', '.join(missing)} (have: {', '.join(sorted(data)) or 'nothing'})")
         feeds = {n: data[n] for n in names}
-        counts = {n: len(v) if v.ndim else 0 for n, v in feeds.items()}
-        if len(set(counts.values())) > 1 or min(counts.values(), default=1) == 0:
-            raise LowRankError(f"eval inputs must hold the same number (>= 1) of samples on axis 0 for every input, got {counts}")
-        count = next(iter(counts.values()))
+        count = len(next(iter(feeds.values())))
         if labels is not None and (labels.ndim != 1 or len(labels) != count):
             raise LowRankError(f"eval inputs: labels has shape {list(labels.shape)}; expected one label per sample ({count})")
     count = len(next(iter(feeds.values())))

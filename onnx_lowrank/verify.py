@@ -5,7 +5,12 @@ Either model may be an ONNX file, an ORT-format file (``.ort``, what
 
 Inputs are random (seeded) from the original model's input types and shapes —
 symbolic dims become 1 — or come from an ``.npz`` keyed by input name; an
-``.npz`` that also holds ``labels`` gives accuracy and top-1 agreement.
+``.npz`` that also holds ``labels`` gives accuracy and top-1 agreement. Random
+inputs too large for this machine's memory, and data files that do not fit the
+model's inputs, are refused before anything runs.
+Non-finite outputs: a NaN where the other model has a NaN, or an infinity of the
+same sign, counts as equal; the statistics are taken over the pairs where both
+are finite, and the counts of non-finite values are reported beside them.
 Latency: both sessions are warmed up, then run alternately (the order flips
 each round so neither model always runs on a warm cache), thread spinning off;
 the medians and their ratio are reported.
@@ -13,11 +18,11 @@ the medians and their ratio are reported.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
+from .data_io import InputSpec, check_allocation, check_samples, load_npz, model_input_specs
 from .errors import LowRankError
 from .model_io import load_model
 from .runtime import make_session
@@ -38,9 +44,11 @@ __all__ = [
     "KernelTimes",
     "OutputStats",
     "VerifyResult",
+    "check_random_inputs",
     "compare_outputs",
     "interleaved_latency",
     "kernel_times",
+    "load_inputs",
     "make_session",
     "random_inputs",
     "verify",
@@ -77,6 +85,10 @@ class OutputStats:
     top1_agreement: float | None = None
     accuracy_original: float | None = None
     accuracy_candidate: float | None = None
+    # NaN/Inf counts; the statistics above are over the pairs where both values are finite
+    nonfinite_original: int = 0
+    nonfinite_candidate: int = 0
+    nonfinite_mismatch: int = 0  # positions where one is non-finite and the other is not the same value
 
 
 @dataclass
@@ -123,6 +135,20 @@ def random_inputs(
     return random_feed(specs, shapes, seed)
 
 
+def check_random_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Refuse (:class:`LowRankError`) random inputs for ``model`` that would not fit in memory, or ``input_shapes``
+    that do not fit its inputs, before anything runs (inputs with no size are refused when the inputs are made)."""
+    specs = model_input_specs(model)
+    shapes, _ = concrete_input_shapes(specs, input_shapes)
+    total = 0
+    for spec in specs:
+        if spec.name in shapes and spec.dtype is not None:
+            nbytes = math.prod(shapes[spec.name]) * (8 + spec.dtype.itemsize)
+            check_allocation(nbytes, f"random input {spec.name!r} of shape {list(shapes[spec.name])}")
+            total += nbytes
+    check_allocation(total, "the random inputs")
+
+
 def compare_outputs(
     names: Sequence[str],
     reference: Sequence[npt.NDArray[Any]],
@@ -131,50 +157,67 @@ def compare_outputs(
     atol: float,
     labels: npt.NDArray[Any] | None = None,
 ) -> list[OutputStats]:
+    """Per output: error statistics over the pairs where both values are finite, and the NaN/Inf counts.
+
+    An output passes when every finite pair is within ``atol + rtol·|reference|`` and the
+    non-finite values agree (NaN with NaN, an infinity with the same infinity).
+    """
     stats = []
     for name, ref, cand in zip(names, reference, candidate, strict=False):
         a = np.asarray(ref, dtype=np.float64)
         b = np.asarray(cand, dtype=np.float64)
         if a.shape != b.shape:
             raise LowRankError(f"output {name!r}: shapes differ, {list(a.shape)} vs {list(b.shape)}")
-        diff = np.abs(a - b)
-        finite = bool(np.all(np.isfinite(b)) or np.array_equal(np.isfinite(a), np.isfinite(b)))
-        ref_norm = float(np.linalg.norm(a))
-        cos_den = ref_norm * float(np.linalg.norm(b))
-        entry = OutputStats(
-            name=name,
-            shape=list(a.shape),
-            max_abs=float(diff.max()) if diff.size else 0.0,
-            max_rel=float((diff / np.maximum(np.abs(a), 1e-12)).max()) if diff.size else 0.0,
-            mean_abs=float(diff.mean()) if diff.size else 0.0,
-            p99_abs=float(np.percentile(diff, 99)) if diff.size else 0.0,
-            relative_l2=float(np.linalg.norm(a - b) / ref_norm) if ref_norm else float(np.linalg.norm(b)),
-            cosine=float(np.sum(a * b) / cos_den) if cos_den else 1.0,
-            required_atol=float(np.max(diff - rtol * np.abs(a), initial=0.0)),
-            passed=finite and bool(np.all(diff <= atol + rtol * np.abs(a))),
-        )
-        if a.ndim == 2 and a.shape[1] > 1:
-            top_a, top_b = a.argmax(axis=1), b.argmax(axis=1)
-            entry.top1_agreement = float(np.mean(top_a == top_b))
-            if labels is not None and len(labels) == a.shape[0]:
-                entry.accuracy_original = float(np.mean(top_a == labels))
-                entry.accuracy_candidate = float(np.mean(top_b == labels))
+        with np.errstate(all="ignore"):  # NaN and Inf are counted, not warned about
+            finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+            both = finite_a & finite_b
+            same_special = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+            mismatch = int(np.count_nonzero(~both & ~same_special))
+            fa, fb = a[both], b[both]
+            diff = np.abs(fa - fb)
+            ref_norm = float(np.linalg.norm(fa))
+            cos_den = ref_norm * float(np.linalg.norm(fb))
+            entry = OutputStats(
+                name=name,
+                shape=list(a.shape),
+                max_abs=float(diff.max()) if diff.size else 0.0,
+                max_rel=float((diff / np.maximum(np.abs(fa), 1e-12)).max()) if diff.size else 0.0,
+                mean_abs=float(diff.mean()) if diff.size else 0.0,
+                p99_abs=float(np.percentile(diff, 99)) if diff.size else 0.0,
+                relative_l2=float(np.linalg.norm(fa - fb) / ref_norm) if ref_norm else float(np.linalg.norm(fb)),
+                cosine=float(np.sum(fa * fb) / cos_den) if cos_den else 1.0,
+                required_atol=float(np.max(diff - rtol * np.abs(fa), initial=0.0)),
+                passed=mismatch == 0 and bool(np.all(diff <= atol + rtol * np.abs(fa))),
+                nonfinite_original=int(a.size - np.count_nonzero(finite_a)),
+                nonfinite_candidate=int(b.size - np.count_nonzero(finite_b)),
+                nonfinite_mismatch=mismatch,
+            )
+            if a.ndim == 2 and a.shape[1] > 1:
+                top_a, top_b = a.argmax(axis=1), b.argmax(axis=1)
+                entry.top1_agreement = float(np.mean(top_a == top_b))
+                if labels is not None and len(labels) == a.shape[0]:
+                    entry.accuracy_original = float(np.mean(top_a == labels))
+                    entry.accuracy_candidate = float(np.mean(top_b == labels))
         stats.append(entry)
     return stats
 
 
-def _load_inputs(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise LowRankError(f"{p}: no such inputs file")
-    try:
-        with open(p, "rb") as f:
-            if f.read(2) != b"PK":  # np.load would take a .npy or a pickle, or fail on an empty file with EOFError
-                raise ValueError("not a zip archive")
-        with np.load(p, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise LowRankError(f"{p}: not a readable .npz ({exc})") from None
+def load_inputs(
+    inputs: str | os.PathLike[str] | Mapping[str, npt.ArrayLike], specs: Sequence[InputSpec]
+) -> tuple[dict[str, npt.NDArray[Any]], npt.NDArray[Any] | None]:
+    """The arrays of an ``.npz`` (or a mapping) for the model inputs ``specs``, checked and cast; and its ``labels``."""
+    if isinstance(inputs, (str, os.PathLike)):
+        data: dict[str, Any] = load_npz(inputs, "inputs file")
+    else:
+        data = {str(k): np.asarray(v) for k, v in inputs.items()}
+    labels = data.pop("labels", None)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+            raise LowRankError(
+                f"inputs file: labels of shape {tuple(labels.shape)} and dtype {labels.dtype}; expected one class index per sample"
+            )
+    return check_samples(data, specs, "input", "inputs file"), labels
 
 
 def _batches(
@@ -212,6 +255,8 @@ def verify(
     """
     if not rtol >= 0 or not atol >= 0:
         raise LowRankError(f"tolerances must be >= 0, got rtol={rtol} atol={atol}")
+    if not (math.isfinite(rtol) and math.isfinite(atol)):
+        raise LowRankError(f"tolerances must be finite, got rtol={rtol} atol={atol}")
     for model in (original, candidate):
         if isinstance(model, (str, os.PathLike)):
             _check_readable(model)  # one-line errors for a missing or broken file before onnxruntime sees it
@@ -226,11 +271,7 @@ def verify(
     if inputs is None:
         batches = [random_inputs(ref, seed, input_shapes=input_shapes)]
     else:
-        data = dict(_load_inputs(inputs)) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
-        labels = data.pop("labels", None)
-        missing = [n for n in input_names if n not in data]
-        if missing:
-            raise LowRankError(f"inputs file lacks model input(s): {', '.join(missing)}")
+        data, labels = load_inputs(inputs, session_input_specs(ref))
         fixed = {i.name: (i.shape[0] if i.shape and isinstance(i.shape[0], int) else None) for i in ref.get_inputs()}
         batches = _batches(data, input_names, fixed)
     ref_out: list[list[npt.NDArray[Any]]] = []

@@ -258,7 +258,7 @@ BAD: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
     (
         "verify-inputs-wrong-shape",
         lambda ws: _verify(ws, "--inputs", str(ws.npz("x.npz", input=np.zeros((1, 3, 5, 5), np.float32)))),
-        "onnxruntime",
+        "the model expects (batch, 3, 64, 64)",
     ),
     ("verify-unavailable-provider", lambda ws: _verify(ws, "--providers", "XnnpackExecutionProvider"), "XnnpackExecutionProvider"),
     ("verify-rtol-nan", lambda ws: _verify(ws, "--rtol", "nan"), "--rtol"),

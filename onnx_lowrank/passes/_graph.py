@@ -5,10 +5,19 @@ that keeps every field the user had (metadata, doc strings, value_info, node
 order, functions, training info) and holds one copy of the weights.
 A *namespace* is the main graph with its nested subgraphs, or one model-local
 function with its nested subgraphs: names are unique within it.
+
+What a pass reads is checked where it is read: a tensor whose declared dims do
+not match its data, or declare more than this machine's memory, is not a usable
+weight (:func:`tensor_problem`, :func:`tensor_values`); an attribute of the wrong
+type, given twice or referring to a function attribute is refused by the typed
+readers (:func:`attr_int` and friends raise :class:`InvalidAttribute`). The
+passes turn both into the reason a layer is left as it is.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +27,19 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
+from ..data_io import format_bytes, memory_budget
+
 __all__ = [
     "GraphPath",
+    "InvalidAttribute",
     "Names",
     "Scope",
     "WeightSource",
     "add_constant",
+    "attr_float",
+    "attr_int",
+    "attr_ints",
+    "attr_string",
     "attrs",
     "iter_scopes",
     "namespace_names",
@@ -31,6 +47,9 @@ __all__ = [
     "resolve_weight",
     "stored_dims",
     "subgraphs",
+    "tensor_problem",
+    "tensor_values",
+    "type_name",
 ]
 
 # Where a subgraph sits: for each control-flow node from the main graph down, (the node's first output, the
@@ -141,9 +160,154 @@ class WeightSource:
 
     @property
     def values(self) -> npt.NDArray[np.generic]:
+        """The weight as numpy; raises ``ValueError`` naming the tensor when its data does not hold its dims."""
         if isinstance(self._tensor, onnx.TensorProto):
-            return numpy_helper.to_array(self._tensor)
+            return tensor_values(self._tensor)
         return self._tensor
+
+
+def type_name(data_type: int) -> str:
+    """``FLOAT``, ``INT64``, … or ``element type 99`` for a number ONNX does not define."""
+    try:
+        return str(onnx.TensorProto.DataType.Name(data_type))
+    except ValueError:
+        return f"element type {data_type}"
+
+
+# element bits of the types stored fewer than 8 bits an element (packed two a byte in raw_data)
+_SUB_BYTE_TYPES = {
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, name)
+}
+# the typed field that holds each element type's values when raw_data is not used, and values per element
+_TYPED_FIELDS: dict[int, tuple[str, int]] = {
+    onnx.TensorProto.FLOAT: ("float_data", 1),
+    onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1),
+    onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1),
+    onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1),
+    onnx.TensorProto.STRING: ("string_data", 1),
+}
+
+
+# element types whose raw_data numpy reads as it is (little-endian, a numpy dtype of its own)
+_PLAIN_RAW_TYPES = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BOOL,
+    onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+}  # fmt: skip
+
+
+def _dims_text(dims: Iterable[int]) -> str:
+    return "x".join(map(str, dims)) or "scalar"
+
+
+def tensor_problem(tensor: onnx.TensorProto) -> str | None:
+    """Why ``tensor`` cannot be read as the array its dims declare, or None; cheap (no pass over the data).
+
+    Negative dims, an element type ONNX does not define, a declared size beyond
+    this machine's memory and a typed value list (``float_data``, …) of another
+    length are found here; ``raw_data`` of the wrong length is found by
+    :func:`tensor_values`, which reads it anyway.
+    """
+    dims = [int(d) for d in tensor.dims]
+    if any(d < 0 for d in dims):
+        return f"tensor {tensor.name!r} declares negative dims {_dims_text(dims)}"
+    if tensor.data_type not in onnx.TensorProto.DataType.values() or tensor.data_type == onnx.TensorProto.UNDEFINED:
+        return f"tensor {tensor.name!r} has {type_name(tensor.data_type)}, not an ONNX element type"
+    count = math.prod(dims)
+    if tensor.data_type != onnx.TensorProto.STRING:
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):  # a type this onnx cannot map to numpy
+            return f"tensor {tensor.name!r} has {type_name(tensor.data_type)}, which cannot be read as numbers here"
+        nbytes = (count + 1) // 2 if tensor.data_type in _SUB_BYTE_TYPES else count * itemsize
+        if nbytes > memory_budget():
+            return f"tensor {tensor.name!r} declares dims {_dims_text(dims)} ({format_bytes(nbytes)}), more than this machine's memory"
+    if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None  # read and checked by the loader
+    if tensor.HasField("raw_data"):
+        return None
+    field_name, per_element = _TYPED_FIELDS.get(tensor.data_type, ("int32_data", 1))
+    stored = len(getattr(tensor, field_name))
+    expected = (count + 1) // 2 if tensor.data_type in _SUB_BYTE_TYPES else count * per_element
+    if stored != expected:
+        return f"tensor {tensor.name!r} declares dims {_dims_text(dims)} ({count} elements), its data holds {stored} values"
+    return None
+
+
+def tensor_values(tensor: onnx.TensorProto) -> npt.NDArray[np.generic]:
+    """``numpy_helper.to_array``, with a ``ValueError`` that names the tensor when its data does not match its dims."""
+    problem = tensor_problem(tensor)
+    if problem is not None:
+        raise ValueError(problem)
+    if tensor.HasField("raw_data") and tensor.data_type in _PLAIN_RAW_TYPES and sys.byteorder == "little":
+        raw = tensor.raw_data  # one copy of the bytes, which the array then shares
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        count = math.prod(tensor.dims)
+        if len(raw) != count * dtype.itemsize:
+            dims = _dims_text(tensor.dims)
+            raise ValueError(f"tensor {tensor.name!r} declares dims {dims} ({count} elements), its data holds {len(raw)} bytes")
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"tensor {tensor.name!r} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+class InvalidAttribute(ValueError):
+    """A node attribute that cannot be read as the type the operator defines (the message says why)."""
+
+
+def _attribute(node: onnx.NodeProto, name: str, kind: int) -> onnx.AttributeProto | None:
+    found = [a for a in node.attribute if a.name == name]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise InvalidAttribute(f"attribute {name} is given {len(found)} times")
+    attr: onnx.AttributeProto = found[0]
+    if attr.ref_attr_name:
+        raise InvalidAttribute(
+            f"attribute {name} refers to the function attribute {attr.ref_attr_name!r}: its value is known only per call"
+        )
+    if attr.type != kind:
+        kind_name = onnx.AttributeProto.AttributeType.Name(kind)
+        try:
+            got = onnx.AttributeProto.AttributeType.Name(attr.type)
+        except ValueError:
+            got = f"type {attr.type}"
+        raise InvalidAttribute(f"attribute {name} is {got}, not {kind_name}")
+    return attr
+
+
+def attr_int(node: onnx.NodeProto, name: str, default: int | None) -> int | None:
+    """The INT attribute ``name`` of ``node``, else ``default``."""
+    attr = _attribute(node, name, onnx.AttributeProto.INT)
+    return int(attr.i) if attr is not None else default
+
+
+def attr_ints(node: onnx.NodeProto, name: str) -> tuple[int, ...] | None:
+    """The INTS attribute ``name`` of ``node``, or None when absent."""
+    attr = _attribute(node, name, onnx.AttributeProto.INTS)
+    return tuple(int(v) for v in attr.ints) if attr is not None else None
+
+
+def attr_float(node: onnx.NodeProto, name: str, default: float) -> float:
+    """The FLOAT attribute ``name`` of ``node``, else ``default``."""
+    attr = _attribute(node, name, onnx.AttributeProto.FLOAT)
+    return float(attr.f) if attr is not None else default
+
+
+def attr_string(node: onnx.NodeProto, name: str, default: str) -> str:
+    """The STRING attribute ``name`` of ``node`` (UTF-8), else ``default``."""
+    attr = _attribute(node, name, onnx.AttributeProto.STRING)
+    if attr is None:
+        return default
+    try:
+        return attr.s.decode()
+    except UnicodeDecodeError:
+        raise InvalidAttribute(f"attribute {name} is not valid UTF-8") from None
 
 
 def attrs(node: onnx.NodeProto) -> dict[str, object]:
@@ -250,10 +414,12 @@ def _fold_by_type(node: onnx.NodeProto, scope: Scope, depth: int) -> npt.NDArray
         dims = _static_dims(node.input[0], scope, depth)
         if dims is None:
             return "computed at run time (by Shape of a tensor whose shape is not fixed)"
-        node_attrs = attrs(node)
-        start, end = int(node_attrs.get("start", 0)), node_attrs.get("end")  # type: ignore[call-overload]
+        try:
+            start, end = attr_int(node, "start", 0), attr_int(node, "end", None)
+        except InvalidAttribute as exc:
+            return f"computed by a Shape whose {exc}"
         # ONNX clamps start/end into [0, rank] after adding the rank to negative values: Python slicing does the same
-        return np.array(dims[start : None if end is None else int(end)], dtype=np.int64)  # type: ignore[call-overload]
+        return np.array(dims[start:end], dtype=np.int64)
     value = _constant_value(node.input[0], scope, depth + 1)
     if isinstance(value, str):
         return value
@@ -268,7 +434,7 @@ def _constant_value(name: str, scope: Scope, depth: int = 0) -> npt.NDArray[np.g
     current: Scope | None = scope
     while current is not None:
         if name in current.initializers:
-            return numpy_helper.to_array(current.initializers[name])
+            return _read(current.initializers[name])
         if name in current.inputs:
             return f"computed at run time (from input {name!r})"
         producer = current.producers.get(name)
@@ -277,7 +443,7 @@ def _constant_value(name: str, scope: Scope, depth: int = 0) -> npt.NDArray[np.g
             continue
         if producer.op_type == "Constant":
             tensor = _tensor_of_constant(producer)
-            return numpy_helper.to_array(tensor) if tensor is not None else "a Constant without a tensor value"
+            return _read(tensor) if tensor is not None else "a Constant without a tensor value"
         if producer.op_type == "DequantizeLinear":
             return "quantized (DequantizeLinear)"
         if producer.op_type in FOLDABLE_BY_TYPE and producer.domain in ("", "ai.onnx") and depth < MAX_FOLD_DEPTH:
@@ -294,9 +460,39 @@ def _constant_value(name: str, scope: Scope, depth: int = 0) -> npt.NDArray[np.g
     return "not a constant (produced outside any known scope)"
 
 
+def _read(tensor: onnx.TensorProto) -> npt.NDArray[np.generic] | str:
+    try:
+        return tensor_values(tensor)
+    except ValueError as exc:
+        return str(exc)
+
+
+def _output_elements(node: onnx.NodeProto, values: list[npt.NDArray[np.generic] | None]) -> int | None:
+    """Elements of the result of the ops that can make a large tensor from small inputs, before running them."""
+    try:
+        if node.op_type == "ConstantOfShape" and values and values[0] is not None:
+            return math.prod(int(d) for d in np.asarray(values[0]).reshape(-1))
+        if node.op_type == "Expand" and len(values) > 1 and values[0] is not None and values[1] is not None:
+            target = [int(d) for d in np.asarray(values[1]).reshape(-1)]
+            shape = list(values[0].shape)
+            width = max(len(target), len(shape))
+            padded = [1] * (width - len(shape)) + shape
+            target = [1] * (width - len(target)) + target
+            return math.prod(max(a, b) for a, b in zip(padded, target, strict=True))
+        if node.op_type == "Tile" and len(values) > 1 and values[0] is not None and values[1] is not None:
+            return values[0].size * math.prod(int(r) for r in np.asarray(values[1]).reshape(-1))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None
+
+
 def _evaluate(node: onnx.NodeProto, values: list[npt.NDArray[np.generic] | None], opset: int) -> npt.NDArray[np.generic] | str:
     """Run one node of a constant expression with onnx's reference evaluator."""
     from onnx.reference import ReferenceEvaluator
+
+    elements = _output_elements(node, values)
+    if elements is not None and elements * 8 > memory_budget():
+        return f"computed by a {node.op_type} of {elements:,} elements, more than this machine's memory"
 
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
     copy = helper.make_node(node.op_type, names, ["out"], domain=node.domain)
@@ -305,7 +501,8 @@ def _evaluate(node: onnx.NodeProto, values: list[npt.NDArray[np.generic] | None]
     graph = helper.make_graph([copy], "fold", [], [helper.make_empty_tensor_value_info("out")], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset or onnx.defs.onnx_opset_version())])
     try:
-        outputs: Any = ReferenceEvaluator(model).run(None, {})
+        with np.errstate(all="ignore"):  # a NaN in a constant expression is reported where the weight is used
+            outputs: Any = ReferenceEvaluator(model).run(None, {})
         return np.asarray(outputs[0])
     except Exception as exc:  # the reference evaluator's errors have no common base
         return f"computed by a {node.op_type} that could not be evaluated ({type(exc).__name__})"
@@ -327,6 +524,9 @@ def resolve_weight(name: str, scope: Scope) -> WeightSource | str:
             # an initializer listed as a graph input too is taken as the constant it is in practice
             # (IR < 4 requires the listing; exporters' keep_initializers_as_inputs produces it)
             tensor = current.initializers[name]
+            problem = tensor_problem(tensor)
+            if problem is not None:
+                return f"weight {problem}"
             return WeightSource(name, current, tensor, tensor.data_type, cast_to)
         if name in current.inputs:
             return "weight is an input of its graph or function, not a constant"
@@ -339,13 +539,24 @@ def resolve_weight(name: str, scope: Scope) -> WeightSource | str:
             constant = _tensor_of_constant(producer)
             if constant is None:
                 return "weight Constant has no tensor value"
+            problem = tensor_problem(constant)
+            if problem is not None:
+                return f"weight {problem}"
             return WeightSource(name, current, constant, constant.data_type, cast_to)
+        if op in ("Identity", "Cast") and (not producer.input or not producer.input[0]):
+            return f"weight is produced by an {op} without an input"
         if op == "Identity":
             name = producer.input[0]
             continue
         if op == "Cast":
+            try:
+                to = attr_int(producer, "to", None)
+            except InvalidAttribute as exc:
+                return f"weight Cast: {exc}"
+            if to is None:
+                return "weight Cast has no 'to' attribute"
             if cast_to is None:
-                cast_to = int(attrs(producer)["to"])  # type: ignore[call-overload]
+                cast_to = to
             name = producer.input[0]
             continue
         value = _constant_value(name, current)

@@ -29,6 +29,14 @@ the optimum.
 
 Preconditions (a layer that fails one is reported with the reason and left as is):
 
+* the attributes agree with the weight, the input and each other
+  (:func:`conv_geometry`): ``kernel_shape`` (when given) is the weight's spatial
+  dims, the weight's rank is the input's, ``strides``/``dilations`` have one
+  value ≥ 1 per spatial axis, ``pads`` two values ≥ 0 per axis,
+  ``output_padding``/``output_shape`` one per axis, ``auto_pad`` is an ONNX
+  value, ``group`` ≥ 1 divides the channels, the input has the channels the
+  weight expects and, where the input size is known, the output is not empty —
+  an attribute the layer cannot be rewritten with is never guessed at;
 * ``Conv`` in the default domain; ``QLinearConv``/``ConvInteger`` and convs fed
   by ``DequantizeLinear`` are quantized and refused.
 * the weight is a constant: an initializer (also one listed as a graph input,
@@ -47,6 +55,7 @@ names are made unique, and a weight no longer used by anything is removed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,19 +67,13 @@ from ..cost import conv_cost, conv_transpose_cost
 from ..factorization import Factors, Kind
 from ..run_shapes import ModelShapes
 from ..shapes import Shape
-from ._graph import Scope, attrs, iter_scopes, resolve_weight, stored_dims
+from ._graph import InvalidAttribute, Scope, attr_int, attr_ints, attr_string, iter_scopes, resolve_weight, stored_dims, type_name
 from ._rewrite import FLOAT_TYPES, Site, node_key
 
-__all__ = ["ConvSite", "ConvTransposeSite", "find_conv_sites"]
+__all__ = ["ConvGeometry", "ConvSite", "ConvTransposeSite", "conv_geometry", "find_conv_sites"]
 
 QUANTIZED_CONVS = {"QLinearConv", "ConvInteger"}
 CONV_OPS = {"Conv", "ConvTranspose", *QUANTIZED_CONVS}
-
-
-def _auto_pad(node_attrs: dict[str, Any]) -> str:
-    value = node_attrs.get("auto_pad", b"NOTSET")
-    text = value.decode() if isinstance(value, bytes) else str(value)
-    return text or "NOTSET"
 
 
 def _resolve_pads(
@@ -123,24 +126,102 @@ def _weight_site(site: Site, node: onnx.NodeProto, scope: Scope) -> tuple[int, .
         return None
     site.weight = weight
     if weight.data_type not in FLOAT_TYPES or (weight.cast_to is not None and weight.cast_to not in FLOAT_TYPES):
-        site.reason = f"weight type {onnx.TensorProto.DataType.Name(weight.data_type)} is not floating point"
+        bad = weight.data_type if weight.data_type not in FLOAT_TYPES else weight.cast_to
+        site.reason = f"weight type {type_name(bad)} is not floating point"  # type: ignore[arg-type]
         return None
     if len(weight.shape) < 3:
         site.reason = f"weight of shape {weight.shape} is not a conv kernel"
+        return None
+    if any(d < 1 for d in weight.shape):
+        site.reason = f"weight of shape {weight.shape} is empty"
         return None
     # non-finite values are found when the kernel is factored (reading every weight here would cost a pass)
     return weight.shape
 
 
-def _conv_attributes(a: dict[str, Any], weight_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """``group``, kernel, strides and dilations of a conv-like node, with the ONNX defaults."""
+AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The attributes of a Conv or ConvTranspose, with the ONNX defaults filled in and checked."""
+
+    group: int
+    kernel: tuple[int, ...]  # the weight's spatial dims
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]  # begins then ends, as given (zeros when absent)
+    auto_pad: str
+    output_padding: tuple[int, ...]  # ConvTranspose only (zeros for Conv)
+    output_shape: tuple[int, ...] | None  # ConvTranspose only: the spatial target, when given
+
+
+def _per_axis(node: onnx.NodeProto, name: str, count: int, least: int, default: int) -> tuple[int, ...]:
+    values = attr_ints(node, name)
+    if values is None:
+        return (default,) * count
+    if len(values) != count:
+        raise InvalidAttribute(f"{name} {list(values)} has {len(values)} values for {count // (2 if name == 'pads' else 1)} spatial axes")
+    if any(v < least for v in values):
+        raise InvalidAttribute(f"{name} {list(values)} has a value below {least}")
+    return values
+
+
+def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...], input_shape: Shape | None) -> ConvGeometry | str:
+    """The geometry of a Conv/ConvTranspose checked against its weight, its input and itself, or why it cannot be used.
+
+    ``weight_shape`` is ``(N, C/g, *S)`` for Conv and ``(C, N/g, *S)`` for
+    ConvTranspose (at least 3-D, no empty dim); ``input_shape`` the inferred
+    shape of the input, when known.
+    """
+    transpose = node.op_type == "ConvTranspose"
     r = len(weight_shape) - 2
-    return (
-        int(a.get("group", 1)),
-        tuple(int(k) for k in weight_shape[2:]),
-        tuple(int(s) for s in a.get("strides", [1] * r)),
-        tuple(int(d) for d in a.get("dilations", [1] * r)),
-    )
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    try:
+        declared = attr_ints(node, "kernel_shape")
+        if declared is not None and tuple(declared) != kernel:
+            return f"kernel_shape {list(declared)} does not match the weight's spatial dims {list(kernel)}"
+        if input_shape is not None and len(input_shape) > 0 and len(input_shape) != len(weight_shape):
+            return f"weight of rank {len(weight_shape)} on an input of rank {len(input_shape)}"
+        group = attr_int(node, "group", 1)
+        assert group is not None
+        strides = _per_axis(node, "strides", r, 1, 1)
+        dilations = _per_axis(node, "dilations", r, 1, 1)
+        pads = _per_axis(node, "pads", 2 * r, 0, 0)
+        auto_pad = attr_string(node, "auto_pad", "NOTSET") or "NOTSET"
+        output_padding = _per_axis(node, "output_padding", r, 0, 0) if transpose else (0,) * r
+        output_shape = attr_ints(node, "output_shape") if transpose else None
+    except InvalidAttribute as exc:
+        return str(exc)
+    if auto_pad not in AUTO_PADS:
+        return f"auto_pad {auto_pad!r} is not one of {', '.join(AUTO_PADS)}"
+    if group < 1:
+        return f"group {group} is below 1"
+    channels = "input" if transpose else "output"
+    if weight_shape[0] % group:
+        return f"{weight_shape[0]} {channels} channels do not split into {group} groups"
+    if output_shape is not None:
+        if len(output_shape) not in (r, r + 2) or any(d < 1 for d in output_shape):
+            return f"output_shape {list(output_shape)} is not {r} spatial dims >= 1"
+        output_shape = output_shape[-r:]
+    in_channels = weight_shape[0] if transpose else weight_shape[1] * group
+    if input_shape is not None and len(input_shape) > 1 and input_shape[1] is not None and input_shape[1] != in_channels:
+        return f"input has {input_shape[1]} channels, the weight expects {in_channels}"
+    spatial = _known(input_shape, r)
+    if spatial is not None:
+        if any(n < 1 for n in spatial):
+            return f"input spatial dims {list(spatial)} are empty"
+        if not transpose and auto_pad in ("NOTSET", "VALID"):
+            given = pads if auto_pad == "NOTSET" else (0,) * (2 * r)
+            for i, (n, k, d) in enumerate(zip(spatial, kernel, dilations, strict=True)):
+                if n + given[i] + given[i + r] < (k - 1) * d + 1:
+                    return f"output would be empty: axis {i} holds {n} (+ pads) for a dilated kernel of {(k - 1) * d + 1}"
+        if transpose and output_shape is None and auto_pad in ("NOTSET", "VALID"):
+            given = pads if auto_pad == "NOTSET" else (0,) * (2 * r)
+            for i, (n, k, s, d, op) in enumerate(zip(spatial, kernel, strides, dilations, output_padding, strict=True)):
+                if s * (n - 1) + op + (k - 1) * d + 1 - given[i] - given[i + r] < 1:
+                    return f"output would be empty: pads {list(given)} remove all of axis {i}"
+    return ConvGeometry(group, kernel, strides, dilations, pads, auto_pad, output_padding, output_shape)
 
 
 def _conv_output(
@@ -190,28 +271,31 @@ class ConvSite(Site):
     def build(cls, node: onnx.NodeProto, scope: Scope, shapes: ModelShapes, key: str) -> ConvSite:
         site = cls(key, node, scope)
         w = _weight_site(site, node, scope)
+        refused = w is None
         if w is None:  # not decomposable; its MACs still count when the weight's dims are known
             w = _refused_weight_dims(node, scope)
             if w is None:
                 return site
-        a = attrs(node)
-        r = len(w) - 2
-        site.groups, site.kernel_shape, site.strides, site.dilations = _conv_attributes(a, w)
-        auto, pads_attr = _auto_pad(a), a.get("pads")
-        # explicit pads only from sizes that hold for every input: a model with dynamic axes stays dynamic
-        geometry = _known(shapes.static.get(node.input[0]), r)
-        site.pads, site.auto_pad = _resolve_pads(auto, pads_attr, geometry, site.kernel_shape, site.strides, site.dilations)  # type: ignore[arg-type]
-        if site.groups < 1 or w[0] % site.groups:
-            site.reason = site.reason or f"{w[0]} output channels do not split into {site.groups} groups"
-            return site
-        bias = len(node.input) > 2 and bool(node.input[2])
         runs = site.sizes(shapes, node.input[0])
+        geometry = conv_geometry(node, w, runs[0] if runs else shapes.planning.get(node.input[0]))
+        if isinstance(geometry, str):
+            if not refused:
+                site.reason = geometry
+            return site
+        r = len(w) - 2
+        site.groups, site.kernel_shape, site.strides, site.dilations = geometry.group, geometry.kernel, geometry.strides, geometry.dilations
+        # explicit pads only from sizes that hold for every input: a model with dynamic axes stays dynamic
+        fixed = _known(shapes.static.get(node.input[0]), r)
+        site.pads, site.auto_pad = _resolve_pads(
+            geometry.auto_pad, list(geometry.pads), fixed, site.kernel_shape, site.strides, site.dilations
+        )
+        bias = len(node.input) > 2 and bool(node.input[2])
         costs = []
         for run_shape in runs or []:
             in_spatial = _known(run_shape, r)
             if in_spatial is None:
                 continue
-            pads, _ = _resolve_pads(auto, pads_attr, in_spatial, site.kernel_shape, site.strides, site.dilations)  # type: ignore[arg-type]
+            pads, _ = _resolve_pads(geometry.auto_pad, list(geometry.pads), in_spatial, site.kernel_shape, site.strides, site.dilations)
             out = _conv_output(in_spatial, pads, site.kernel_shape, site.strides, site.dilations)
             costs.append(conv_cost(int(w[0]), int(w[1]), site.kernel_shape, site.groups, in_spatial, out, bias))
         if not costs:  # unknown size, or did not run: count per output pixel, the input width being the width stride
@@ -283,30 +367,26 @@ class ConvTransposeSite(Site):
         w = _weight_site(site, node, scope)
         if w is None:
             return site
-        a = attrs(node)
-        r = len(w) - 2
-        site.groups, site.kernel_shape, site.strides, site.dilations = _conv_attributes(a, w)
-        if site.groups < 1 or w[0] % site.groups:
-            site.reason = f"{w[0]} input channels do not split into {site.groups} groups"
-            return site
-        site.output_padding = tuple(int(p) for p in a.get("output_padding", [0] * r))  # type: ignore[attr-defined]
-        site.auto_pad = _auto_pad(a)
-        site.pads = (0,) * (2 * r) if site.auto_pad == "VALID" else tuple(int(p) for p in a.get("pads", [0] * (2 * r)))  # type: ignore[attr-defined]
-        if site.auto_pad == "VALID":
-            site.auto_pad = "NOTSET"
-        if "output_shape" in a:
-            shape = [int(d) for d in a["output_shape"]]  # type: ignore[attr-defined]
-            site.output_shape = tuple(shape[-r:])
-        # splitting output_shape per axis writes the input width into the model: only from a size every input has
-        geometry = _known(shapes.static.get(node.input[0]), r)
-        spatial_reason = _spatial_reason(site.kernel_shape)
-        if spatial_reason is None and site.output_shape is not None and geometry is None:
-            spatial_reason = "output_shape with an input width that is not fixed: cannot split it per axis"
-        if geometry is not None:
-            site.in_width = geometry[-1]
-            site.in_spatial = geometry
-        bias = len(node.input) > 2 and bool(node.input[2])
         runs = site.sizes(shapes, node.input[0])
+        geometry = conv_geometry(node, w, runs[0] if runs else shapes.planning.get(node.input[0]))
+        if isinstance(geometry, str):
+            site.reason = geometry
+            return site
+        r = len(w) - 2
+        site.groups, site.kernel_shape, site.strides, site.dilations = geometry.group, geometry.kernel, geometry.strides, geometry.dilations
+        site.output_padding = geometry.output_padding
+        site.auto_pad = "NOTSET" if geometry.auto_pad == "VALID" else geometry.auto_pad
+        site.pads = (0,) * (2 * r) if geometry.auto_pad == "VALID" else geometry.pads
+        site.output_shape = geometry.output_shape
+        # splitting output_shape per axis writes the input width into the model: only from a size every input has
+        fixed = _known(shapes.static.get(node.input[0]), r)
+        spatial_reason = _spatial_reason(site.kernel_shape)
+        if spatial_reason is None and site.output_shape is not None and fixed is None:
+            spatial_reason = "output_shape with an input width that is not fixed: cannot split it per axis"
+        if fixed is not None:
+            site.in_width = fixed[-1]
+            site.in_spatial = fixed
+        bias = len(node.input) > 2 and bool(node.input[2])
         costs = []
         for run_shape in runs or []:
             in_spatial = _known(run_shape, r)

@@ -60,6 +60,6 @@ def find_fixed_sites(model: onnx.ModelProto, shapes: ModelShapes) -> list[Site]:
                 site = Site(key, node, scope, reason=f"quantized product ({node.op_type}): its MACs count in the totals")
                 first, second = QUANTIZED_PRODUCTS[node.op_type]
                 if len(node.input) > second:
-                    site.cost = product_cost(site, shapes, {}, first, second)
+                    site.cost = product_cost(site, shapes, first, second)
                 sites.append(site)
     return sites

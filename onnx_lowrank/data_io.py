@@ -1,0 +1,225 @@
+"""The user's array files (``.npz``, ``.npy``) read safely, and allocations sized against this machine's memory.
+
+* An array file is checked before any array is read: it is a zip archive of
+  ``.npy`` members (or one ``.npy``), no member needs pickle, and the shape each
+  header declares fits both the bytes the file holds and this machine's memory —
+  a corrupt header claiming ``2^40`` elements is refused with its size named,
+  never allocated.
+* :func:`check_samples` checks arrays against a model's inputs: present,
+  numeric, not scalar, of the declared rank and fixed dims (axis 0, the samples,
+  excepted), at least one sample, the same count for every input; they are cast
+  to each input's element type.
+* :func:`check_allocation` refuses a size that cannot fit in memory
+  (``LowRankError`` naming it) before numpy or onnxruntime try and fail with an
+  out-of-memory error.
+
+Every failure is a :class:`~onnx_lowrank.errors.LowRankError` of one line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import helper
+
+from .errors import LowRankError
+
+__all__ = [
+    "InputSpec",
+    "check_allocation",
+    "check_samples",
+    "format_bytes",
+    "load_npy",
+    "load_npz",
+    "memory_budget",
+    "model_input_specs",
+]
+
+Array = npt.NDArray[Any]
+
+
+class InputSpec(NamedTuple):
+    """A model input as data is checked against it and random inputs are made for it: its name, numpy dtype
+    (None: one the tool cannot make values of), and dims (an int, a symbolic name or None per axis; None when
+    the rank is not declared)."""
+
+    name: str
+    dtype: np.dtype[Any] | None
+    dims: tuple[int | str | None, ...] | None
+
+    def show(self) -> str:
+        return "(rank unknown)" if self.dims is None else _show(self.dims)
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def memory_budget() -> int:
+    """Bytes of physical memory of this machine (a size above it cannot be allocated and used)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # not POSIX: no cheap way to ask; only absurd sizes are refused
+        return 1 << 46
+
+
+def format_bytes(n: int) -> str:
+    """``1.5 GiB (1,610,612,736 bytes)``: the unit a person reads, and the exact count."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
+
+
+def check_allocation(nbytes: int, what: str) -> None:
+    """Refuse ``what`` when its ``nbytes`` exceed this machine's memory."""
+    budget = memory_budget()
+    if nbytes > budget:
+        raise LowRankError(f"{what} needs {format_bytes(nbytes)}, more than this machine's memory ({format_bytes(budget)})")
+
+
+def _header(f: IO[bytes], label: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Shape and dtype from an ``.npy`` header, without reading the data."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
+        raise LowRankError(f"{label}: not a readable .npy array ({_first_line(exc)})") from None
+    if any(d < 0 for d in shape):
+        raise LowRankError(f"{label}: declares the negative shape {tuple(shape)}")
+    if dtype.hasobject:
+        raise LowRankError(f"{label}: holds Python objects (dtype {dtype}), not numbers")
+    return tuple(int(d) for d in shape), dtype
+
+
+def _check_declared(shape: tuple[int, ...], dtype: np.dtype[Any], stored: int, label: str) -> None:
+    """The data a header declares must be in the file (``stored`` bytes after the header) and fit in memory."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > stored:
+        raise LowRankError(
+            f"{label}: declares shape {shape} of {dtype} ({format_bytes(nbytes)}) but holds {format_bytes(stored)}: truncated or corrupt"
+        )
+    check_allocation(nbytes, f"{label} (shape {shape} of {dtype})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_npz(path: str | os.PathLike[str], what: str = "inputs file") -> dict[str, Array]:
+    """The arrays of an ``.npz`` keyed by name (members that are not ``.npy`` arrays are ignored)."""
+    p = Path(path)
+    if not p.exists():
+        raise LowRankError(f"{p}: no such {what}")
+    if p.is_dir():
+        raise LowRankError(f"{p}: is a directory, not an .npz {what}")
+    try:
+        with open(p, "rb") as f:
+            if f.read(len(_NPY_MAGIC)) == _NPY_MAGIC:
+                raise LowRankError(f"{p}: a single .npy array, not an .npz of arrays named after the model's inputs")
+        arrays: dict[str, Array] = {}
+        with zipfile.ZipFile(p) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy") or info.is_dir():
+                    continue
+                name = info.filename.removesuffix(".npy")
+                label = f"{p}: array {name!r}"
+                with archive.open(info) as member:
+                    shape, dtype = _header(member, label)
+                    _check_declared(shape, dtype, info.file_size - member.tell(), label)
+                with archive.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+        return arrays
+    except LowRankError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
+        # NotImplementedError: a compression method zipfile lacks; RuntimeError: an encrypted member
+        raise LowRankError(f"{p}: not a readable .npz ({_first_line(exc)})") from None
+
+
+def load_npy(path: str | os.PathLike[str]) -> Array:
+    """One ``.npy`` array, its header checked against the file size before the data is read."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            shape, dtype = _header(f, str(p))
+            _check_declared(shape, dtype, p.stat().st_size - f.tell(), str(p))
+            f.seek(0)
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except LowRankError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise LowRankError(f"{p}: not a readable .npy ({_first_line(exc)})") from None
+
+
+def _show(dims: Sequence[int | str | None]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+
+
+def check_samples(arrays: Mapping[str, Array], inputs: Sequence[InputSpec], label: str, source: str) -> dict[str, Array]:
+    """``arrays`` for each of ``inputs``, checked (see the module docstring) and cast to the input's dtype.
+
+    ``label`` names one array in messages (``"calibration input"``), ``source``
+    the whole (``"calibration data"``). Extra arrays are left out of the result.
+    """
+    out: dict[str, Array] = {}
+    for name, dtype, dims in inputs:
+        if name not in arrays:
+            raise LowRankError(f"{source} lacks model input {name!r} (has: {', '.join(sorted(arrays)) or 'nothing'})")
+        data = np.asarray(arrays[name])
+        if data.ndim == 0:
+            raise LowRankError(f"{label} {name!r} is a scalar; samples must be on axis 0")
+        if dims is not None:
+            fixed = [(d, n) for d, n in zip(dims[1:], data.shape[1:], strict=False) if isinstance(d, int) and d > 0]
+            if data.ndim != len(dims) or any(d != n for d, n in fixed):
+                raise LowRankError(f"{label} {name!r} has shape {tuple(data.shape)}; the model expects {_show(dims)}")
+        if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
+            raise LowRankError(f"{label} {name!r} has non-numeric dtype {data.dtype}")
+        if np.issubdtype(data.dtype, np.complexfloating) and not (dtype is not None and np.issubdtype(dtype, np.complexfloating)):
+            raise LowRankError(f"{label} {name!r} has complex dtype {data.dtype}; the model takes {dtype or 'real values'}")
+        if len(data) == 0:
+            raise LowRankError(f"{label} {name!r} has no samples (axis 0 is empty)")
+        if dtype is not None and data.dtype != dtype:
+            with np.errstate(all="ignore"):  # NaN or out-of-range values cast as numpy casts them, without a warning
+                data = data.astype(dtype)
+        out[name] = data
+    counts = {name: len(v) for name, v in out.items()}
+    if len(set(counts.values())) > 1:
+        raise LowRankError(f"{label}s differ in sample count: {counts}")
+    return out
+
+
+def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a model must be fed (initializers listed as graph inputs, as IR 3 requires, are not), with
+    the numpy dtype and dims each declares."""
+    constants = {t.name for t in model.graph.initializer} | {t.values.name for t in model.graph.sparse_initializer}
+    specs: list[InputSpec] = []
+    for value in model.graph.input:
+        if value.name in constants:
+            continue
+        t = value.type.tensor_type if value.type.HasField("tensor_type") else None
+        dtype: np.dtype[Any] | None = None
+        dims: tuple[int | str | None, ...] | None = None
+        if t is not None:
+            try:
+                dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else None
+            except (KeyError, TypeError, ValueError):
+                dtype = None
+            if t.HasField("shape"):
+                dims = tuple(
+                    int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in t.shape.dim
+                )
+        specs.append(InputSpec(value.name, dtype, dims))
+    return specs

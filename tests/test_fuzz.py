@@ -1,0 +1,40 @@
+"""The fuzz suite (``fuzzing.py``): seeded mutations of models, data files and flags, each run checked against
+the contract of :mod:`cli_contract`.
+
+The fast slice runs in the default test run (small built models, ~200 cases); the long slice, the shipped
+models included, is marked ``fuzz``::
+
+    python -m pytest -q -m fuzz tests/test_fuzz.py       # 3000 cases
+    python benchmarks/fuzz.py --runs 3000 --seed 100000   # the same cases, with the outcome classes printed
+"""
+
+from __future__ import annotations
+
+import pytest
+from fuzzing import BUILDERS, Result, make_case, run_case, summary
+
+FAST_SEEDS = range(200)
+LONG_SEEDS = range(100_000, 103_000)
+
+
+def check(results: list[Result]) -> dict[str, int]:
+    """No case broke the contract; returns the outcome classes."""
+    data = summary(results)
+    failures = "\n".join(f"{v['case']}\n    {v['problems']}" for v in data["violations"])
+    assert not data["violations"], f"{len(data['violations'])} of {data['runs']} cases broke the contract:\n{failures}"
+    classes: dict[str, int] = data["classes"]
+    return classes
+
+
+def test_fuzz_fast_slice() -> None:
+    """~200 seeded cases on the small built models: the contract holds for each, and the cases reach both
+    successful conversions and several kinds of refusal (the fuzzer exercises what it claims to)."""
+    classes = check([run_case(make_case(seed, list(BUILDERS))) for seed in FAST_SEEDS])
+    assert classes.get("exit 0", 0) >= len(FAST_SEEDS) // 5, classes
+    assert sum(1 for k in classes if k.startswith("exit 2")) >= 10, classes
+
+
+@pytest.mark.fuzz
+def test_fuzz_long_slice() -> None:
+    """3000 seeded cases, the shipped digits and VGG models among the bases."""
+    check([run_case(make_case(seed, [*BUILDERS, "digits", "vgg"])) for seed in LONG_SEEDS])
