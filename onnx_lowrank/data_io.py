@@ -55,6 +55,7 @@ class InputSpec(NamedTuple):
     name: str
     dtype: np.dtype[Any] | None
     dims: tuple[int | str | None, ...] | None
+    type_name: str = ""  # the element type as declared (for messages about a dtype the tool cannot handle)
 
     def show(self) -> str:
         return "(rank unknown)" if self.dims is None else _show(self.dims)
@@ -175,7 +176,7 @@ def check_samples(arrays: Mapping[str, Array], inputs: Sequence[InputSpec], labe
     the whole (``"calibration data"``). Extra arrays are left out of the result.
     """
     out: dict[str, Array] = {}
-    for name, dtype, dims in inputs:
+    for name, dtype, dims, _ in inputs:
         if name not in arrays:
             raise LowRankError(f"{source} lacks model input {name!r} (has: {', '.join(sorted(arrays)) or 'nothing'})")
         data = np.asarray(arrays[name])
@@ -221,5 +222,10 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
                 dims = tuple(
                     int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in t.shape.dim
                 )
-        specs.append(InputSpec(value.name, dtype, dims))
+        elem = (
+            onnx.TensorProto.DataType.Name(t.elem_type).lower()
+            if t is not None and t.elem_type in onnx.TensorProto.DataType.values()
+            else ""
+        )
+        specs.append(InputSpec(value.name, dtype, dims, elem or ("not a tensor" if t is None else "")))
     return specs

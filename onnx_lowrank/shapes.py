@@ -146,6 +146,9 @@ _ORT_TYPES: dict[str, type[np.generic]] = {
     "tensor(int32)": np.int32,
     "tensor(int16)": np.int16,
     "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint16)": np.uint16,
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
@@ -157,7 +160,8 @@ def session_input_specs(session: Any) -> list[InputSpec]:
     for value in session.get_inputs():
         dtype = _ORT_TYPES.get(value.type)
         dims = None if value.shape is None else tuple(d if isinstance(d, int) and d > 0 else (d or None) for d in value.shape)
-        specs.append(InputSpec(value.name, np.dtype(dtype) if dtype is not None else None, dims))
+        type_name = str(value.type).removeprefix("tensor(").removesuffix(")")
+        specs.append(InputSpec(value.name, np.dtype(dtype) if dtype is not None else None, dims, type_name))
     return specs
 
 
@@ -232,7 +236,8 @@ def random_feed(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]],
     for spec in specs:
         shape = [int(d) for d in shapes[spec.name]]
         if spec.dtype is None:
-            raise LowRankError(f"input {spec.name!r} has a type the tool cannot make random values of; give inputs from a file")
+            kind = f"type {spec.type_name}" if spec.type_name else "a type"
+            raise LowRankError(f"input {spec.name!r} has {kind}, which the tool cannot make random values of; give inputs from a file")
         # the values are drawn in float64, then cast: both copies live at once
         check_allocation(math.prod(shape) * (8 + spec.dtype.itemsize), f"random input {spec.name!r} of shape {tuple(shape)}")
         if np.issubdtype(spec.dtype, np.floating):

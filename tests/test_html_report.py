@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 import pytest
 
-import onnx_lowrank._files
+import onnx_lowrank.model_io
 from onnx_lowrank import LowRankError, decompose, verify
-from onnx_lowrank._files import write_text_atomic
 from onnx_lowrank.html_report import PLOTS_HINT, decompose_html, plots_available, sweep_html
+from onnx_lowrank.model_io import StagedOutputs
 from onnx_lowrank.sweep import SweepResult, report_spectra, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,11 +116,13 @@ def test_decompose_page(tmp_path: Path) -> None:
     assert len(IMG.findall(page)) == 2
 
 
-def test_write_text_atomic_mode_and_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Written with the plain file mode; a failed write leaves nothing, a missing folder is one clear error."""
+def test_html_written_through_the_staged_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page is written with the plain file mode; a failed write leaves nothing, a missing folder is one clear error."""
     old = os.umask(0o022)
     try:
-        write_text_atomic(tmp_path / "page.html", "<p>x</p>")
+        with StagedOutputs() as outputs:
+            outputs.write_text(tmp_path / "page.html", "<p>x</p>", "HTML report")
+            outputs.commit()
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "page.html").stat().st_mode) == 0o644
@@ -129,12 +131,13 @@ def test_write_text_atomic_mode_and_failure(tmp_path: Path, monkeypatch: pytest.
     def failing_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx_lowrank._files.os, "replace", failing_replace)
-    with pytest.raises(LowRankError, match="No space left"):
-        write_text_atomic(tmp_path / "other.html", "<p>y</p>")
+    monkeypatch.setattr(onnx_lowrank.model_io.os, "replace", failing_replace)
+    with pytest.raises(LowRankError, match="No space left"), StagedOutputs() as outputs:
+        outputs.write_text(tmp_path / "other.html", "<p>y</p>", "HTML report")
+        outputs.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]
-    with pytest.raises(LowRankError, match="does not exist"):
-        write_text_atomic(tmp_path / "absent" / "page.html", "")
+    with pytest.raises(LowRankError, match="does not exist"), StagedOutputs() as outputs:
+        outputs.write_text(tmp_path / "absent" / "page.html", "", "HTML report")
 
 
 # --------------------------------------------------------------------------- in a real browser
@@ -145,7 +148,7 @@ def test_write_text_atomic_mode_and_failure(tmp_path: Path, monkeypatch: pytest.
 def test_pages_render_in_chromium(profiled_sweep: SweepResult, tmp_path: Path) -> None:
     """Both pages open in headless Chromium with every image decoded, no console message and no sideways scrolling."""
     sweep_page = tmp_path / "sweep.html"
-    write_text_atomic(sweep_page, sweep_html(profiled_sweep))
+    sweep_page.write_text(sweep_html(profiled_sweep))
     check = check_page(sweep_page, tmp_path)
     assert check.images == check.decoded == 4, check
     assert check.console == [], check.console
@@ -154,7 +157,7 @@ def test_pages_render_in_chromium(profiled_sweep: SweepResult, tmp_path: Path) -
 
     _, report = decompose(DIGITS, speedup=2)
     plain = tmp_path / "plain.html"
-    write_text_atomic(plain, decompose_html("digits_cnn.onnx", report, report_spectra(DIGITS, report), None))
+    plain.write_text(decompose_html("digits_cnn.onnx", report, report_spectra(DIGITS, report), None))
     check = check_page(plain)
     assert check.images == check.decoded == 2 and check.console == []
 
@@ -178,13 +181,13 @@ def test_decompose_html_when_no_inputs_can_be_made(tmp_path: Path, capsys: pytes
     import onnx_lowrank.cli
 
     nodes = [
-        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),  # a string input: no random values of it
         helper.make_node("Conv", ["xf", "W"], ["y"], name="conv", pads=[1, 1, 1, 1]),
     ]
     weight = np.random.default_rng(0).standard_normal((32, 16, 3, 3)).astype(np.float32)
     model = make_model(
         nodes,
-        [helper.make_tensor_value_info("x", TensorProto.UINT16, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("x", TensorProto.STRING, [1, 16, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         {"W": weight},
     )
@@ -194,5 +197,5 @@ def test_decompose_html_when_no_inputs_can_be_made(tmp_path: Path, capsys: pytes
     )
     assert code == 0, capsys.readouterr().err
     page = (tmp_path / "r.html").read_text()
-    assert "output error not measured" in page and "uint16" in page
+    assert "output error not measured" in page and "string" in page
     assert "Output error statistics" not in page
