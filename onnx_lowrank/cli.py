@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,14 +36,23 @@ class _Parser(argparse.ArgumentParser):
         raise LowRankError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _whole_number(1)
+_runs = _whole_number(0)
 
 
 def _energy(text: str) -> float:
@@ -299,16 +308,6 @@ def _add_sweep(sub: Any) -> None:
     output.add_argument("--json", action="store_true", help="print the rows as JSON")
     output.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML report with the trade-off plots")
     output.add_argument("--save-dir", metavar="DIR", help="write each converted model there as <model>-x<S>.onnx")
-
-
-def _runs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- printing
@@ -746,16 +745,6 @@ def _stage_ort(model: Any, ort_dst: Path, outputs: StagedOutputs) -> Any:
         return staged.files
 
 
-def _check_text_output(path: Path, flag: str, protected: dict[Path, str]) -> None:
-    """Refuse, before any work, a text output whose folder is missing, that is a folder, or that would replace a file of this run."""
-    if not path.parent.is_dir():
-        raise LowRankError(f"{path}: {flag} folder {path.parent} does not exist")
-    if path.is_dir():
-        raise LowRankError(f"{path}: {flag} path is a directory")
-    if path.resolve() in protected:
-        raise LowRankError(f"{path}: {flag} would overwrite the {protected[path.resolve()]}")
-
-
 def _decompose_html(args: argparse.Namespace, src: Path, converted: Path, report: Report, result: VerifyResult | None) -> tuple[str, str]:
     """The HTML report of one conversion, and the line that says it was written."""
     from .html_report import PLOTS_HINT, decompose_html, plots_available
@@ -829,12 +818,17 @@ def format_sweep(result: SweepResult) -> str:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import sweep
 
     src = Path(args.input)
-    protected = {src.resolve(): "input model"}
-    if args.html:
-        _check_text_output(Path(args.html), "--html", protected)
+    with StagedOutputs({src: "input model"}) as outputs:  # the page is checked before any work, written after
+        if args.html:
+            outputs.stage(args.html, "HTML report")
+        return _sweep_into(args, src, outputs)
+
+
+def _sweep_into(args: argparse.Namespace, src: Path, outputs: StagedOutputs) -> int:
+    from .sweep import sweep
+
     if args.save_dir and not Path(args.save_dir).is_dir():
         raise LowRankError(f"{args.save_dir}: --save-dir folder does not exist")
     if args.eval_inputs and not Path(args.eval_inputs).is_file():
@@ -869,9 +863,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.html:
         from .html_report import PLOTS_HINT, plots_available, sweep_html
 
-        with StagedOutputs({args.input: "input model"}) as outputs:
-            outputs.write_text(args.html, sweep_html(result), "HTML report")
-            outputs.commit()
+        outputs.write_text(args.html, sweep_html(result), "HTML report")
+        outputs.commit()
         note = "" if plots_available() else f" (tables only; for the plots: {PLOTS_HINT})"
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_sweep(result))
     if args.html and not args.json:
