@@ -219,7 +219,7 @@ def _evaluation(
         description = "random"
     else:
         # names, shapes, dtypes and sample counts checked against the model's inputs, as verify does
-        data, labels = load_inputs(inputs, session_input_specs(session))
+        data, labels = load_inputs(inputs, session_input_specs(session), "eval inputs file")
         description = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "given arrays"
         feeds = {n: data[n] for n in names}
         count = len(next(iter(feeds.values())))

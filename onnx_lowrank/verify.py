@@ -203,11 +203,13 @@ def compare_outputs(
 
 
 def load_inputs(
-    inputs: str | os.PathLike[str] | Mapping[str, npt.ArrayLike], specs: Sequence[InputSpec]
+    inputs: str | os.PathLike[str] | Mapping[str, npt.ArrayLike], specs: Sequence[InputSpec], what: str = "inputs file"
 ) -> tuple[dict[str, npt.NDArray[Any]], npt.NDArray[Any] | None]:
-    """The arrays of an ``.npz`` (or a mapping) for the model inputs ``specs``, checked and cast; and its ``labels``."""
+    """The arrays of an ``.npz`` (or a mapping) for the model inputs ``specs``, checked and cast; and its ``labels``.
+
+    ``what`` names the data in messages (``"inputs file"``, ``"eval inputs file"``)."""
     if isinstance(inputs, (str, os.PathLike)):
-        data: dict[str, Any] = load_npz(inputs, "inputs file")
+        data: dict[str, Any] = load_npz(inputs, what)
     else:
         data = {str(k): np.asarray(v) for k, v in inputs.items()}
     labels = data.pop("labels", None)
@@ -215,9 +217,9 @@ def load_inputs(
         labels = np.asarray(labels)
         if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
             raise LowRankError(
-                f"inputs file: labels of shape {tuple(labels.shape)} and dtype {labels.dtype}; expected one class index per sample"
+                f"{what}: labels of shape {tuple(labels.shape)} and dtype {labels.dtype}; expected one class index per sample"
             )
-    return check_samples(data, specs, "input", "inputs file"), labels
+    return check_samples(data, specs, what.removesuffix(" file").removesuffix("s"), what), labels
 
 
 def _batches(

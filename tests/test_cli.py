@@ -273,14 +273,14 @@ BAD: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
     (
         "sweep-eval-inputs-lack-input",
         lambda ws: _sweep(ws, "--eval-inputs", str(ws.npz("x.npz", image=np.zeros((1, 3, 64, 64), np.float32)))),
-        "lack model input",
+        "eval inputs file lacks model input",
     ),
     (
         "sweep-eval-inputs-wrong-shape",
         lambda ws: _sweep(
             ws, "--eval-inputs", str(ws.npz("x.npz", input=np.zeros((1, 3, 5, 5), np.float32))), "--html", str(ws.out / "r.html")
         ),
-        "do not fit the model",
+        "the model expects",
     ),
     (
         "sweep-eval-labels-wrong-count",

@@ -178,8 +178,8 @@ def test_failed_onnx_save_leaves_no_ort(ws: Workspace, monkeypatch: pytest.Monke
             raise LowRankError(f"{path}: cannot write (No space left on device)")
         real_save(model, path, **kwargs)
 
-    real_save = onnx_lowrank.model_io.save_model
-    monkeypatch.setattr(onnx_lowrank.model_io, "save_model", full)
+    real_save = onnx_lowrank.cli.save_model
+    monkeypatch.setattr(onnx_lowrank.cli, "save_model", full)
     code = onnx_lowrank.cli.main(["decompose", str(ws.model), str(ws.target), "--rank", "2", "--ort"])
     err = capsys.readouterr().err
     assert code == 2 and "No space left" in err

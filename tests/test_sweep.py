@@ -145,8 +145,8 @@ def _npz(tmp_path: Path, **arrays: np.ndarray) -> Path:
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [
-        ({"image": np.zeros((2, 1, 32, 32), np.float32)}, "lack model input"),
-        ({"input": np.zeros((2, 1, 8, 8), np.float32)}, "do not fit the model"),
+        ({"image": np.zeros((2, 1, 32, 32), np.float32)}, "eval inputs file lacks model input 'input'"),
+        ({"input": np.zeros((2, 1, 8, 8), np.float32)}, r"eval input 'input' has shape \(2, 1, 8, 8\); the model expects"),
         ({"input": np.zeros((2, 1, 32, 32), np.float32), "labels": np.zeros(3, np.int64)}, "labels"),
     ],
     ids=["missing-input", "wrong-shape", "labels-count"],
