@@ -30,7 +30,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -194,6 +194,10 @@ class _Unit:
         self.rank_macs = {k: sum(s.cost.rank_macs[k] for s in sites if s.cost) for k in kinds}
         self.rank_params = {k: first.cost.rank_params[k] for k in kinds}
         self.bias = first.cost.bias
+        # with calibration data: data-aware decompositions (per kind) and the gain from this layer's output
+        # error to the model's outputs (see onnx_lowrank.calibration.plan)
+        self.data_aware: dict[Kind, Any] = {}
+        self.gain = 1.0
 
     @property
     def key(self) -> str:
@@ -205,12 +209,17 @@ class _Unit:
         return self.sites[0].kernel()
 
     def decomposition(self, kind: Kind) -> Decomposition:
+        if kind in self.data_aware:
+            found: Decomposition = self.data_aware[kind]
+            return found
         if kind not in self._decompositions:
             self._decompositions[kind] = decompose_kernel(self.kernel, self.sites[0].groups, kind)
         return self._decompositions[kind]
 
     def errors(self, kind: Kind) -> np.ndarray:
-        return tail_errors(self.decomposition(kind).s)
+        """Per rank, the error the allocation weighs: relative squared kernel error, or with calibration data
+        the predicted relative output error times the layer's gain."""
+        return tail_errors(self.decomposition(kind).s) * self.gain
 
     def choices(self, multiple: int) -> LayerChoices:
         options = [Option(self.macs, 0.0, None, 0, self.params)]
@@ -398,7 +407,7 @@ def decompose(
     calibration: CalibrationSource | None = None,
     refit: bool | None = None,
     sensitivity: bool | None = None,
-    samples: int = 128,
+    calibration_options: Any = None,
     inplace: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Decompose the model's layers; return the new model and what was done.
@@ -426,11 +435,17 @@ def decompose(
 
     ``calibration`` (an ``.npz`` or a folder of ``<input>.npy``, arrays keyed by
     input name with samples on axis 0, or an iterable of such batches) makes the
-    conversion data-aware: with ``speedup`` alone, ranks are allocated by each
-    layer's measured damage to the model's outputs on ``samples`` of it
-    (``sensitivity``, default on; see :mod:`onnx_lowrank.sensitivity`), and the
-    horizontal factors and biases are refit in closed form to the original
-    layers' outputs (``refit``, default on; see :mod:`onnx_lowrank.calibration`).
+    conversion data-aware (:mod:`onnx_lowrank.calibration`): one streamed pass
+    gathers each layer's input statistics, every split's factors minimise the
+    layer's output error on them, and every rank's output error comes from the
+    same statistics; with a budget (``speedup``/``params_ratio``) the ranks
+    minimise the predicted damage to the model's outputs, each layer's error
+    weighted by its gain measured once on a few samples (``sensitivity``,
+    default on); then every decomposed layer's second factor and bias are refit
+    to the original layer's outputs from the inputs it really receives, stage
+    by stage (``refit``, default on). Input sizes the cost model does not know
+    are taken from the calibration data. ``calibration_options`` (a
+    :class:`onnx_lowrank.calibration.CalibrationOptions`) tunes the passes.
 
     ``model`` is a path or a ``ModelProto``; a given ``ModelProto`` is copied,
     never changed — unless ``inplace``, which rewrites it and saves a copy of
@@ -462,53 +477,99 @@ def decompose(
     with single_threaded_blas():
         if calibration is None:
             return _decompose(model, **options)
-        return _decompose_calibrated(model, options, calibration, refit is not False, sensitivity is not False, samples)
+        return _decompose_calibrated(model, options, calibration, refit, sensitivity, calibration_options)
+
+
+def _check_calibration_use(
+    policy: _Policy, sensitivity: bool | None, input_shapes: Mapping[str, Sequence[int]] | None, data: Mapping[str, Any]
+) -> None:
+    """Refuse, before any work, what calibration cannot do with these options (one line each)."""
+    if sensitivity and policy.name != "budget":
+        raise LowRankError(f"--sensitivity allocates ranks under a budget: it needs --speedup or --params-ratio, not --{policy.name}")
+    for name, shape in (input_shapes or {}).items():
+        if name in data and tuple(shape[1:]) != tuple(data[name].shape[1:]):
+            raise LowRankError(
+                f"--input-shape {name}={','.join(map(str, shape))} differs from the calibration data's samples "
+                f"{tuple(data[name].shape[1:])}: the plan and the statistics must see the same size"
+            )
 
 
 def _decompose_calibrated(
-    model: ModelLike, options: dict[str, Any], calibration: CalibrationSource, refit: bool, sensitivity: bool, samples: int
+    model: ModelLike,
+    options: dict[str, Any],
+    calibration: CalibrationSource,
+    refit: bool | None,
+    sensitivity: bool | None,
+    calibration_options: Any,
 ) -> tuple[onnx.ModelProto, Report]:
-    from .calibration import load_calibration, refit_layers
-    from .sensitivity import allocate_ranks, measure_sensitivity
+    from .calibration import CalibrationOptions, data_aware_plan, load_calibration, refit_layers
 
     start = time.perf_counter()
+    policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
     # the refit compares with the model as given, so the conversion itself works on a copy
     source = _as_model(model, options["inplace"])
-    options = {**options, "inplace": False}
     data = load_calibration(calibration, source)
-    policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
-    measured = None
-    allocation = "kernel error"
-    if sensitivity and policy.name == "budget" and policy.params_ratio is None and not options["measure"]:
-        measured = measure_sensitivity(
-            source, data, samples=samples, include=options["include"], exclude=options["exclude"], threads=options["threads"] or None
-        )
-        target = float(policy.speedup)  # type: ignore[arg-type]
-        try:
-            ranks = allocate_ranks(measured, target)
-        except LowRankError as exc:  # the measured layers alone cannot reach it: the kernel-error allocation can
-            allocation = f"kernel error ({exc})"
-            ranks = {}
-        if ranks:
-            allocation = "sensitivity"
-            options = {**options, "speedup": None, "ranks": ranks, "kinds": ["spatial"]}
-    new, report = _decompose(source, **options)
+    _check_calibration_use(policy, sensitivity, options["input_shapes"], data)
+    shapes = dict(options["input_shapes"] or {})
+    for name, values in data.items():  # sizes the cost model would not know: those of the calibration samples
+        shapes.setdefault(name, [1, *values.shape[1:]])
+    chosen_options = calibration_options if calibration_options is not None else CalibrationOptions()
+    weigh = policy.name == "budget" and sensitivity is not False
+    settings = replace(chosen_options, sensitivity=weigh, refit=refit is not False, threads=chosen_options.threads)
+    progress = options["progress"]
+    passes = (lambda done, total, phase: progress(done, total, f"calibration {phase}")) if progress is not None else None
+    holder: dict[str, Any] = {}
+
+    def calibrate(proto: onnx.ModelProto, units: list[_Unit], reasons: dict[str, str | None]) -> None:
+        plan = data_aware_plan(proto, units, data, settings, progress=passes)
+        measured = [g for key, g in plan.gains.items() if plan.gain_result is None or key not in plan.gain_result.estimated]
+        typical = float(statistics.median(measured)) if measured else 1.0
+        for unit in units:
+            unit.data_aware = plan.decompositions.get(unit.key, {})
+            if weigh:
+                # a unit without statistics weighs its kernel error with a typical gain
+                unit.gain = plan.gains.get(unit.key, typical) if unit.data_aware else typical
+        holder["plan"] = plan
+
+    new, report = _decompose(source, **{**options, "inplace": False, "input_shapes": shapes}, calibrate=calibrate)
+    plan = holder.get("plan")
+    if policy.name != "budget":
+        allocation = f"fixed by --{policy.name}"
+    elif weigh:
+        allocation = "damage to the outputs (layer output errors from statistics, times gains measured once)"
+    else:
+        allocation = "layer output errors from statistics"
     report.policy["allocation"] = allocation
-    if allocation == "sensitivity":
-        report.policy.update(name="budget", speedup=float(policy.speedup))  # type: ignore[arg-type]
+    if plan is not None:
+        gains = plan.gains if weigh else {}
+        estimated = plan.gain_result.estimated if plan.gain_result is not None else {}
         for layer in report.layers:
-            if layer.reason == "not named in the ranks file":
-                layer.reason = f"left as is by --speedup {policy.speedup:g}: other layers harm the outputs less per MAC saved"
-    if measured is not None:
-        curves = {layer.node: [[r, d] for r, d in zip(layer.ranks, layer.damage, strict=True)] for layer in measured.layers}
-        for layer in report.layers:
-            layer.sensitivity = curves.get(layer.node)
-        report.calibration["sensitivity"] = {"samples": measured.samples, "evaluations": measured.evaluations, "seconds": measured.seconds}
-    if refit and report.decomposed:
-        result = refit_layers(source, new, report, data, threads=options["threads"] or None)
+            if layer.node in gains and layer.node not in estimated:
+                layer.gain = gains[layer.node]
+        report.calibration.update(plan.to_dict())
+    if refit is not False and report.decomposed:
+        result = refit_layers(
+            source,
+            new,
+            report,
+            data,
+            batch_size=settings.batch_size,
+            stages=settings.stages,
+            ridge=settings.ridge,
+            positions=settings.positions,
+            threads=settings.threads,
+            progress=passes,
+            inplace=True,
+        )
         new = result.model
         report.calibration["refit"] = result.to_dict()
-    report.calibration["samples"] = len(next(iter(data.values()))) if data else 0
+        by_node = {layer.node: layer for layer in result.layers}
+        for layer in report.layers:
+            done = by_node.get(layer.node)
+            if done is not None and done.error_after is not None:
+                layer.output_error = done.error_after
+    report.calibration["samples"] = plan.samples if plan is not None else len(next(iter(data.values())))
+    report.calibration["seconds"] = time.perf_counter() - start
     report.seconds = time.perf_counter() - start
     return new, report
 
@@ -541,8 +602,11 @@ def _decompose(
     measure: bool = False,
     threads: int = 1,
     inplace: bool = False,
+    calibrate: Callable[[onnx.ModelProto, list[_Unit], dict[str, str | None]], None] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
-    """The data-free conversion; :func:`decompose` documents the arguments."""
+    """The conversion; :func:`decompose` documents the arguments. ``calibrate(model, units, reasons)``, when
+    given, runs on the model to convert once the units are known, before any spectrum or rank is computed
+    (:func:`_decompose_calibrated` gives it)."""
     start = time.perf_counter()
     workers = workers or min(os.cpu_count() or 1, 4)
     policy = _policy(rank, energy, speedup, params_ratio, ranks)
@@ -591,6 +655,8 @@ def _decompose(
     if policy.name == "budget" and policy.params_ratio is None:
         units = _screen_for_macs(units, reasons, sum(s.cost.macs for s in sites if s.cost))
         selected = [site for unit in units for site in unit.sites]
+    if calibrate is not None:
+        calibrate(proto, units, reasons)
     failed = _spectra(units, progress, workers)
     if failed:
         for unit in units:
@@ -678,7 +744,10 @@ def _plan(
             layer.rank = factors.rank
             layer.full_rank = unit.decomposition(kind).full_rank
             layer.relative_error = error
-            layer.optimal_error = factors.relative_error
+            if kind in unit.data_aware:  # whitened spectrum: the predicted output error, not a kernel optimum
+                layer.output_error = factors.relative_error
+            else:
+                layer.optimal_error = factors.relative_error
             layer.macs_after = site.cost.pair_macs(kind, factors.rank) if site.cost else 0
     return plan
 

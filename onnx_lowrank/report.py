@@ -15,7 +15,7 @@ class LayerReport:
 
     ``relative_error`` is ``||W − W_K||_F / ||W||_F`` measured on the factors as
     stored (in the model's dtype); ``optimal_error`` is the Eckart–Young optimum
-    from the singular values. ``macs_*`` are per inference at batch 1.
+    from the singular values (data-free factors only). ``macs_*`` are per inference at batch 1.
     """
 
     node: str
@@ -35,7 +35,11 @@ class LayerReport:
     weight_shape: list[int] | None = None
     groups: int | None = None
     shape_known: bool = False
-    sensitivity: list[list[float]] | None = None  # with calibration: [rank, damage to the outputs] measured alone
+    # with calibration data: the relative output error on it (||ΔW x|| / ||W x||, predicted from the input
+    # statistics; after the refit, as measured on its inputs in the converted model), and the layer's gain
+    # from output error to the model's outputs (None: not measured)
+    output_error: float | None = None
+    gain: float | None = None
 
     @property
     def mac_ratio(self) -> float:
