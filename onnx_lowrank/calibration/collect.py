@@ -34,8 +34,10 @@ from onnx import helper
 from ..errors import LowRankError
 from ..passes._graph import Scope
 from ..verify import make_session
+from .data import Batches
 
 __all__ = [
+    "DEFAULT_MEMORY",
     "Collection",
     "TensorRequest",
     "cut_model",
@@ -52,6 +54,8 @@ Feed = Mapping[str, Array]
 PassProgress = Callable[[str, int, int], None]
 
 _TAG = "onnx_lowrank.collect"
+# bytes of collected tensors one batch may hold; the batch is sized to it (see stream)
+DEFAULT_MEMORY = 256 * 2**20
 
 
 @dataclass(frozen=True, eq=False)
@@ -409,11 +413,18 @@ def stream(
     consume: Callable[[dict[str, Array], int], None],
     *,
     threads: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    memory: int = DEFAULT_MEMORY,
 ) -> int:
     """Run the collection model on every batch and pass ``{tensor: array}`` (graph inputs included) and the
-    batch's sample count to ``consume``; returns the number of batches. One session for the whole stream."""
-    return stream_together([collection], batches, lambda values, n: consume(values[0], n), threads=threads, progress=progress)
+    batch's sample count to ``consume``; returns the number of samples. One session for the whole stream.
+
+    When ``batches`` is a :class:`~onnx_lowrank.calibration.data.Batches`, its first batch is one sample and
+    the rest are sized so the tensors of one batch take at most ``memory`` bytes (or the size it was given).
+    """
+    return stream_together(
+        [collection], batches, lambda values, n: consume(values[0], n), threads=threads, progress=progress, memory=memory
+    )
 
 
 def stream_together(
@@ -422,12 +433,18 @@ def stream_together(
     consume: Callable[[list[dict[str, Array]], int], None],
     *,
     threads: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    memory: int = DEFAULT_MEMORY,
 ) -> int:
     """:func:`stream` for several collection models fed the same batches (one session each): ``consume``
     gets one ``{tensor: array}`` per collection, in order, and the batch's sample count."""
     sessions = [make_session(c.model, threads=threads) if c.outputs else None for c in collections]
-    count = 0
+    adaptive = isinstance(batches, Batches)
+    wanted = batches.size if isinstance(batches, Batches) else 0
+    if isinstance(batches, Batches):
+        batches.resize(1)
+    total = batches.count if isinstance(batches, Batches) else 0
+    done = 0
     for feed in batches:
         values: list[dict[str, Array]] = []
         for collection, session in zip(collections, sessions, strict=True):
@@ -437,8 +454,13 @@ def stream_together(
             for name in collection.inputs:
                 got[name] = np.asarray(feed[name])
             values.append(got)
-        consume(values, len(next(iter(feed.values()))) if feed else 0)
-        count += 1
+        samples = len(next(iter(feed.values()))) if feed else 0
+        if adaptive and done == 0 and samples:
+            held = sum(v.nbytes for got in values for v in got.values()) + sum(v.nbytes for v in feed.values())
+            batches.resize(max(1, min(wanted, memory // max(1, held // samples))))  # type: ignore[union-attr]
+        consume(values, samples)
+        del values
+        done += samples
         if progress is not None:
-            progress(count)
-    return count
+            progress(done, total)
+    return done

@@ -31,7 +31,7 @@ from onnx import helper
 from ..errors import LowRankError
 from ..model_io import load_model
 
-__all__ = ["CalibrationSource", "batch_size_of", "iter_batches", "load_calibration", "model_inputs", "sample_count"]
+__all__ = ["Batches", "CalibrationSource", "batch_size_of", "iter_batches", "load_calibration", "model_inputs", "sample_count"]
 
 Array = npt.NDArray[Any]
 CalibrationSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | Iterable[Mapping[str, npt.ArrayLike]]
@@ -223,21 +223,43 @@ def load_calibration(source: CalibrationSource, model: ModelLike | None = None) 
     return out
 
 
+class Batches:
+    """The calibration set as feeds of ``size`` samples, a size that may change between batches (a model whose
+    batch is fixed is always fed exactly that; left-over samples that do not fill one are dropped).
+
+    The passes start with one sample, see how many bytes of tensors it yields, and :meth:`resize` to what
+    fits their memory budget, so the memory a pass holds does not grow with the batch size asked for.
+    """
+
+    def __init__(self, model: onnx.ModelProto, data: Mapping[str, Array], size: int, limit: int | None = None) -> None:
+        self.inputs = [v.name for v in model_inputs(model)]
+        self.data = data
+        count = min(len(data[name]) for name in self.inputs) if self.inputs else 0
+        if limit is not None:
+            count = min(count, limit)
+        self.fixed = batch_size_of(model)
+        if self.fixed is not None:
+            if count < self.fixed:
+                raise LowRankError(f"the model's batch size is fixed at {self.fixed}, but the calibration data has only {count} samples")
+            count -= count % self.fixed
+        self.count = count
+        self.size = self.fixed or max(1, size)
+
+    def resize(self, size: int) -> None:
+        if self.fixed is None:
+            self.size = max(1, size)
+
+    def __iter__(self) -> Iterator[dict[str, Array]]:
+        start = 0
+        while start < self.count:
+            stop = min(self.count, start + self.size)
+            yield {name: np.ascontiguousarray(self.data[name][start:stop]) for name in self.inputs}
+            start = stop
+
+
 def iter_batches(
     model: onnx.ModelProto, data: Mapping[str, Array], batch_size: int, limit: int | None = None
 ) -> Iterator[dict[str, Array]]:
     """Feeds of at most ``batch_size`` samples (exactly the model's batch when it is fixed; left-over samples
     that do not fill one are dropped). ``limit`` caps the samples used."""
-    inputs = model_inputs(model)
-    count = min(len(data[v.name]) for v in inputs) if inputs else 0
-    if limit is not None:
-        count = min(count, limit)
-    step = batch_size
-    fixed = batch_size_of(model)
-    if fixed is not None:
-        step = fixed
-        if count < step:
-            raise LowRankError(f"the model's batch size is fixed at {step}, but the calibration data has only {count} samples")
-        count -= count % step
-    for start in range(0, count, step):
-        yield {v.name: np.ascontiguousarray(data[v.name][start : start + step]) for v in inputs}
+    return iter(Batches(model, data, batch_size, limit))

@@ -149,7 +149,12 @@ class _Whitening:
         if self.full is not None:
             return m @ self.full
         cube = m.reshape(m.shape[0], self.rows, self.taps)
-        cube = np.einsum("krj,rs->ksj", cube, self.row) if self.row is not None else cube * self.row_diag[None, :, None]  # type: ignore[index]
+        if self.row is not None:
+            # (X (L_A ⊗ L_B))[k] = L_Aᵀ X_k L_B, as one product per side over all k
+            cube = (self.row.T @ cube.transpose(1, 0, 2).reshape(self.rows, -1)).reshape(self.rows, m.shape[0], self.taps)
+            cube = cube.transpose(1, 0, 2)
+        else:
+            cube = cube * self.row_diag[None, :, None]  # type: ignore[index]
         return self.taps_times(cube).reshape(m.shape)
 
     def solve(self, m: FloatArray) -> FloatArray:
@@ -160,7 +165,9 @@ class _Whitening:
         cube = m.reshape(m.shape[0], self.rows, self.taps)
         if self.row is not None:
             # (X L_A⁻¹)[k] = L_A⁻ᵀ X_k, row side of each (R, kw) slice
-            cube = scipy.linalg.solve_triangular(self.row, cube.transpose(1, 0, 2).reshape(self.rows, -1), trans="T", lower=True)
+            cube = scipy.linalg.solve_triangular(
+                self.row, cube.transpose(1, 0, 2).reshape(self.rows, -1), trans="T", lower=True, check_finite=False
+            )
             cube = cube.reshape(self.rows, m.shape[0], self.taps).transpose(1, 0, 2)
         else:
             cube = cube / self.row_diag[None, :, None]  # type: ignore[index]

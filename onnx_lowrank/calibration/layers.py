@@ -27,7 +27,7 @@ import onnx
 from onnx import helper
 
 from ..passes._rewrite import Site
-from .collect import TensorRequest, prepare, stream
+from .collect import DEFAULT_MEMORY, TensorRequest, prepare, stream
 from .statistics import FULL_ROWS_MAX, MomentAccumulator, PatchGeometry, PatchMoments, gather_patches, output_size, sample_grid, sample_rows
 
 __all__ = [
@@ -181,9 +181,11 @@ def collect_moments(
     threads: int | None = None,
     workers: int = 1,
     seed: int = 0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    memory: int = DEFAULT_MEMORY,
 ) -> None:
-    """The statistics pass: fill ``layer.moments`` (or ``layer.reason``) of every layer from one streamed run."""
+    """The statistics pass: fill ``layer.moments`` (or ``layer.reason``) of every layer from one streamed run
+    (``progress(samples done, samples)``; ``memory``: bytes of layer inputs one batch may hold)."""
     requests = [r for layer in layers for r in layer.requests()]
     collection = prepare(model, requests)
     sinks: list[_Sink] = []
@@ -204,7 +206,7 @@ def collect_moments(
             list(pool.map(lambda sink: _add(sink, values, positions, batch), sinks))
 
     try:
-        stream(collection, batches, consume, threads=threads, progress=progress)
+        stream(collection, batches, consume, threads=threads, progress=progress, memory=memory)
     finally:
         if pool is not None:
             pool.shutdown()

@@ -30,7 +30,7 @@ from onnx import helper
 from ..factorization import Kind, reconstruct
 from ..passes._rewrite import Site
 from ..ranks import tail_errors
-from .data import batch_size_of, iter_batches, sample_count
+from .data import Batches, batch_size_of, iter_batches, sample_count
 from .data_aware import DEFAULT_DAMPING, WhitenedDecomposition
 from .layers import DEFAULT_FULL_GRAM_MAX, DEFAULT_POSITIONS, Layer, collect_moments, conv_elem_type, kernel_to_weight, layer_of
 from .sensitivity import DEFAULT_PROBE_SAMPLES, GainResult, Probe, measure_gains, probe_rank, probe_samples
@@ -58,7 +58,7 @@ class UnitLike(Protocol):
 class CalibrationOptions:
     """Knobs of the calibrated conversion (defaults are the measured choices; see ``benchmarks/calibration.py``)."""
 
-    batch_size: int = 32
+    batch_size: int = 64  # at most; each pass sizes its batches to its memory budget
     positions: int | None = DEFAULT_POSITIONS  # output positions per sample and layer used by the statistics
     damping: float = DEFAULT_DAMPING
     full_gram_max: int = DEFAULT_FULL_GRAM_MAX
@@ -110,17 +110,16 @@ def data_aware_plan(
     plan = DataAwarePlan(samples=sample_count(data))
     start = time.perf_counter()
     layers: list[Layer] = [layer_of(unit.key, unit.sites) for unit in units]
-    total = -(-plan.samples // options.batch_size)
     collect_moments(
         model,
         layers,
-        iter_batches(model, data, options.batch_size),
+        Batches(model, data, options.batch_size),
         positions=options.positions,
         full_gram_max=options.full_gram_max,
         centered=options.refit,
         threads=options.threads,
         workers=options.workers,
-        progress=(lambda done: progress(done, total, "statistics")) if progress is not None else None,
+        progress=(lambda done, total: progress(done, total, "statistics")) if progress is not None else None,
     )
     plan.statistics_seconds = time.perf_counter() - start
     start = time.perf_counter()

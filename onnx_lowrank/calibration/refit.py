@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,7 +64,7 @@ from ..errors import LowRankError
 from ..passes._graph import Scope, add_constant, attrs, iter_scopes, namespace_names, resolve_weight
 from ..report import Report
 from .collect import TensorRequest, prepare, stream_together
-from .data import CalibrationSource, batch_size_of, iter_batches, load_calibration, sample_count
+from .data import Batches, CalibrationSource, batch_size_of, load_calibration, sample_count
 from .layers import DEFAULT_POSITIONS
 from .statistics import PatchGeometry, gather_patches, output_size, sample_grid, sample_rows
 
@@ -539,7 +539,7 @@ def refit_layers(
     calibration: CalibrationSource,
     *,
     ridge: float = DEFAULT_RIDGE,
-    batch_size: int = 32,
+    batch_size: int = 64,
     stages: int = DEFAULT_STAGES,
     positions: int | None = DEFAULT_POSITIONS,
     threads: int | None = None,
@@ -566,9 +566,7 @@ def refit_layers(
     data = load_calibration(calibration, model)
     count = sample_count(data)
     fixed = batch_size_of(model)
-    step = fixed or batch_size
-    used = count - count % step if fixed else count
-    batches = -(-used // step)
+    used = count - count % fixed if fixed else count
     result = RefitResult(model)
     units, refused = _units(original, model, report)
     result.layers.extend(refused)
@@ -625,13 +623,12 @@ def refit_layers(
                         unit.equations.add(*pair)
 
         phase = f"refit stage {s + 1}/{stages}"
-        total = batches
         stream_together(
             [converted, reference],
-            iter_batches(model, data, batch_size),
+            Batches(model, data, batch_size),
             consume,
             threads=threads,
-            progress=(lambda done: progress(done, total, phase)) if progress is not None else None,
+            progress=(lambda done, total, phase=phase: progress(done, total, phase)) if progress is not None else None,
         )
         for u, unit in enumerate(members):
             if u in failures:

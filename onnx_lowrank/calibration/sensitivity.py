@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
-from onnx import helper
 
 from ..passes._rewrite import Site
 from .collect import TensorRequest, run_session, session_with_inputs
