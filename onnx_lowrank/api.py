@@ -529,6 +529,7 @@ def _decompose_calibrated(
             if weigh:
                 # a unit without statistics weighs its kernel error with a typical gain
                 unit.gain = plan.gains.get(unit.key, typical) if unit.data_aware else typical
+        plan.decompositions = {}  # the units hold them, and let them go with the units
         holder["plan"] = plan
 
     new, report = _decompose(source, **{**options, "inplace": False, "input_shapes": shapes}, calibrate=calibrate)

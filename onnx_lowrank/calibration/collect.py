@@ -86,9 +86,23 @@ class Collection:
     refused: dict[str, str] = field(default_factory=dict)
     inputs: set[str] = field(default_factory=set)  # wanted names that are graph inputs (taken from the feed)
 
+    def __post_init__(self) -> None:
+        self._outputs: list[str] | None = None
+
     @property
     def outputs(self) -> list[str]:
-        return [o.name for o in self.model.graph.output]
+        if self._outputs is None:
+            return [o.name for o in self.model.graph.output]
+        return self._outputs
+
+    def session(self, threads: int | None = None) -> Any:
+        """The onnxruntime session of the collection model (None when it has no outputs); the model itself is
+        let go once the session holds it, so its weights are not kept twice."""
+        outputs = self.outputs
+        session = make_session(self.model, threads=threads) if outputs else None
+        self._outputs = outputs
+        self.model = onnx.ModelProto()
+        return session
 
 
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
@@ -220,7 +234,10 @@ def _hoist(name: str, elem: int, chain: list[tuple[onnx.NodeProto, str]], used: 
             return None
         branches = {a.name: a.g for a in owner.attribute if a.type == onnx.AttributeProto.GRAPH}
         inside, other = branches[attr_name], branches["else_branch" if attr_name == "then_branch" else "then_branch"]
-        inside.output.append(helper.make_tensor_value_info(name, elem, None))
+        # through an Identity: a branch may not return an outer-scope value (or an initializer) directly
+        copied = fresh(f"{name}/collect")
+        inside.node.append(helper.make_node("Identity", [name], [copied], name=fresh(f"{copied}/Identity")))
+        inside.output.append(helper.make_tensor_value_info(copied, elem, None))
         empty_name = fresh(f"{name}/collect_empty")
         empty = onnx.TensorProto(name=empty_name, data_type=elem, dims=[0])
         other.node.append(helper.make_node("Constant", [], [empty_name], name=fresh(f"{empty_name}/Constant"), value=empty))
@@ -438,7 +455,7 @@ def stream_together(
 ) -> int:
     """:func:`stream` for several collection models fed the same batches (one session each): ``consume``
     gets one ``{tensor: array}`` per collection, in order, and the batch's sample count."""
-    sessions = [make_session(c.model, threads=threads) if c.outputs else None for c in collections]
+    sessions = [c.session(threads) for c in collections]
     adaptive = isinstance(batches, Batches)
     wanted = batches.size if isinstance(batches, Batches) else 0
     if isinstance(batches, Batches):

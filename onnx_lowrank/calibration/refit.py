@@ -63,7 +63,7 @@ from onnx import helper, numpy_helper
 from ..errors import LowRankError
 from ..passes._graph import Scope, add_constant, attrs, iter_scopes, namespace_names, resolve_weight
 from ..report import Report
-from .collect import TensorRequest, prepare, stream_together
+from .collect import TensorRequest, prepare, stream_together, subgraph_reads
 from .data import Batches, CalibrationSource, batch_size_of, load_calibration, sample_count
 from .layers import DEFAULT_POSITIONS
 from .statistics import PatchGeometry, gather_patches, output_size, sample_grid, sample_rows
@@ -273,6 +273,7 @@ class _Unit:
     alpha: float
     beta: float
     position: int
+    first_position: int = 0  # main-graph index of the node holding the first node (itself, an If, or a function call: last)
     equations: NormalEquations | None = None
     rng: np.random.Generator | None = None
 
@@ -305,6 +306,26 @@ def _namespace(model: onnx.ModelProto, key: str) -> int:
         if f.name == function:
             return i + 1
     return -1
+
+
+def _descendants(model: onnx.ModelProto, units: Sequence[_Unit]) -> list[set[int]]:
+    """For each unit, the main-graph node indices that read (transitively) what its second nodes write."""
+    graph = model.graph
+    reads = [{*n.input, *subgraph_reads(n)} for n in graph.node]
+    out: list[set[int]] = []
+    for unit in units:
+        start = unit.position
+        if start >= len(graph.node):  # in a function: its calls are not traced; assume it feeds everything after
+            out.append(set(range(len(graph.node))))
+            continue
+        tainted = set(graph.node[start].output)
+        below: set[int] = set()
+        for i in range(start + 1, len(graph.node)):
+            if reads[i] & tainted:
+                below.add(i)
+                tainted.update(graph.node[i].output)
+        out.append(below)
+    return out
 
 
 def _top_position(model: onnx.ModelProto, scope: Scope, node: onnx.NodeProto) -> int:
@@ -363,6 +384,7 @@ def _units(original: onnx.ModelProto, model: onnx.ModelProto, report: Report) ->
         a = attrs(node)
         op = node.op_type
         target = targets.get((ns, node.output[0]))
+        first = nodes.get((ns, layer.vertical_node))
         key = (weight.scope.namespace, weight.name)
         unit = units.get(key)
         if unit is None:
@@ -377,6 +399,7 @@ def _units(original: onnx.ModelProto, model: onnx.ModelProto, report: Report) ->
                 float(a.get("alpha", 1.0)) if op == "Gemm" else 1.0,  # type: ignore[arg-type]
                 float(a.get("beta", 1.0)) if op == "Gemm" else 1.0,  # type: ignore[arg-type]
                 _top_position(model, scope, node),
+                _top_position(model, first[1], first[0]) if first is not None else 0,
             )
             units[key] = unit
         elif unit.op != op or unit.geometry != geometry:
@@ -545,6 +568,7 @@ def refit_layers(
     threads: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     inplace: bool = False,
+    every_layer: bool = False,
 ) -> RefitResult:
     """Refit every decomposed layer's second factor and bias (see the module docstring).
 
@@ -576,8 +600,24 @@ def refit_layers(
         return result
     stages = min(stages, len(units))
     bounds = [round(i * len(units) / stages) for i in range(stages + 1)]
+    below = _descendants(model, units)
     for s in range(stages):
         members = units[bounds[s] : bounds[s + 1]]
+        if not every_layer:
+            # only the stage's sources absorb upstream error: a unit downstream of a stage-mate would absorb error
+            # the stage-mate's refit then removes (counted twice, the fit goes stale)
+            offset = bounds[s]
+            sources = [
+                unit
+                for j, unit in enumerate(members)
+                if not any(unit.first_position in below[offset + i] for i in range(len(members)) if i != j)
+            ]
+            for unit in members:
+                if unit not in sources:
+                    for layer in unit.layers:
+                        layer.stage = s + 1
+                        layer.reason = "kept its data-aware factors: downstream of a layer refit in the same stage"
+            members = sources
         requests_in, requests_out = [], []
         for u, unit in enumerate(members):
             for i, ((node, scope), target) in enumerate(zip(unit.nodes, unit.targets, strict=True)):
