@@ -45,7 +45,7 @@ from .passes._rewrite import Site, apply_factors
 from .passes.conv_decomposition import find_conv_sites
 from .passes.fc_decomposition import find_fc_sites
 from .passes.fold_batchnorm import fold_batchnorm
-from .ranks import Infeasible, LayerChoices, Option, allocate, allocate_two, candidate_ranks, energy_rank, tail_errors
+from .ranks import OBJECTIVES, Infeasible, LayerChoices, Option, allocate, allocate_two, candidate_ranks, energy_rank, tail_errors, weigh_errors
 from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .shapes import infer_shapes
 
@@ -57,6 +57,8 @@ DEFAULT_SPEEDUP = 2.0
 # 1.76x and 1.91x with multiples of 16, one thread; benchmarks/results/studies.json)
 DEFAULT_RANK_MULTIPLE = 16
 DEFAULT_KINDS: tuple[Kind, ...] = ("spatial", "channel")
+# what the data-free budget allocation minimises (onnx_lowrank.ranks.weigh_errors); chosen by benchmarks/calibration.py
+DEFAULT_OBJECTIVE = "sum"
 ALL_KINDS: tuple[Kind, ...] = ("spatial", "channel")
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
 CalibrationSource = str | os.PathLike[str] | Mapping[str, Any] | Iterable[Mapping[str, Any]]
@@ -221,12 +223,14 @@ class _Unit:
         the predicted relative output error times the layer's gain."""
         return tail_errors(self.decomposition(kind).s) * self.gain
 
-    def choices(self, multiple: int) -> LayerChoices:
+    def choices(self, multiple: int, objective: str = "sum") -> LayerChoices:
         options = [Option(self.macs, 0.0, None, 0, self.params)]
         for kind in self.kinds:
-            errors = self.errors(kind)
+            # with calibration data the errors are predicted damage, which adds up: summed as they are
+            errors = self.errors(kind) if kind in self.data_aware else weigh_errors(self.errors(kind), objective)
             for r in candidate_ranks(errors.size - 1, multiple):
-                options.append(Option(self.rank_macs[kind] * r, float(errors[r]), kind, r, self.rank_params[kind] * r + self.bias))
+                if np.isfinite(errors[r]):
+                    options.append(Option(self.rank_macs[kind] * r, float(errors[r]), kind, r, self.rank_params[kind] * r + self.bias))
         return LayerChoices(self.key, options)
 
 
@@ -318,9 +322,16 @@ def _spectra(units: list[_Unit], progress: Progress | None, workers: int) -> dic
 
 
 def _choose_budget(
-    units: list[_Unit], policy: _Policy, fixed_macs: int, fixed_params: int, params_total: int, force: bool, multiple: int
+    units: list[_Unit],
+    policy: _Policy,
+    fixed_macs: int,
+    fixed_params: int,
+    params_total: int,
+    force: bool,
+    multiple: int,
+    objective: str = "sum",
 ) -> dict[str, tuple[Kind | None, int, str | None]]:
-    layers = [u.choices(multiple) for u in units]
+    layers = [u.choices(multiple, objective) for u in units]
     before = fixed_macs + sum(u.macs for u in units)
     try:
         if policy.params_ratio is None:
@@ -408,6 +419,7 @@ def decompose(
     refit: bool | None = None,
     sensitivity: bool | None = None,
     calibration_options: Any = None,
+    objective: str | None = None,
     inplace: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Decompose the model's layers; return the new model and what was done.
@@ -469,7 +481,10 @@ def decompose(
         measure=measure,
         threads=threads,
         inplace=inplace,
+        objective=objective,
     )
+    if objective is not None and objective not in OBJECTIVES:
+        raise LowRankError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if calibration is None and (refit or sensitivity):
         raise LowRankError("refit and sensitivity allocation need calibration data")
     # numpy's BLAS on one thread: our workers (and onnxruntime's threads) fill the cores; a multi-threaded
@@ -603,6 +618,7 @@ def _decompose(
     measure: bool = False,
     threads: int = 1,
     inplace: bool = False,
+    objective: str | None = None,
     calibrate: Callable[[onnx.ModelProto, list[_Unit], dict[str, str | None]], None] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """The conversion; :func:`decompose` documents the arguments. ``calibrate(model, units, reasons)``, when
@@ -670,7 +686,7 @@ def _decompose(
     fixed_macs = sum(s.cost.macs for s in sites if s.cost and s not in selected)
     fixed_params = params_before - sum(u.params for u in units)
     if policy.name == "budget":
-        chosen = _choose_budget(units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple)
+        chosen = _choose_budget(units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple, objective or DEFAULT_OBJECTIVE)
     else:
         chosen = {u.key: _choose_per_layer(u, policy, force, rank_multiple) for u in units}
 

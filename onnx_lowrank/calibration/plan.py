@@ -116,7 +116,7 @@ def data_aware_plan(
         Batches(model, data, options.batch_size),
         positions=options.positions,
         full_gram_max=options.full_gram_max,
-        centered=options.refit,
+        centered=False,  # raw second moments: the mean's error counts (a bias is refit only where the refit runs)
         threads=options.threads,
         workers=options.workers,
         progress=(lambda done, total: progress(done, total, "statistics")) if progress is not None else None,
