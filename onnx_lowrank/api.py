@@ -529,8 +529,10 @@ def _decompose_calibrated(
     for name, values in data.items():  # sizes the cost model would not know: those of the calibration samples
         shapes.setdefault(name, [1, *values.shape[1:]])
     chosen_options = calibration_options if calibration_options is not None else CalibrationOptions()
-    weigh = policy.name == "budget" and sensitivity is not False
-    settings = replace(chosen_options, sensitivity=weigh, refit=refit is not False, threads=chosen_options.threads)
+    # the refit/sensitivity arguments, when given, override the options' own
+    weigh = policy.name == "budget" and (chosen_options.sensitivity if sensitivity is None else sensitivity)
+    refit = chosen_options.refit if refit is None else refit
+    settings = replace(chosen_options, sensitivity=weigh, refit=refit)
     progress = options["progress"]
     passes = (lambda done, total, phase: progress(done, total, f"calibration {phase}")) if progress is not None else None
     holder: dict[str, Any] = {}
@@ -563,7 +565,7 @@ def _decompose_calibrated(
             if layer.node in gains and layer.node not in estimated:
                 layer.gain = gains[layer.node]
         report.calibration.update(plan.to_dict())
-    if refit is not False and report.decomposed:
+    if refit and report.decomposed:
         result = refit_layers(
             source,
             new,

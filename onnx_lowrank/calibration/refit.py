@@ -555,6 +555,80 @@ def _write_bias(model: onnx.ModelProto, unit: _Unit, values: FloatArray) -> None
             n.input.append(name)
 
 
+def _refit_stage(
+    original: onnx.ModelProto,
+    model: onnx.ModelProto,
+    members: Sequence[_Unit],
+    stage: int,
+    stages: int,
+    batches: Batches,
+    positions: int | None,
+    ridge: float,
+    threads: int | None,
+    progress: Callable[[int, int, str], None] | None,
+) -> None:
+    """One stage: a streamed run of the converted and the original model, then each member re-solved."""
+    requests_in, requests_out = [], []
+    for u, unit in enumerate(members):
+        for i, ((node, scope), target) in enumerate(zip(unit.nodes, unit.targets, strict=True)):
+            if target is None:
+                continue
+            elem = unit.weight.node_type
+            requests_in.append(TensorRequest(f"{u}/{i}", node, scope, "input", 0, elem))
+            requests_out.append(TensorRequest(f"{u}/{i}", target[0], target[1], "output", 0, elem))
+    converted = prepare(model, requests_in)
+    reference = prepare(original, requests_out)
+    for u, unit in enumerate(members):
+        keys = [f"{u}/{i}" for i in range(len(unit.nodes))]
+        why = next((c.refused[key] for c in (converted, reference) for key in keys if key in c.refused), None)
+        if all(t is None for t in unit.targets):
+            why = "the original model has no tensor of its output's name to fit to"
+        for layer in unit.layers:
+            layer.stage = stage
+            layer.reason = why
+        if why is not None:
+            continue
+        stored = numpy_helper.to_array(unit.weight.tensor)
+        kernel_shape = _conv_layout(unit.op, stored.astype(np.float64), unit.geometry.groups, unit.trans_b).shape
+        n_out, g = kernel_shape[0], unit.geometry.groups
+        _, with_bias = _bias_prior(unit, n_out)
+        unit.equations = NormalEquations(g, int(np.prod(kernel_shape[1:])), n_out // g, with_bias)
+        unit.rng = np.random.default_rng([stage, u])
+    failures: dict[int, str] = {}
+
+    def consume(values: list[dict[str, Array]], batch: int) -> None:
+        got, want = values
+        for u, unit in enumerate(members):
+            if unit.equations is None or u in failures:
+                continue
+            for i in range(len(unit.nodes)):
+                pairs = zip(converted.names.get(f"{u}/{i}", []), reference.names.get(f"{u}/{i}", []), strict=False)
+                for t_name, y_name in pairs:
+                    t, y = got.get(t_name), want.get(y_name)
+                    if t is None or y is None or t.size == 0 or y.size == 0:  # an If branch not taken
+                        continue
+                    pair = _features(unit, t, y, positions, batch)
+                    if isinstance(pair, str):
+                        failures[u] = pair
+                        break
+                    unit.equations.add(*pair)
+
+    phase = f"refit stage {stage}/{stages}"
+    stream_together(
+        [converted, reference],
+        batches,
+        consume,
+        threads=threads,
+        progress=(lambda done, total: progress(done, total, phase)) if progress is not None else None,
+    )
+    for u, unit in enumerate(members):
+        if u in failures:
+            for layer in unit.layers:
+                layer.reason = failures[u]
+        elif unit.equations is not None:
+            _finish(model, unit, ridge, stage)
+
+
 def refit_layers(
     original: onnx.ModelProto,
     decomposed: onnx.ModelProto,
@@ -618,66 +692,7 @@ def refit_layers(
                         layer.stage = s + 1
                         layer.reason = "kept its data-aware factors: downstream of a layer refit in the same stage"
             members = sources
-        requests_in, requests_out = [], []
-        for u, unit in enumerate(members):
-            for i, ((node, scope), target) in enumerate(zip(unit.nodes, unit.targets, strict=True)):
-                if target is None:
-                    continue
-                elem = unit.weight.node_type
-                requests_in.append(TensorRequest(f"{u}/{i}", node, scope, "input", 0, elem))
-                requests_out.append(TensorRequest(f"{u}/{i}", target[0], target[1], "output", 0, elem))
-        converted = prepare(model, requests_in)
-        reference = prepare(original, requests_out)
-        for u, unit in enumerate(members):
-            why = next((c.refused.get(f"{u}/{i}") for c in (converted, reference) for i in range(len(unit.nodes)) if f"{u}/{i}" in c.refused), None)
-            if all(t is None for t in unit.targets):
-                why = "the original model has no tensor of its output's name to fit to"
-            if why is not None:
-                for layer in unit.layers:
-                    layer.reason = why
-                continue
-            stored = numpy_helper.to_array(unit.weight.tensor)
-            kernel_shape = _conv_layout(unit.op, stored.astype(np.float64), unit.geometry.groups, unit.trans_b).shape
-            n_out = kernel_shape[0]
-            g = unit.geometry.groups
-            features = int(np.prod(kernel_shape[1:]))
-            _, with_bias = _bias_prior(unit, n_out)
-            unit.equations = NormalEquations(g, features, n_out // g, with_bias)
-            unit.rng = np.random.default_rng([s, u])
-        failures: dict[int, str] = {}
-
-        def consume(values: list[dict[str, Array]], batch: int) -> None:
-            got, want = values
-            for u, unit in enumerate(members):
-                if unit.equations is None or u in failures:
-                    continue
-                for i in range(len(unit.nodes)):
-                    for t_name, y_name in zip(converted.names.get(f"{u}/{i}", []), reference.names.get(f"{u}/{i}", []), strict=False):
-                        t, y = got.get(t_name), want.get(y_name)
-                        if t is None or y is None or t.size == 0 or y.size == 0:
-                            continue
-                        pair = _features(unit, t, y, positions, batch)
-                        if isinstance(pair, str):
-                            failures[u] = pair
-                            break
-                        unit.equations.add(*pair)
-
-        phase = f"refit stage {s + 1}/{stages}"
-        stream_together(
-            [converted, reference],
-            Batches(model, data, batch_size),
-            consume,
-            threads=threads,
-            progress=(lambda done, total, phase=phase: progress(done, total, phase)) if progress is not None else None,
-        )
-        for u, unit in enumerate(members):
-            if u in failures:
-                for layer in unit.layers:
-                    layer.reason = failures[u]
-                    layer.stage = s + 1
-                continue
-            if unit.equations is not None:
-                _finish(model, unit, float(ridge), s + 1)
+        _refit_stage(original, model, members, s + 1, stages, Batches(model, data, batch_size), positions, float(ridge), threads, progress)
         result.passes += 2
     for unit in units:
         result.layers.extend(unit.layers)
