@@ -45,7 +45,18 @@ from .passes._rewrite import Site, apply_factors
 from .passes.conv_decomposition import find_conv_sites
 from .passes.fc_decomposition import find_fc_sites
 from .passes.fold_batchnorm import fold_batchnorm
-from .ranks import OBJECTIVES, Infeasible, LayerChoices, Option, allocate, allocate_two, candidate_ranks, energy_rank, tail_errors, weigh_errors
+from .ranks import (
+    OBJECTIVES,
+    Infeasible,
+    LayerChoices,
+    Option,
+    allocate,
+    allocate_two,
+    candidate_ranks,
+    energy_rank,
+    tail_errors,
+    weigh_errors,
+)
 from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .shapes import infer_shapes
 
@@ -688,7 +699,9 @@ def _decompose(
     fixed_macs = sum(s.cost.macs for s in sites if s.cost and s not in selected)
     fixed_params = params_before - sum(u.params for u in units)
     if policy.name == "budget":
-        chosen = _choose_budget(units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple, objective or DEFAULT_OBJECTIVE)
+        chosen = _choose_budget(
+            units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple, objective or DEFAULT_OBJECTIVE
+        )
     else:
         chosen = {u.key: _choose_per_layer(u, policy, force, rank_multiple) for u in units}
 

@@ -42,10 +42,10 @@ import scipy.linalg
 
 __all__ = [
     "Decomposition",
-    "assemble_factors",
     "Factors",
     "Kind",
     "Method",
+    "assemble_factors",
     "decompose_kernel",
     "factorize",
     "full_rank",

@@ -58,8 +58,13 @@ GEOMETRIES = [
     pytest.param("Conv", {"pads": [0, 1, 1, 1, 0, 1], "strides": [1, 1, 2]}, (2, 3, 3), 1, id="conv3d"),
     pytest.param("Conv", {"pads": [1, 1]}, (3,), 1, id="conv1d"),
     pytest.param("ConvTranspose", {"strides": [2, 2]}, (2, 2), 1, id="transpose-stride"),
-    pytest.param("ConvTranspose", {"strides": [2, 3], "dilations": [1, 2], "pads": [1, 0, 0, 2], "output_padding": [1, 0]}, (3, 4), 2,
-                 id="transpose-pads-output-padding-groups"),  # fmt: skip
+    pytest.param(
+        "ConvTranspose",
+        {"strides": [2, 3], "dilations": [1, 2], "pads": [1, 0, 0, 2], "output_padding": [1, 0]},
+        (3, 4),
+        2,
+        id="transpose-pads-output-padding-groups",
+    ),
     pytest.param("ConvTranspose", {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, (3, 3), 1, id="transpose-same-upper"),
     pytest.param("ConvTranspose", {"strides": [2, 2], "auto_pad": "SAME_LOWER"}, (3, 3), 1, id="transpose-same-lower"),
     pytest.param("ConvTranspose", {"strides": [2, 2], "output_shape": [10, 11]}, (3, 3), 1, id="transpose-output-shape"),
@@ -95,8 +100,12 @@ def _conv_run(op: str, attrs: dict[str, Any], kernel: tuple[int, ...], group: in
         w = rng.standard_normal((n, c // group, *kernel)).astype(np.float32)
         layout = w
     node = helper.make_node(op, ["x", "W"], ["y"], kernel_shape=list(kernel), group=group, **attrs)
-    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], {"W": w})  # fmt: skip
+    model = make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        {"W": w},
+    )
     (y,) = run(model, {"x": x})
     return x, layout, y
 
@@ -309,8 +318,11 @@ def test_a_loop_body_is_refused_with_its_reason() -> None:
     body = helper.make_graph(
         [body_conv, helper.make_node("Identity", ["c"], ["c2"])],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v", TensorProto.FLOAT, None)],  # fmt: skip
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+        ],
         [helper.make_tensor_value_info("c2", TensorProto.BOOL, []), helper.make_tensor_value_info("v2", TensorProto.FLOAT, None)],
     )
     loop = helper.make_node("Loop", ["n", "", "x"], ["y"], name="loop", body=body)
@@ -398,9 +410,12 @@ def transpose_model(group: int, attrs: dict[str, Any], shape: tuple[Any, ...]) -
     rng = np.random.default_rng(14)
     w = rng.standard_normal((6, 8 // group, 3, 3)).astype(np.float32)
     node = helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], name="deconv", group=group, **attrs)
-    return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                      {"W": w, "B": rng.standard_normal(8).astype(np.float32)})  # fmt: skip
+    return make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        {"W": w, "B": rng.standard_normal(8).astype(np.float32)},
+    )
 
 
 @pytest.mark.parametrize(("op", "attrs", "group", "size"), SPOIL_GEOMETRIES)
@@ -412,7 +427,11 @@ def test_refit_recovers_spoilt_second_factors(op: str, attrs: dict[str, Any], gr
     if op == "ConvTranspose" and kind == "channel":
         pytest.skip("ConvTranspose offers the spatial split only")
     shape: tuple[Any, ...] = ("n", 6, *size)
-    model = transpose_model(group, attrs, shape) if op == "ConvTranspose" else conv_model(n=8, c=6, group=group, input_shape=shape, attrs=attrs, seed=7)
+    model = (
+        transpose_model(group, attrs, shape)
+        if op == "ConvTranspose"
+        else conv_model(n=8, c=6, group=group, input_shape=shape, attrs=attrs, seed=7)
+    )
     decomposed, report = decompose(model, rank=FULL, force=True, kinds=[kind])
     layer = report.decomposed[0]
     weight = horizontal_weight(decomposed, str(layer.horizontal_node))
@@ -432,12 +451,20 @@ def fc_model(op: str, bias: bool) -> onnx.ModelProto:
         inputs = ["x", "W", *(["B"] if bias else [])]
         node = helper.make_node("Gemm", inputs, ["y"], name="fc", transB=1, alpha=0.5, beta=2.0)
         inits = {"W": w, **({"B": rng.standard_normal(10).astype(np.float32)} if bias else {})}
-        return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 12])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+        return make_model(
+            [node],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 12])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            inits,
+        )
     w = rng.standard_normal((12, 10)).astype(np.float32)
     node = helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")
-    return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, 12])],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], {"W": w})  # fmt: skip
+    return make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        {"W": w},
+    )
 
 
 @pytest.mark.parametrize(("op", "bias"), [("Gemm", True), ("Gemm", False), ("MatMul", False)])
@@ -496,8 +523,12 @@ def twin_model(shared_weight: bool) -> onnx.ModelProto:
         helper.make_node("Conv", ["x", "W1", "B"], ["y1"], name="a", pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["x", second, "B"], ["y2"], name="b", pads=[0, 1, 0, 1]),
     ]
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, 9, 9])],
-                      [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y1", "y2")], inits)  # fmt: skip
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, 9, 9])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y1", "y2")],
+        inits,
+    )
 
 
 def test_shared_bias_gets_one_bias_per_refit_conv() -> None:
@@ -639,7 +670,9 @@ def test_calibration_options_that_cannot_apply_are_refused_before_any_work() -> 
 def test_calibration_gives_the_cost_model_the_input_size() -> None:
     """A model with symbolic height and width is planned at the calibration samples' size."""
     model = conv_model(input_shape=("n", 6, "h", "w"))
-    _, report = decompose(model, speedup=2, calibration={"x": smooth_inputs((4, 6, 10, 10))}, calibration_options=CalibrationOptions(refit=False))
+    _, report = decompose(
+        model, speedup=2, calibration={"x": smooth_inputs((4, 6, 10, 10))}, calibration_options=CalibrationOptions(refit=False)
+    )
     assert report.layers[0].shape_known and report.layers[0].macs_before == 8 * 6 * 9 * 8 * 8  # 10x10 input, no padding
 
 

@@ -456,11 +456,11 @@ def stream_together(
     """:func:`stream` for several collection models fed the same batches (one session each): ``consume``
     gets one ``{tensor: array}`` per collection, in order, and the batch's sample count."""
     sessions = [c.session(threads) for c in collections]
-    adaptive = isinstance(batches, Batches)
-    wanted = batches.size if isinstance(batches, Batches) else 0
-    if isinstance(batches, Batches):
-        batches.resize(1)
-    total = batches.count if isinstance(batches, Batches) else 0
+    adaptive = batches if isinstance(batches, Batches) else None
+    wanted = adaptive.size if adaptive is not None else 0
+    if adaptive is not None:
+        adaptive.resize(1)
+    total = adaptive.count if adaptive is not None else 0
     done = 0
     for feed in batches:
         values: list[dict[str, Array]] = []
@@ -472,9 +472,9 @@ def stream_together(
                 got[name] = np.asarray(feed[name])
             values.append(got)
         samples = len(next(iter(feed.values()))) if feed else 0
-        if adaptive and done == 0 and samples:
+        if adaptive is not None and done == 0 and samples:
             held = sum(v.nbytes for got in values for v in got.values()) + sum(v.nbytes for v in feed.values())
-            batches.resize(max(1, min(wanted, memory // max(1, held // samples))))  # type: ignore[union-attr]
+            adaptive.resize(max(1, min(wanted, memory // max(1, held // samples))))
         consume(values, samples)
         del values
         done += samples

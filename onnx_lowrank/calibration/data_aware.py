@@ -65,7 +65,7 @@ def _damped(matrix: FloatArray, damping: float, unit_trace: bool) -> FloatArray 
     trace = float(np.trace(matrix))
     if not np.isfinite(trace) or trace <= 0.0:
         return None
-    damped = matrix + np.eye(size) * (damping * trace / size)
+    damped: FloatArray = matrix + np.eye(size) * (damping * trace / size)
     return damped / trace if unit_trace else damped
 
 

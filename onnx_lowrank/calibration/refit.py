@@ -212,36 +212,38 @@ def _geometry(node: onnx.NodeProto, weight_dims: Sequence[int]) -> PatchGeometry
         return PatchGeometry()
     if op not in ("Conv", "ConvTranspose"):
         return f"second node is a {op}; the refit handles Conv, ConvTranspose, Gemm and MatMul"
-    a = attrs(node)
+    a: dict[str, Any] = attrs(node)
     r = len(weight_dims) - 2
-    kernel = tuple(int(k) for k in a.get("kernel_shape", list(weight_dims[2:])))  # type: ignore[call-overload]
-    strides = tuple(int(s) for s in a.get("strides", [1] * r))  # type: ignore[call-overload]
-    dilations = tuple(int(d) for d in a.get("dilations", [1] * r))  # type: ignore[call-overload]
+    kernel = tuple(int(k) for k in a.get("kernel_shape", list(weight_dims[2:])))
+    strides = tuple(int(s) for s in a.get("strides", [1] * r))
+    dilations = tuple(int(d) for d in a.get("dilations", [1] * r))
     pads = a.get("pads")
     value = a.get("auto_pad", b"NOTSET")
     auto = (value.decode() if isinstance(value, bytes) else str(value)) or "NOTSET"
-    groups = int(a.get("group", 1))  # type: ignore[call-overload]
+    groups = int(a.get("group", 1))
     if op == "ConvTranspose":
         output_shape = a.get("output_shape")
         return PatchGeometry(
             kernel,
             strides,
             dilations,
-            tuple(int(p) for p in pads) if pads is not None else None,  # type: ignore[attr-defined]
+            tuple(int(p) for p in pads) if pads is not None else None,
             auto,
             groups,
             transposed=True,
-            output_padding=tuple(int(p) for p in a.get("output_padding", [0] * r)),  # type: ignore[attr-defined]
-            output_shape=tuple(int(d) for d in output_shape[-r:]) if output_shape is not None else None,  # type: ignore[index]
+            output_padding=tuple(int(p) for p in a.get("output_padding", [0] * r)),
+            output_shape=tuple(int(d) for d in output_shape[-r:]) if output_shape is not None else None,
         )
-    return PatchGeometry(kernel, strides, dilations, tuple(int(p) for p in pads) if pads is not None else None, auto, groups)  # type: ignore[attr-defined]
+    return PatchGeometry(kernel, strides, dilations, tuple(int(p) for p in pads) if pads is not None else None, auto, groups)
 
 
 def _conv_layout(op: str, weight: FloatArray, groups: int, trans_b: bool) -> FloatArray:
     """The second node's weight as ``(N, K, *spatial)`` (conv layout; fully connected: ``(out, K, 1)``)."""
     if op == "ConvTranspose":
         c, n_g = weight.shape[:2]
-        return weight.reshape(groups, c // groups, n_g, *weight.shape[2:]).swapaxes(1, 2).reshape(groups * n_g, c // groups, *weight.shape[2:])
+        return (
+            weight.reshape(groups, c // groups, n_g, *weight.shape[2:]).swapaxes(1, 2).reshape(groups * n_g, c // groups, *weight.shape[2:])
+        )
     if op in ("Gemm", "MatMul"):
         matrix = weight if trans_b else weight.T  # (out, K)
         return matrix[:, :, None]
@@ -439,19 +441,21 @@ def _features(unit: _Unit, t: Array, y: Array, positions: int | None, batch: int
             return f"the second node's input has {rows.shape[0]} rows, the target {target.shape[0]}"
         limit = None if positions is None else positions * max(1, rows.shape[0] // max(1, batch))
         chosen = sample_rows(rows.shape[0], limit, unit.rng)
-        return rows[chosen].astype(np.float64)[None], target[chosen].astype(np.float64)[None]
+        features: FloatArray = rows[chosen].astype(np.float64)[None]
+        targets: FloatArray = target[chosen].astype(np.float64)[None]
+        return features, targets
     out = output_size(geometry, t.shape[2:])
     if tuple(y.shape[2:]) != out or y.shape[0] != t.shape[0]:
         return f"the second node's output {tuple(out)} differs from the original layer's {tuple(y.shape[2:])}"
     grid = sample_grid(out, positions, unit.rng)
     patches = gather_patches(t, geometry, grid)  # (g, B·P, kw, K)
     g = geometry.groups
-    a = patches.reshape(g, patches.shape[1], -1)
-    target = y
+    a: FloatArray = patches.reshape(g, patches.shape[1], -1).astype(np.float64)
+    picked: Array = y
     for axis, index in enumerate(grid):
-        target = np.take(target, index, axis=2 + axis)
-    target = target.reshape(y.shape[0], g, y.shape[1] // g, -1).transpose(1, 0, 3, 2).reshape(g, -1, y.shape[1] // g)
-    return a, target
+        picked = np.take(picked, index, axis=2 + axis)
+    target_rows: FloatArray = picked.reshape(y.shape[0], g, y.shape[1] // g, -1).transpose(1, 0, 3, 2).reshape(g, -1, y.shape[1] // g)
+    return a, target_rows
 
 
 def _flat(kernel: FloatArray, groups: int) -> FloatArray:
@@ -714,4 +718,3 @@ def refit(
     """The decomposed model with every decomposed layer's second factor and bias refit on ``calibration``
     (:func:`refit_layers` with the same options; ``decomposed`` is left unchanged)."""
     return refit_layers(original, decomposed, report, calibration, **options).model
-

@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -239,11 +240,14 @@ def gather_patches(x: Array, geometry: PatchGeometry, grid: Sequence[IntArray] |
         offset = c + (b * ((span - 1) // abs(b)) if b < 0 else 0)
         picks.append(slice(offset, offset + a * (n - 1) + 1, a))
     taps = [slice(None, None, d) for d in geometry.dilations]
-    view = view[(slice(None), *picks, slice(None), *taps)]  # (B, *out, C, *kernel)
+    index: tuple[Any, ...] = (slice(None), *picks, slice(None), *taps)
+    view = view[index]  # (B, *out, C, *kernel)
     if geometry.transposed:  # the window runs against the taps
-        view = view[(..., *([slice(None, None, -1)] * r))]
+        index = (Ellipsis, *([slice(None, None, -1)] * r))
+        view = view[index]
     if grid is not None:
-        view = view[(slice(None), *np.ix_(*grid))]
+        index = (slice(None), *np.ix_(*grid))
+        view = view[index]
     sizes = view.shape[1 : r + 1]
     g, c_g = geometry.groups, channels // geometry.groups
     view = view.reshape(batch, *sizes, g, c_g, *geometry.kernel)
@@ -274,9 +278,7 @@ class PatchMoments:
 class MomentAccumulator:
     """Sums of a layer's patches and their products, per group, fed one batch of patches at a time."""
 
-    def __init__(
-        self, groups: int, rows: int, taps: int, *, lead: int = 1, full: bool = False, rows_max: int = FULL_ROWS_MAX
-    ) -> None:
+    def __init__(self, groups: int, rows: int, taps: int, *, lead: int = 1, full: bool = False, rows_max: int = FULL_ROWS_MAX) -> None:
         self.groups, self.n_rows, self.n_taps, self.lead = groups, rows, taps, lead
         self.diagonal = rows > rows_max
         self.count = 0
