@@ -30,8 +30,8 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -46,13 +46,21 @@ from .passes.conv_decomposition import find_conv_sites
 from .passes.fc_decomposition import find_fc_sites
 from .passes.fixed_layers import find_fixed_sites
 from .passes.fold_batchnorm import fold_batchnorm
-from .ranks import Infeasible, LayerChoices, Option, allocate, allocate_two, candidate_ranks, energy_rank, tail_errors
+from .ranks import (
+    OBJECTIVES,
+    Infeasible,
+    LayerChoices,
+    Option,
+    allocate,
+    allocate_two,
+    candidate_ranks,
+    energy_rank,
+    tail_errors,
+    weigh_errors,
+)
 from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .run_shapes import ModelShapes, resolve_shapes
 from .shapes import needs_input_shape_message
-
-if TYPE_CHECKING:  # sensitivity imports this module; at run time it is imported where used
-    from .sensitivity import Sensitivity
 
 __all__ = ["DEFAULT_KINDS", "DEFAULT_RANK_MULTIPLE", "DEFAULT_SPEEDUP", "count_params", "decompose", "inspect"]
 
@@ -62,6 +70,8 @@ DEFAULT_SPEEDUP = 2.0
 # 1.76x and 1.91x with multiples of 16, one thread; benchmarks/results/studies.json)
 DEFAULT_RANK_MULTIPLE = 16
 DEFAULT_KINDS: tuple[Kind, ...] = ("spatial", "channel")
+# what the data-free budget allocation minimises (onnx_lowrank.ranks.weigh_errors); chosen by benchmarks/calibration.py
+DEFAULT_OBJECTIVE = "sum"
 ALL_KINDS: tuple[Kind, ...] = ("spatial", "channel")
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
 CalibrationSource = str | os.PathLike[str] | Mapping[str, Any] | Iterable[Mapping[str, Any]]
@@ -205,6 +215,10 @@ class _Unit:
         self.rank_macs = {k: sum(s.cost.rank_macs[k] for s in sites if s.cost) for k in kinds}
         self.rank_params = {k: first.cost.rank_params[k] for k in kinds}
         self.bias = first.cost.bias
+        # with calibration data: data-aware decompositions (per kind) and the gain from this layer's output
+        # error to the model's outputs (see onnx_lowrank.calibration.plan)
+        self.data_aware: dict[Kind, Any] = {}
+        self.gain = 1.0
 
     @property
     def key(self) -> str:
@@ -216,19 +230,26 @@ class _Unit:
         return self.sites[0].kernel()
 
     def decomposition(self, kind: Kind) -> Decomposition:
+        if kind in self.data_aware:
+            found: Decomposition = self.data_aware[kind]
+            return found
         if kind not in self._decompositions:
             self._decompositions[kind] = decompose_kernel(self.kernel, self.sites[0].groups, kind)
         return self._decompositions[kind]
 
     def errors(self, kind: Kind) -> np.ndarray:
-        return tail_errors(self.decomposition(kind).s)
+        """Per rank, the error the allocation weighs: relative squared kernel error, or with calibration data
+        the predicted relative output error times the layer's gain."""
+        return tail_errors(self.decomposition(kind).s) * self.gain
 
-    def choices(self, multiple: int) -> LayerChoices:
+    def choices(self, multiple: int, objective: str = "sum") -> LayerChoices:
         options = [Option(self.macs, 0.0, None, 0, self.params)]
         for kind in self.kinds:
-            errors = self.errors(kind)
+            # with calibration data the errors are predicted damage, which adds up: summed as they are
+            errors = self.errors(kind) if kind in self.data_aware else weigh_errors(self.errors(kind), objective)
             for r in candidate_ranks(errors.size - 1, multiple):
-                options.append(Option(self.rank_macs[kind] * r, float(errors[r]), kind, r, self.rank_params[kind] * r + self.bias))
+                if np.isfinite(errors[r]):
+                    options.append(Option(self.rank_macs[kind] * r, float(errors[r]), kind, r, self.rank_params[kind] * r + self.bias))
         return LayerChoices(self.key, options)
 
 
@@ -320,9 +341,16 @@ def _spectra(units: list[_Unit], progress: Progress | None, workers: int) -> dic
 
 
 def _choose_budget(
-    units: list[_Unit], policy: _Policy, fixed_macs: int, fixed_params: int, params_total: int, force: bool, multiple: int
+    units: list[_Unit],
+    policy: _Policy,
+    fixed_macs: int,
+    fixed_params: int,
+    params_total: int,
+    force: bool,
+    multiple: int,
+    objective: str = "sum",
 ) -> dict[str, tuple[Kind | None, int, str | None]]:
-    layers = [u.choices(multiple) for u in units]
+    layers = [u.choices(multiple, objective) for u in units]
     before = fixed_macs + sum(u.macs for u in units)
     try:
         if policy.params_ratio is None:
@@ -413,7 +441,8 @@ def decompose(
     calibration: CalibrationSource | None = None,
     refit: bool | None = None,
     sensitivity: bool | None = None,
-    samples: int = 128,
+    calibration_options: Any = None,
+    objective: str | None = None,
     inplace: bool = False,
     allow_unknown_shapes: bool = False,
     shapes: ModelShapes | None = None,
@@ -454,11 +483,17 @@ def decompose(
 
     ``calibration`` (an ``.npz`` or a folder of ``<input>.npy``, arrays keyed by
     input name with samples on axis 0, or an iterable of such batches) makes the
-    conversion data-aware: with ``speedup`` alone, ranks are allocated by each
-    layer's measured damage to the model's outputs on ``samples`` of it
-    (``sensitivity``, default on; see :mod:`onnx_lowrank.sensitivity`), and the
-    horizontal factors and biases are refit in closed form to the original
-    layers' outputs (``refit``, default on; see :mod:`onnx_lowrank.calibration`).
+    conversion data-aware (:mod:`onnx_lowrank.calibration`): one streamed pass
+    gathers each layer's input statistics, every split's factors minimise the
+    layer's output error on them, and every rank's output error comes from the
+    same statistics; with a budget (``speedup``/``params_ratio``) the ranks
+    minimise the predicted damage to the model's outputs, each layer's error
+    weighted by its gain measured once on a few samples (``sensitivity``,
+    default on); then every decomposed layer's second factor and bias are refit
+    to the original layer's outputs from the inputs it really receives, stage
+    by stage (``refit``, default on). Input sizes the cost model does not know
+    are taken from the calibration data. ``calibration_options`` (a
+    :class:`onnx_lowrank.calibration.CalibrationOptions`) tunes the passes.
 
     ``mobile_safe`` keeps whole every layer whose pair a mobile execution
     provider (NNAPI, CoreML) would refuse where it takes the original, so the
@@ -492,102 +527,160 @@ def decompose(
         inplace=inplace,
         allow_unknown_shapes=allow_unknown_shapes,
         shapes=shapes,
+        objective=objective,
     )
+    if objective is not None and objective not in OBJECTIVES:
+        raise LowRankError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if calibration is None and (refit or sensitivity):
         raise LowRankError("refit and sensitivity allocation need calibration data")
     if quantize is not None or mobile_safe:
-        return _decompose_for_mobile(model, options, calibration, refit, sensitivity, samples, mobile_safe, quantize)
+        return _decompose_for_mobile(model, options, calibration, refit, sensitivity, calibration_options, mobile_safe, quantize)
     # numpy's BLAS on one thread: our workers (and onnxruntime's threads) fill the cores; a multi-threaded
     # OpenBLAS beside them was measured 2-20x slower on 2 cores, and slower even alone for these sizes
     with single_threaded_blas():
         if calibration is None:
             return _decompose(model, **options)
-        return _decompose_calibrated(model, options, calibration, refit is not False, sensitivity is not False, samples)
+        return _decompose_calibrated(model, options, calibration, refit, sensitivity, calibration_options)
+
+
+def _check_calibration_use(
+    policy: _Policy, sensitivity: bool | None, input_shapes: Mapping[str, Sequence[int]] | None, data: Mapping[str, Any]
+) -> None:
+    """Refuse, before any work, what calibration cannot do with these options (one line each)."""
+    if sensitivity and policy.name != "budget":
+        raise LowRankError(f"--sensitivity allocates ranks under a budget: it needs --speedup or --params-ratio, not --{policy.name}")
+    for name, shape in (input_shapes or {}).items():
+        if name in data and tuple(shape[1:]) != tuple(data[name].shape[1:]):
+            raise LowRankError(
+                f"--input-shape {name}={','.join(map(str, shape))} differs from the calibration data's samples "
+                f"{tuple(data[name].shape[1:])}: the plan and the statistics must see the same size"
+            )
 
 
 def _decompose_calibrated(
-    model: ModelLike, options: dict[str, Any], calibration: CalibrationSource, refit: bool, sensitivity: bool, samples: int
+    model: ModelLike,
+    options: dict[str, Any],
+    calibration: CalibrationSource,
+    refit: bool | None,
+    sensitivity: bool | None,
+    calibration_options: Any,
 ) -> tuple[onnx.ModelProto, Report]:
     from .calibration import load_calibration
 
     start = time.perf_counter()
+    policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
     # the refit compares with the model as given, so the conversion itself works on a copy
     source = _as_model(model, options["inplace"])
-    options = {**options, "inplace": False}
     data = load_calibration(calibration, source)
+    _check_calibration_use(policy, sensitivity, options["input_shapes"], data)
     if options["shapes"] is None:
-        # one set of sizes for the allocation, the measurements and the plan: those of a real input
+        # one set of sizes for the statistics, the gains and the plan: those of a real input
         reference = {name: values[:1] for name, values in data.items()}
         options = {**options, "shapes": resolve_shapes(source, options["input_shapes"], reference)}
-    measured = _calibration_statistics(source, data, options, sensitivity, samples)
-    new, report = _calibrated_target(source, data, measured, refit, options)
+    run = _CalibrationRun(data, options, refit, sensitivity, calibration_options)
+    new, report = _calibrated_target(source, run, options)
+    report.calibration["seconds"] = time.perf_counter() - start
     report.seconds = time.perf_counter() - start
     return new, report
 
 
-def _calibration_statistics(
-    source: onnx.ModelProto, data: Mapping[str, Any], options: Mapping[str, Any], sensitivity: bool, samples: int
-) -> Sensitivity | None:
-    """What the calibration measures once for every target: the layers' damage curves (``None`` when not used)."""
-    from .sensitivity import measure_sensitivity
+class _CalibrationRun:
+    """What calibration measures once for any number of plans over one model: the statistics, the data-aware
+    decompositions and the gains (:func:`onnx_lowrank.calibration.data_aware_plan`, made by the first plan's
+    units and handed to every later plan's units of the same layers), and the settings of the refit."""
 
-    policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
-    if not (sensitivity and policy.name == "budget" and policy.params_ratio is None and not options["measure"]):
-        return None
-    return measure_sensitivity(
-        source,
-        data,
-        samples=samples,
-        include=options["include"],
-        exclude=options["exclude"],
-        threads=options["threads"] or None,
-        shapes=options["shapes"],
-    )
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        options: Mapping[str, Any],
+        refit: bool | None,
+        sensitivity: bool | None,
+        calibration_options: Any,
+    ) -> None:
+        from .calibration import CalibrationOptions
+
+        policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
+        chosen = calibration_options if calibration_options is not None else CalibrationOptions()
+        # the refit/sensitivity arguments, when given, override the options' own
+        self.weigh = policy.name == "budget" and (chosen.sensitivity if sensitivity is None else sensitivity)
+        self.refit = chosen.refit if refit is None else refit
+        self.settings = replace(chosen, sensitivity=self.weigh, refit=self.refit)
+        self.data = data
+        progress = options["progress"]
+        self.passes = (lambda done, total, phase: progress(done, total, f"calibration {phase}")) if progress is not None else None
+        self.plan: Any = None
+        self._decompositions: dict[str, dict[Kind, Any]] = {}
+        self._typical = 1.0
+
+    def calibrate(self, proto: onnx.ModelProto, units: list[_Unit], reasons: dict[str, str | None]) -> None:
+        """Give ``units`` their data-aware decompositions and gains (measured on the first call)."""
+        from .calibration import data_aware_plan
+
+        if self.plan is None:
+            plan = data_aware_plan(proto, units, self.data, self.settings, progress=self.passes)
+            estimated = plan.gain_result.estimated if plan.gain_result is not None else {}
+            measured = [g for key, g in plan.gains.items() if key not in estimated]
+            self._typical = float(statistics.median(measured)) if measured else 1.0
+            self._decompositions, plan.decompositions = plan.decompositions, {}
+            self.plan = plan
+        for unit in units:
+            unit.data_aware = self._decompositions.get(unit.key, {})
+            if self.weigh:
+                # a unit without statistics weighs its kernel error with a typical gain
+                unit.gain = self.plan.gains.get(unit.key, self._typical) if unit.data_aware else self._typical
 
 
 def _calibrated_target(
-    source: onnx.ModelProto,
-    data: Mapping[str, Any],
-    measured: Sensitivity | None,
-    refit: bool,
-    options: dict[str, Any],
-    prepared: _Prepared | None = None,
+    source: onnx.ModelProto, run: _CalibrationRun, options: dict[str, Any], prepared: _Prepared | None = None
 ) -> tuple[onnx.ModelProto, Report]:
-    """One conversion with calibration data: ranks from the ``measured`` statistics (the
-    :func:`_calibration_statistics` of ``source``) when given, then the refit. ``prepared``: a
-    :func:`_prepare` of ``source`` to convert a copy of (else ``source`` is prepared anew)."""
+    """One conversion with calibration data: data-aware factors and ranks from ``run``, then the refit.
+    ``prepared``: a :func:`_prepare` of ``source`` to convert a copy of (else ``source`` is prepared anew)."""
     from .calibration import refit_layers
-    from .sensitivity import allocate_ranks
 
     policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
-    allocation = "kernel error"
-    if measured is not None:
-        target = float(policy.speedup)  # type: ignore[arg-type]
-        try:
-            ranks = allocate_ranks(measured, target)
-        except LowRankError as exc:  # the measured layers alone cannot reach it: the kernel-error allocation can
-            allocation = f"kernel error ({exc})"
-            ranks = {}
-        if ranks:
-            allocation = "sensitivity"
-            options = {**options, "speedup": None, "ranks": ranks, "kinds": ["spatial"]}
-    new, report = _decompose(source, **options) if prepared is None else _decompose_prepared(prepared, **options)
+    if prepared is None:
+        # the refit compares with ``source`` as given, so the conversion works on a copy
+        new, report = _decompose(source, **{**options, "inplace": False}, calibrate=run.calibrate)
+    else:
+        new, report = _decompose_prepared(prepared, **options, calibrate=run.calibrate)
+    plan = run.plan
+    if policy.name != "budget":
+        allocation = f"fixed by --{policy.name}"
+    elif run.weigh:
+        allocation = "damage to the outputs (layer output errors from statistics, times gains measured once)"
+    else:
+        allocation = "layer output errors from statistics"
     report.policy["allocation"] = allocation
-    if allocation == "sensitivity":
-        report.policy.update(name="budget", speedup=float(policy.speedup))  # type: ignore[arg-type]
+    if plan is not None:
+        gains = plan.gains if run.weigh else {}
+        estimated = plan.gain_result.estimated if plan.gain_result is not None else {}
         for layer in report.layers:
-            if layer.reason == "not named in the ranks file":
-                layer.reason = f"left as is by --speedup {policy.speedup:g}: other layers harm the outputs less per MAC saved"
-    if measured is not None:
-        curves = {layer.node: [[r, d] for r, d in zip(layer.ranks, layer.damage, strict=True)] for layer in measured.layers}
-        for layer in report.layers:
-            layer.sensitivity = curves.get(layer.node)
-        report.calibration["sensitivity"] = {"samples": measured.samples, "evaluations": measured.evaluations, "seconds": measured.seconds}
-    if refit and report.decomposed:
-        result = refit_layers(source, new, report, data, threads=options["threads"] or None)
+            if layer.node in gains and layer.node not in estimated:
+                layer.gain = gains[layer.node]
+        report.calibration.update(plan.to_dict())
+    if run.refit and report.decomposed:
+        settings = run.settings
+        result = refit_layers(
+            source,
+            new,
+            report,
+            run.data,
+            batch_size=settings.batch_size,
+            stages=settings.stages,
+            ridge=settings.ridge,
+            positions=settings.positions,
+            threads=settings.threads,
+            progress=run.passes,
+            inplace=True,
+        )
         new = result.model
         report.calibration["refit"] = result.to_dict()
-    report.calibration["samples"] = len(next(iter(data.values()))) if data else 0
+        by_node = {layer.node: layer for layer in result.layers}
+        for layer in report.layers:
+            done = by_node.get(layer.node)
+            if done is not None and done.error_after is not None:
+                layer.output_error = done.error_after
+    report.calibration["samples"] = plan.samples if plan is not None else len(next(iter(run.data.values())))
     return new, report
 
 
@@ -688,10 +781,14 @@ def _decompose_prepared(
     allow_unknown_shapes: bool = False,
     copy: bool = True,
     start: float | None = None,
+    objective: str | None = None,
+    calibrate: Callable[[onnx.ModelProto, list[_Unit], dict[str, str | None]], None] | None = None,
     **_: Any,  # input_shapes, fold_bn, inplace, shapes: fixed by _prepare
 ) -> tuple[onnx.ModelProto, Report]:
     """Plan ranks for one policy on a prepared model and apply them: to a copy (``copy``), else to
-    ``prepared.proto`` itself, which is then used up."""
+    ``prepared.proto`` itself, which is then used up. ``calibrate(model, units, reasons)``, when given, runs
+    on the model once the units are known, before any spectrum or rank is computed (the calibrated
+    conversion gives it)."""
     start = time.perf_counter() if start is None else start
     workers = workers or min(os.cpu_count() or 1, 4)
     policy, allowed, rank_multiple, include_re, exclude_re = _check_options(
@@ -744,6 +841,8 @@ def _decompose_prepared(
     if policy.name == "budget" and policy.params_ratio is None:
         units = _screen_for_macs(units, reasons, sum(s.cost.macs for s in counted if s.cost))
         selected = [site for unit in units for site in unit.sites]
+    if calibrate is not None:
+        calibrate(proto, units, reasons)
     failed = _spectra(units, progress, workers)
     if failed:
         for unit in units:
@@ -756,7 +855,9 @@ def _decompose_prepared(
     fixed_macs = sum(s.cost.macs for s in counted if s.cost and s not in selected)
     fixed_params = params_before - sum(u.params for u in units)
     if policy.name == "budget":
-        chosen = _choose_budget(units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple)
+        chosen = _choose_budget(
+            units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple, objective or DEFAULT_OBJECTIVE
+        )
     else:
         chosen = {u.key: _choose_per_layer(u, policy, force, rank_multiple) for u in units}
 
@@ -917,7 +1018,10 @@ def _plan(
             layer.rank = factors.rank
             layer.full_rank = unit.decomposition(kind).full_rank
             layer.relative_error = error
-            layer.optimal_error = factors.relative_error
+            if kind in unit.data_aware:  # whitened spectrum: the predicted output error, not a kernel optimum
+                layer.output_error = factors.relative_error
+            else:
+                layer.optimal_error = factors.relative_error
             layer.macs_after = site.cost.pair_macs(kind, factors.rank) if site.cost else 0
     return plan
 
@@ -1107,7 +1211,7 @@ def _decompose_for_mobile(
     calibration: CalibrationSource | None,
     refit: bool | None,
     sensitivity: bool | None,
-    samples: int,
+    calibration_options: Any,
     mobile_safe: bool,
     quantize: str | None,
 ) -> tuple[onnx.ModelProto, Report]:
@@ -1122,7 +1226,9 @@ def _decompose_for_mobile(
     start = time.perf_counter()
 
     def run(opts: dict[str, Any]) -> tuple[onnx.ModelProto, Report]:
-        return decompose(model, calibration=calibration, refit=refit, sensitivity=sensitivity, samples=samples, **opts)
+        return decompose(
+            model, calibration=calibration, refit=refit, sensitivity=sensitivity, calibration_options=calibration_options, **opts
+        )
 
     if not mobile_safe:
         new, report = run(options)
@@ -1156,7 +1262,7 @@ def _decompose_for_mobile(
             report.warnings.append(f"{name}: {was} -> {now} partitions after decomposition, and no single layer's pair is to blame")
         report.mobile = {"original": before.to_dict(), "candidate": after.to_dict(), "kept_whole": dict(kept)}
     if quantize is not None:
-        result = quantize_model(new, quantize, calibration=calibration, samples=samples)
+        result = quantize_model(new, quantize, calibration=calibration)
         new = result.model
         for layer in report.layers:
             nodes = [layer.vertical_node or "", layer.horizontal_node or ""] if layer.decomposed else [layer.node]

@@ -161,15 +161,20 @@ def _parser() -> argparse.ArgumentParser:
         "--calibration",
         metavar="FILE.npz|FOLDER",
         help="calibration inputs (arrays keyed by input name, samples on axis 0; or a folder of <input>.npy): "
-        "sensitivity-aware ranks for --speedup and a closed-form refit of each decomposed layer",
+        "every factor minimises its layer's output error on them, ranks minimise the predicted damage to the outputs, "
+        "and each layer's second factor is refit to the original outputs",
     )
     calibration.add_argument(
-        "--refit", action=argparse.BooleanOptionalAction, help="with --calibration: refit each decomposed layer (default: on)"
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        help="with --calibration: refit the second factor and bias of decomposed layers to the original outputs, "
+        "in a few passes by depth (default: on)",
     )
     calibration.add_argument(
         "--sensitivity",
         action=argparse.BooleanOptionalAction,
-        help="with --calibration and --speedup: allocate ranks by measured damage to the outputs (default: on)",
+        help="with --calibration and --speedup/--params-ratio: weigh each layer's output error by its gain to the model's "
+        "outputs, measured once on a few samples (default: on)",
     )
 
     speed = d.add_argument_group("speed", "latency measured in onnxruntime on this machine")
@@ -287,7 +292,9 @@ def _add_sweep(sub: Any) -> None:
         "--refit", action=argparse.BooleanOptionalAction, help="with --calibration: refit each decomposed layer (default: on)"
     )
     calibration.add_argument(
-        "--sensitivity", action=argparse.BooleanOptionalAction, help="with --calibration: allocate ranks by measured damage (default: on)"
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        help="with --calibration: weigh each layer's output error by its gain to the outputs (default: on)",
     )
     speed = s.add_argument_group("speed", "latency measured in onnxruntime on this machine, original and converted interleaved")
     speed.add_argument(
@@ -368,13 +375,20 @@ def format_report(report: Report, quiet: bool = False) -> str:
     if report.calibration:
         cal = report.calibration
         line = f"calibration: {cal.get('samples', 0)} samples; ranks by {report.policy.get('allocation', 'kernel error')}"
+        if "statistics_seconds" in cal:
+            line += f"; statistics {cal['statistics_seconds']:.1f} s, data-aware factors {cal.get('factor_seconds', 0.0):.1f} s"
         if "sensitivity" in cal:
-            line += f" (measured in {cal['sensitivity']['seconds']:.1f} s)"
+            sens = cal["sensitivity"]
+            line += f"; gains on {sens['samples']} sample(s) in {sens['seconds']:.1f} s"
         if "refit" in cal:
             refit = cal["refit"]
             done = sum(1 for layer in refit["layers"] if layer["refit"])
-            line += f"; refit {done} of {len(refit['layers'])} layers in {refit['seconds']:.1f} s"
+            line += f"; refit {done} of {len(refit['layers'])} layers in {refit.get('stages', 0)} stage(s), {refit['seconds']:.1f} s"
         out.append(line)
+        missing = cal.get("without_statistics") or {}
+        if missing:
+            shown = "; ".join(f"{node}: {why}" for node, why in list(missing.items())[:3])
+            out.append(f"calibration: {len(missing)} layer(s) kept data-free factors ({shown}{'; …' if len(missing) > 3 else ''})")
     out += _sizes_lines(report)
     if report.mobile:
         out.append(format_mobile_summary(report.mobile))
@@ -653,6 +667,7 @@ def _decompose_into(args: argparse.Namespace, outputs: StagedOutputs) -> int:
         outputs.stage(ort_config_path(ort_dst), "ORT required-operators config")
     if args.html:
         outputs.stage(args.html, "HTML report")
+    _check_calibration_flags(args)
     ranks = _read_ranks(args.ranks) if args.ranks else None
     start = time.perf_counter()
     model, data_files = load_model_files(src)
@@ -809,11 +824,12 @@ def format_sweep(result: SweepResult) -> str:
         f"MACs: decomposable layers before / after; evaluated on {result.samples} sample(s) ({result.inputs} inputs); "
         f"shared preparation {result.prepare_seconds:.2f} s (the first target's time also holds the spectra the others reuse)"
     )
-    if result.calibration.get("sensitivity"):
-        sens = result.calibration["sensitivity"]
-        lines.append(
-            f"calibration: layer damage measured once in {sens['seconds']:.1f} s on {sens['samples']} samples, shared by every target"
-        )
+    cal = result.calibration
+    if "statistics_seconds" in cal:
+        line = f"calibration: statistics of {cal['samples']} samples in {cal['statistics_seconds']:.1f} s"
+        if cal.get("sensitivity"):
+            line += f", gains on {cal['sensitivity']['samples']} sample(s) in {cal['sensitivity']['seconds']:.1f} s"
+        lines.append(line + ", measured once and shared by every target")
     return "\n".join(lines)
 
 
@@ -872,6 +888,19 @@ def _sweep_into(args: argparse.Namespace, src: Path, outputs: StagedOutputs) -> 
     return 0
 
 
+def _check_calibration_flags(args: argparse.Namespace) -> None:
+    """What calibration cannot do with these flags, said before the model is even read."""
+    if args.calibration is None:
+        if args.refit or args.sensitivity:
+            raise LowRankError(f"--{'refit' if args.refit else 'sensitivity'} needs --calibration")
+        return
+    if not Path(args.calibration).exists():
+        raise LowRankError(f"{args.calibration}: no such calibration file or folder")
+    if args.sensitivity and args.speedup is None and args.params_ratio is None:
+        policy = next((f"--{name}" for name in ("rank", "energy", "ranks") if getattr(args, name) is not None), "this policy")
+        raise LowRankError(f"--sensitivity allocates ranks under a budget: it needs --speedup or --params-ratio, not {policy}")
+
+
 def _progress(args: argparse.Namespace, message: str) -> None:
     if not getattr(args, "quiet", False) and sys.stderr.isatty():
         print(message, file=sys.stderr)
@@ -880,6 +909,8 @@ def _progress(args: argparse.Namespace, message: str) -> None:
 class _ProgressBar:
     """A bar on stderr for conversions that take more than a moment; silent when stderr is not a terminal.
 
+    The library reports ``(done, total, name)``: layers analysed (``name`` the layer), or the samples of a
+    pass over the calibration data (``name`` "calibration <pass>"); each pass gets a bar of its own.
     tqdm draws it when installed; otherwise one line is rewritten in place.
     """
 
@@ -890,23 +921,35 @@ class _ProgressBar:
         self.enabled = enabled and sys.stderr.isatty()
         self.start = time.perf_counter()
         self.bar: Any = None
+        self.phase = ""
         self.drawn = False
 
     def __call__(self, done: int, total: int, name: str) -> None:
         if not self.enabled or time.perf_counter() - self.start < self.DELAY:
             return
+        passes = name.startswith("calibration ")
+        phase, unit = (name, "sample") if passes else (self.what, self.unit)
+        if self.bar is not None and phase != self.phase:
+            self.close()
+            self.bar, self.drawn = None, False
+        self.phase = phase
         if self.bar is None:
             try:
                 from tqdm import tqdm  # optional; imported only when a bar is due
 
-                self.bar = tqdm(total=total, desc=self.what, unit=self.unit, file=sys.stderr, leave=False)
+                self.bar = tqdm(total=total, desc=phase, unit=unit, file=sys.stderr, leave=False)
             except ImportError:
                 self.bar = False
         if self.bar:
             self.bar.n = done
-            self.bar.set_postfix_str(name[-30:], refresh=True)
+            self.bar.total = total
+            if passes:
+                self.bar.refresh()
+            else:
+                self.bar.set_postfix_str(name[-30:], refresh=True)
         else:
-            print(f"\r{self.what} {done}/{total} {name[-40:]:<40}", end="", file=sys.stderr, flush=True)
+            detail = "" if passes else f" {name[-40:]:<40}"
+            print(f"\r{phase} {done}/{total}{detail}".ljust(70), end="", file=sys.stderr, flush=True)
             self.drawn = True
 
     def close(self) -> None:

@@ -150,13 +150,19 @@ def load_npz(path: str | os.PathLike[str], what: str = "inputs file") -> dict[st
         raise LowRankError(f"{p}: not a readable .npz ({_first_line(exc)})") from None
 
 
-def load_npy(path: str | os.PathLike[str]) -> Array:
-    """One ``.npy`` array, its header checked against the file size before the data is read."""
+def load_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> Array:
+    """One ``.npy`` array, its header checked against the file size before the data is read.
+
+    ``mmap``: map the file read-only instead of reading it (a large calibration set stays on disk).
+    """
     p = Path(path)
     try:
         with open(p, "rb") as f:
             shape, dtype = _header(f, str(p))
             _check_declared(shape, dtype, p.stat().st_size - f.tell(), str(p))
+            if mmap:
+                mapped: Array = np.load(p, mmap_mode="r", allow_pickle=False)
+                return mapped
             f.seek(0)
             return np.lib.format.read_array(f, allow_pickle=False)
     except LowRankError:

@@ -32,6 +32,7 @@ cast the factors to the model's dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +45,7 @@ __all__ = [
     "Factors",
     "Kind",
     "Method",
+    "assemble_factors",
     "decompose_kernel",
     "factorize",
     "full_rank",
@@ -167,11 +169,19 @@ class Decomposition:
     a time, so memory stays near one float64 copy of a group plus ``G``.
     """
 
-    def __init__(self, weight: npt.NDArray[np.generic], groups: int, kind: Kind = "spatial", method: Method = "auto") -> None:
+    def __init__(
+        self,
+        weight: npt.NDArray[np.generic],
+        groups: int,
+        kind: Kind = "spatial",
+        method: Method = "auto",
+        matrix_of: Callable[[int], FloatArray] | None = None,
+    ) -> None:
         _check_kernel(weight, groups)
         if not np.all(np.isfinite(weight)):
             raise ValueError("kernel has non-finite values")
         self.weight = weight
+        self.matrix_of = matrix_of  # another matrix per group, of the kernel matrix's shape (a whitened one, say)
         self.groups = groups
         self.kind: Kind = kind
         self.weight_shape = tuple(int(d) for d in weight.shape)
@@ -184,6 +194,8 @@ class Decomposition:
         self._s: FloatArray | None = None
 
     def _matrix(self, g: int) -> FloatArray:
+        if self.matrix_of is not None:
+            return self.matrix_of(g)
         n_g = self.weight_shape[0] // self.groups
         matrix: FloatArray = kernel_matrices(self.weight[g * n_g : (g + 1) * n_g], 1, self.kind)[0]
         return matrix
@@ -210,7 +222,7 @@ class Decomposition:
     def full_rank(self) -> int:
         return min(self._rows, self._cols)
 
-    def _group_factors(self, g: int, k: int) -> tuple[FloatArray, FloatArray]:
+    def group_factors(self, g: int, k: int) -> tuple[FloatArray, FloatArray]:
         """``left`` (rows × K) and ``right`` (K × cols), ``left @ right = M_K``, both scaled by √s."""
         if self.method == "svd":
             u, s, vt = self._svd[g]
@@ -237,21 +249,34 @@ class Decomposition:
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         s = self.s
-        n, c, *spatial = self.weight_shape
-        n_g = n // self.groups
         k = min(rank, self.full_rank)
-        g = self.groups
-        pairs = [self._group_factors(i, k) for i in range(g)]
-        left = np.stack([p[0] for p in pairs])  # (g, rows, K)
-        right = np.stack([p[1] for p in pairs])  # (g, K, cols)
-        if self.kind == "spatial":
-            first = left.transpose(0, 2, 1).reshape(g * k, c, *spatial[:-1], 1)
-            second = right.reshape(g, k, n_g, spatial[-1]).transpose(0, 2, 1, 3)
-            second = second.reshape(n, k, *([1] * (len(spatial) - 1)), spatial[-1])
-        else:
-            first = right.reshape(g * k, c, *spatial)
-            second = left.reshape(n, k, *([1] * len(spatial)))
-        return Factors(self.kind, k, np.ascontiguousarray(first), np.ascontiguousarray(second), s)
+        pairs = [self.group_factors(i, k) for i in range(self.groups)]
+        return assemble_factors(self.kind, self.weight_shape, [p[0] for p in pairs], [p[1] for p in pairs], s)
+
+
+def assemble_factors(
+    kind: Kind, weight_shape: tuple[int, ...], lefts: list[FloatArray], rights: list[FloatArray], singular_values: FloatArray
+) -> Factors:
+    """The two kernels from each group's ``left @ right`` (the rank-K kernel matrix of :func:`kernel_matrices`).
+
+    ``lefts[g]`` is ``rows × K`` and ``rights[g]`` is ``K × cols`` in the layout of :func:`kernel_matrices`;
+    the rank is read from their shapes. Any pair whose product is the rank-K matrix will do (the data-aware
+    factorizations of :mod:`onnx_lowrank.calibration.data_aware` give their own).
+    """
+    n, c, *spatial = weight_shape
+    g = len(lefts)
+    n_g = n // g
+    left = np.stack(lefts)  # (g, rows, K)
+    right = np.stack(rights)  # (g, K, cols)
+    k = left.shape[2]
+    if kind == "spatial":
+        first = left.transpose(0, 2, 1).reshape(g * k, c, *spatial[:-1], 1)
+        second = right.reshape(g, k, n_g, spatial[-1]).transpose(0, 2, 1, 3)
+        second = second.reshape(n, k, *([1] * (len(spatial) - 1)), spatial[-1])
+    else:
+        first = right.reshape(g * k, c, *spatial)
+        second = left.reshape(n, k, *([1] * len(spatial)))
+    return Factors(kind, k, np.ascontiguousarray(first), np.ascontiguousarray(second), singular_values)
 
 
 def decompose_kernel(weight: npt.NDArray[np.generic], groups: int, kind: Kind = "spatial", method: Method = "auto") -> Decomposition:

@@ -465,9 +465,13 @@ def sweep_html(result: SweepResult, plots: bool | None = None) -> str:
     if result.calibration:
         cal = result.calibration
         text = f"Calibration: {cal.get('samples', 0)} samples"
+        if "statistics_seconds" in cal:
+            text += f"; the layers' input statistics gathered once in {cal['statistics_seconds']:.1f} s"
         if "sensitivity" in cal:
             sens = cal["sensitivity"]
-            text += f"; the layers' damage measured once on {sens['samples']} samples in {sens['seconds']:.1f} s, shared by every target"
+            text += f", their gains measured once on {sens['samples']} samples in {sens['seconds']:.1f} s"
+        if "statistics_seconds" in cal:
+            text += ", shared by every target"
         text += "; each target's factors refit on its own" if cal.get("refit") else "; no refit"
         sections.append(f"<p>{_e(text)}.</p>")
 

@@ -51,6 +51,8 @@ import numpy.typing as npt
 from .factorization import Kind
 
 __all__ = [
+    "ERROR_CAP",
+    "OBJECTIVES",
     "Infeasible",
     "LayerChoices",
     "Option",
@@ -60,6 +62,7 @@ __all__ = [
     "energy_rank",
     "options_for",
     "tail_errors",
+    "weigh_errors",
 ]
 
 
@@ -101,6 +104,23 @@ def tail_errors(singular_values: npt.NDArray[np.float64]) -> npt.NDArray[np.floa
     # reverse cumulative sum: e[K] = Σ_{k>=K} sq[k] / total; e[R] = 0
     tail = np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]]) / total
     return np.clip(tail, 0.0, 1.0)
+
+
+OBJECTIVES = ("sum", "log", "sum-cap", "log-cap")
+ERROR_CAP = 0.25  # "-cap" objectives: no layer is offered a rank losing more than this share of its energy
+
+
+def weigh_errors(errors: npt.NDArray[np.float64], objective: str) -> npt.NDArray[np.float64]:
+    """The cost the allocation sums per layer, from relative squared errors ``e ∈ [0, 1]`` (see the module
+    docstring): ``sum`` is ``e``; ``log`` is ``−log(1 − e)``, the loss in log kept energy (Zhang et al.'s
+    product of kept energies); ``-cap`` makes ranks with ``e`` over :data:`ERROR_CAP` unavailable (infinite)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    e = np.clip(np.asarray(errors, dtype=np.float64), 0.0, 1.0)
+    out = -np.log(np.clip(1.0 - e, 1e-12, None)) if objective.startswith("log") else e.copy()
+    if objective.endswith("-cap"):
+        out[e > ERROR_CAP] = np.inf
+    return out
 
 
 def energy_rank(singular_values: npt.NDArray[np.float64], energy: float) -> int:

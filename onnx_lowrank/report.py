@@ -16,7 +16,7 @@ class LayerReport:
 
     ``relative_error`` is ``||W − W_K||_F / ||W||_F`` measured on the factors as
     stored (in the model's dtype); ``optimal_error`` is the Eckart–Young optimum
-    from the singular values. ``macs_*`` are per inference at batch 1.
+    from the singular values (data-free factors only). ``macs_*`` are per inference at batch 1.
     """
 
     node: str
@@ -40,8 +40,12 @@ class LayerReport:
     executions: int = 1  # runs per inference on the reference input (a Loop body's trip count)
     scope: str = "the main graph"  # where the node is: the main graph, a branch of an If, a Loop body, a function
     counted: bool = True  # its MACs are in the report's totals
-    sensitivity: list[list[float]] | None = None  # with calibration: [rank, damage to the outputs] measured alone
     quantized: str | None = None  # with quantize: the form its node(s) run in ("int8 (QDQ)", "ConvInteger", "float")
+    # with calibration data: the relative output error on it (||ΔW x|| / ||W x||, predicted from the input
+    # statistics; after the refit, as measured on its inputs in the converted model), and the layer's gain
+    # from output error to the model's outputs (None: not measured)
+    output_error: float | None = None
+    gain: float | None = None
 
     @property
     def mac_ratio(self) -> float:

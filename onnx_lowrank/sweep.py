@@ -5,8 +5,9 @@ One preparation serves every target: the model is loaded, BatchNormalization
 folded, shapes inferred and the decomposable layers found once, and each
 layer's singular values are computed once (by the first target that needs
 them) and reused by the others. With calibration data the layers' damage
-curves (:mod:`onnx_lowrank.sensitivity`) are also measured once; each target
-then allocates its ranks from those statistics and refits its own factors.
+statistics, data-aware factorizations and gains (:mod:`onnx_lowrank.calibration`)
+are also measured once; each target then allocates its ranks from those and
+refits its own factors.
 
 Per target the result is run in onnxruntime beside the original:
 
@@ -48,7 +49,7 @@ from .api import (
     ModelLike,
     _as_model,
     _calibrated_target,
-    _calibration_statistics,
+    _CalibrationRun,
     _check_options,
     _decompose_prepared,
     _prepare,
@@ -348,9 +349,9 @@ def _conversions(
     targets: list[float],
     options: dict[str, Any],
     calibration: CalibrationSource | None,
-    refit: bool,
-    sensitivity: bool,
-    samples: int,
+    refit: bool | None,
+    sensitivity: bool | None,
+    calibration_options: Any,
     info: dict[str, Any],
 ) -> Iterator[tuple[float, tuple[onnx.ModelProto, Report, float] | LowRankError]]:
     """Each target's converted model, report and seconds (or the error that stopped it), sharing one preparation.
@@ -375,18 +376,14 @@ def _conversions(
             return _decompose_prepared(prepared, **{**options, "speedup": target})
 
     else:
-        with single_threaded_blas():
-            measured = _calibration_statistics(proto, data, {**options, "speedup": targets[0]}, sensitivity, samples)
-        info["calibration"] = {"samples": len(next(iter(data.values()))) if data else 0, "refit": refit}
-        if measured is not None:
-            info["calibration"]["sensitivity"] = {
-                "samples": measured.samples,
-                "evaluations": measured.evaluations,
-                "seconds": measured.seconds,
-            }
+        run = _CalibrationRun(data, options, refit, sensitivity, calibration_options)
+        info["calibration"] = {"samples": len(next(iter(data.values()))) if data else 0, "refit": run.refit}
 
         def convert(target: float) -> tuple[onnx.ModelProto, Report]:
-            return _calibrated_target(proto, data, measured, refit, {**options, "speedup": target}, prepared)
+            new, report = _calibrated_target(proto, run, {**options, "speedup": target}, prepared)
+            if run.plan is not None and "statistics_seconds" not in info["calibration"]:
+                info["calibration"].update(run.plan.to_dict())  # measured by the first target, shared by the rest
+            return new, report
 
     info["prepared"] = prepared
     info["prepare_seconds"] = time.perf_counter() - start
@@ -405,7 +402,7 @@ def sweep(
     calibration: CalibrationSource | None = None,
     refit: bool | None = None,
     sensitivity: bool | None = None,
-    samples: int = 128,
+    calibration_options: Any = None,
     measure: bool = False,
     threads: int = 1,
     runs: int = 20,
@@ -472,7 +469,7 @@ def sweep(
     evaluation = _evaluation(session, eval_inputs, input_shapes)
     info: dict[str, Any] = {}
     rows: list[SweepRow] = []
-    conversions = _conversions(proto, targets, options, calibration, refit is not False, sensitivity is not False, samples, info)
+    conversions = _conversions(proto, targets, options, calibration, refit, sensitivity, calibration_options, info)
     for done, (target, outcome) in enumerate(conversions, 1):
         row = SweepRow(target=target, reached=not isinstance(outcome, LowRankError))
         if isinstance(outcome, LowRankError):

@@ -158,6 +158,16 @@ def _ranks(ws: Workspace, text: str) -> list[str]:
     return _dec(ws, "--ranks", str(ws.write("ranks.json", text)))
 
 
+def _cal(ws: Workspace, **arrays: np.ndarray) -> list[str]:
+    return _dec(ws, "--speedup", "2", "--calibration", str(ws.npz("calibration.npz", **arrays)))
+
+
+def _fixed_batch_calibration(ws: Workspace) -> list[str]:
+    model = ws.inp / "fixed.onnx"
+    onnx.save(conv_model(c=3, input_shape=(4, 3, 8, 8)), model)
+    return ["decompose", str(model), str(ws.target), "--calibration", str(ws.npz("c.npz", x=np.zeros((2, 3, 8, 8), np.float32)))]
+
+
 def _verify(ws: Workspace, *flags: str) -> list[str]:
     return ["verify", str(ws.model), str(ws.model), "--runs", "0", *flags]
 
@@ -238,6 +248,24 @@ BAD: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
     ("report-is-output", lambda ws: _dec(ws, "--rank", "2", "--report", str(ws.target)), "output model"),
     ("report-is-ranks-file", lambda ws: [*_ranks(ws, '{"conv3_2": 8}'), "--report", str(ws.inp / "ranks.json")], "ranks file"),
     ("report-is-a-directory", lambda ws: _dec(ws, "--rank", "2", "--report", str(ws.out)), "directory"),
+    # calibration data: checked before any work, one line naming the input
+    ("calibration-missing", lambda ws: _dec(ws, "--calibration", str(ws.inp / "absent.npz")), "no such calibration file"),
+    ("calibration-lacks-input", lambda ws: _cal(ws, image=np.zeros((4, 3, 64, 64), np.float32)), "lacks model input 'input'"),
+    ("calibration-wrong-shape", lambda ws: _cal(ws, input=np.zeros((4, 3, 32, 32), np.float32)), "'input' has shape (4, 3, 32, 32)"),
+    ("calibration-wrong-rank", lambda ws: _cal(ws, input=np.zeros((4, 64, 64), np.float32)), "'input' has shape"),
+    ("calibration-complex", lambda ws: _cal(ws, input=np.zeros((4, 3, 64, 64), np.complex64)), "'input' has dtype complex64"),
+    ("calibration-strings", lambda ws: _cal(ws, input=np.full((4, 3, 64, 64), "a")), "'input' has dtype <U1"),
+    ("calibration-nan", lambda ws: _cal(ws, input=np.full((4, 3, 64, 64), np.nan, np.float32)), "'input' holds nan"),
+    ("calibration-no-samples", lambda ws: _cal(ws, input=np.zeros((0, 3, 64, 64), np.float32)), "'input' has no samples"),
+    ("calibration-fewer-than-a-batch", _fixed_batch_calibration, "'x' has 2 samples, fewer than the model's fixed batch of 4"),
+    ("calibration-not-npz", lambda ws: _dec(ws, "--calibration", str(ws.write("c.npz", "not an archive"))), "not a readable .npz"),
+    ("sensitivity-without-budget", lambda ws: _dec(ws, "--rank", "2", "--sensitivity", "--calibration", str(ws.model)), "needs --speedup"),
+    ("refit-without-calibration", lambda ws: _dec(ws, "--refit"), "--refit needs --calibration"),
+    (
+        "calibration-and-input-shape-differ",
+        lambda ws: [*_cal(ws, input=np.zeros((4, 3, 64, 64), np.float32)), "--input-shape", "input=1,3,32,32"],
+        "differs from the calibration data",
+    ),
     # verify
     ("verify-missing-candidate", lambda ws: ["verify", str(ws.model), str(ws.inp / "absent.onnx")], "no such file"),
     (

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from builders import run
 
+import onnx_lowrank.calibration
 import onnx_lowrank.factorization
-import onnx_lowrank.sensitivity
 from onnx_lowrank import LowRankError, decompose
 from onnx_lowrank.sweep import SweepResult, parse_speedups, sweep
 
@@ -91,22 +91,24 @@ def test_spectra_computed_once_for_all_targets(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_calibration_measured_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With calibration data the damage is measured once; each target is then what the calibrated decompose gives."""
+    """With calibration data the statistics and gains are measured once; each target is then what the calibrated
+    decompose gives."""
     calls: list[int] = []
-    measure = onnx_lowrank.sensitivity.measure_sensitivity
+    plan = onnx_lowrank.calibration.data_aware_plan
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        return measure(*args, **kwargs)
+        return plan(*args, **kwargs)
 
-    monkeypatch.setattr(onnx_lowrank.sensitivity, "measure_sensitivity", counting)
-    result = sweep(DIGITS, [2, 3], eval_inputs=DIGITS_TEST, calibration=DIGITS_CALIBRATION, samples=32, runs=0)
+    monkeypatch.setattr(onnx_lowrank.calibration, "data_aware_plan", counting)
+    result = sweep(DIGITS, [2, 3], eval_inputs=DIGITS_TEST, calibration=DIGITS_CALIBRATION, runs=0)
     assert len(calls) == 1
-    assert "sensitivity" in result.calibration and result.calibration["refit"] is True
+    assert "sensitivity" in result.calibration and "statistics_seconds" in result.calibration
+    assert result.calibration["refit"] is True
     for row in result.rows:
-        assert row.reached and row.allocation == "sensitivity"
+        assert row.reached and row.allocation is not None and row.allocation.startswith("damage to the outputs")
         assert row.report is not None and "refit" in row.report.calibration
-    _, report = decompose(DIGITS, speedup=3, calibration=DIGITS_CALIBRATION, samples=32)
+    _, report = decompose(DIGITS, speedup=3, calibration=DIGITS_CALIBRATION)
     assert ranks_of(result.rows[1].report) == ranks_of(report)
 
 

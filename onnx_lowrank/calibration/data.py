@@ -1,0 +1,243 @@
+"""Calibration data: read, checked against the model's inputs, and cut into batches.
+
+A calibration set is ``{input name: array}`` with the samples on axis 0. It comes from an ``.npz`` keyed by
+input name, a folder of ``<input>.npy`` files (memory-mapped, so a large set is not read into memory at
+once), a mapping of arrays, or an iterable of such mappings (batches, joined along axis 0).
+
+Checked against the model (:func:`load_calibration` with ``model``), each failure a one-line
+:class:`~onnx_lowrank.errors.LowRankError` naming the input:
+
+* every graph input the model needs is present (extra keys such as ``labels`` are dropped);
+* the rank and every fixed dim but the first (the samples) match the declared input;
+* the dtype converts without loss of meaning: numbers to a floating input, integers (or bools) to an integer
+  input, bools to a bool input; floating data for an integer input, complex or non-numeric data are refused;
+* floating data is finite (no NaN, no infinity);
+* all inputs have the same number of samples, at least one — and at least the model's batch size when its
+  first dim is fixed (the model is then fed in batches of exactly that size).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import helper
+
+from ..data_io import load_npy, load_npz
+from ..errors import LowRankError
+from ..model_io import load_model
+
+__all__ = ["Batches", "CalibrationSource", "batch_size_of", "iter_batches", "load_calibration", "model_inputs", "sample_count"]
+
+Array = npt.NDArray[Any]
+CalibrationSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | Iterable[Mapping[str, npt.ArrayLike]]
+ModelLike = str | os.PathLike[str] | onnx.ModelProto
+
+_CHECK_ELEMENTS = 8_000_000  # elements checked for finiteness at a time
+
+
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that must be fed (initializers listed as inputs, as IR 3 requires, are not)."""
+    constants = {t.name for t in model.graph.initializer} | {t.values.name for t in model.graph.sparse_initializer}
+    return [v for v in model.graph.input if v.name not in constants]
+
+
+def _declared(value: onnx.ValueInfoProto) -> tuple[int | None, list[int | str | None] | None]:
+    """Element type and dims (int, symbolic name or None) of a graph input."""
+    t = value.type.tensor_type if value.type.HasField("tensor_type") else None
+    if t is None:
+        return None, None
+    if not t.HasField("shape"):
+        return t.elem_type, None
+    dims: list[int | str | None] = []
+    for d in t.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return t.elem_type, dims
+
+
+def _show(dims: Sequence[int | str | None]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+
+
+def _read_folder(path: Path) -> dict[str, Array]:
+    files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and p.is_file())
+    if not files:
+        raise LowRankError(f"{path}: folder holds no .npy files (one per model input, named after the input)")
+    return {f.stem: load_npy(f, mmap=True) for f in files}
+
+
+def _concat_batches(batches: Iterable[Mapping[str, npt.ArrayLike]]) -> dict[str, Array]:
+    parts: dict[str, list[Array]] = {}
+    keys: set[str] | None = None
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise LowRankError(f"calibration batch {i} is a {type(batch).__name__}, not a mapping of input name to array")
+        if keys is None:
+            keys = set(batch)
+        elif set(batch) != keys:
+            raise LowRankError(f"calibration batch {i} has inputs {sorted(batch)}, batch 0 has {sorted(keys)}")
+        for name, value in batch.items():
+            parts.setdefault(name, []).append(np.asarray(value))
+    if not parts:
+        raise LowRankError("calibration data is empty (the iterator gave no batches)")
+    out = {}
+    for name, arrays in parts.items():
+        try:
+            out[name] = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
+        except ValueError as exc:
+            raise LowRankError(f"calibration input {name!r}: batches do not stack along axis 0 ({exc})") from None
+    return out
+
+
+def _convert(name: str, data: Array, elem: int | None) -> Array:
+    """``data`` as the input's element type, or a one-line refusal when the conversion would change its meaning."""
+    kind = data.dtype.kind
+    if kind not in "biuf":
+        raise LowRankError(f"calibration input {name!r} has dtype {data.dtype}; the model reads numbers")
+    if not elem:
+        return data
+    try:
+        target = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    except (KeyError, TypeError, ValueError):
+        return data
+    wanted = onnx.TensorProto.DataType.Name(elem).lower()
+    if target.kind in "iu" and kind == "f":
+        raise LowRankError(f"calibration input {name!r} has floating dtype {data.dtype}; the model's input is {wanted} (integers)")
+    if target.kind == "b" and kind != "b":
+        raise LowRankError(f"calibration input {name!r} has dtype {data.dtype}; the model's input is bool")
+    if target.kind not in "biuf":
+        raise LowRankError(f"calibration input {name!r}: the model's input type {wanted} is not supported for calibration")
+    if target.kind in "iu" and kind in "iu" and data.size:
+        info = np.iinfo(target)
+        low, high = int(data.min()), int(data.max())
+        if low < info.min or high > info.max:
+            raise LowRankError(f"calibration input {name!r} has values {low}..{high}, outside the model's {wanted}")
+    return data.astype(target, copy=False)
+
+
+def _check_finite(name: str, data: Array) -> None:
+    if data.dtype.kind != "f" or data.size == 0:
+        return
+    per_sample = max(1, data.size // max(1, len(data)))
+    step = max(1, _CHECK_ELEMENTS // per_sample)
+    for start in range(0, len(data), step):
+        block = np.asarray(data[start : start + step])
+        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        if not finite.all():
+            first = start + int(np.argmin(finite))
+            raise LowRankError(f"calibration input {name!r} holds NaN or infinite values (first in sample {first})")
+
+
+def batch_size_of(model: onnx.ModelProto) -> int | None:
+    """The model's batch size when every input fixes its first dim (the smallest of them), else None."""
+    fixed = {d[0] for v in model_inputs(model) if (d := _declared(v)[1]) and isinstance(d[0], int) and d[0] > 0}
+    return min(fixed) if fixed else None
+
+
+def sample_count(data: Mapping[str, Array]) -> int:
+    """Samples in a checked calibration set (0 when it is empty)."""
+    return min((len(v) for v in data.values()), default=0)
+
+
+def load_calibration(source: CalibrationSource, model: ModelLike | None = None) -> dict[str, Array]:
+    """Calibration inputs as ``{input name: array}``, samples on axis 0 (see the module docstring).
+
+    Without ``model`` every array is returned as stored; with it the data is checked against the model's
+    inputs, converted to their element types and reduced to them. Raises :class:`LowRankError` with a
+    one-line message for a missing or unreadable file, a missing input, a wrong shape or dtype, NaNs,
+    or too few samples.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise LowRankError(f"{path}: no such calibration file or folder")
+        arrays = _read_folder(path) if path.is_dir() else load_npz(path, "calibration file")
+    elif isinstance(source, Mapping):
+        arrays = {str(k): np.asarray(v) for k, v in source.items()}
+    elif isinstance(source, Iterable):
+        arrays = _concat_batches(source)
+    else:
+        raise LowRankError(f"calibration data must be a path, a mapping or an iterable of mappings, got {type(source).__name__}")
+    if not arrays:
+        raise LowRankError("calibration data holds no arrays")
+    for name, value in arrays.items():
+        if value.ndim == 0:
+            raise LowRankError(f"calibration input {name!r} is a scalar; samples must be on axis 0")
+    if model is None:
+        counts = {name: len(v) for name, v in arrays.items()}
+        if len(set(counts.values())) > 1:
+            raise LowRankError(f"calibration inputs differ in sample count: {counts}")
+        if min(counts.values()) == 0:
+            raise LowRankError("calibration data has no samples")
+        return arrays
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    out: dict[str, Array] = {}
+    for value in model_inputs(proto):
+        if value.name not in arrays:
+            raise LowRankError(f"calibration data lacks model input {value.name!r} (has: {', '.join(sorted(arrays)) or 'nothing'})")
+        data = arrays[value.name]
+        elem, dims = _declared(value)
+        pairs = zip(dims[1:], data.shape[1:], strict=False) if dims is not None else ()
+        fixed_dims = [(d, n) for d, n in pairs if isinstance(d, int) and d > 0]
+        if dims is not None and (data.ndim != len(dims) or any(d != n for d, n in fixed_dims)):
+            raise LowRankError(f"calibration input {value.name!r} has shape {tuple(data.shape)}; the model expects {_show(dims)}")
+        data = _convert(value.name, data, elem)
+        _check_finite(value.name, data)
+        out[value.name] = data
+    counts = {name: len(v) for name, v in out.items()}
+    if len(set(counts.values())) > 1:
+        raise LowRankError(f"calibration inputs differ in sample count: {counts}")
+    if counts and min(counts.values()) == 0:
+        raise LowRankError(f"calibration input {next(iter(counts))!r} has no samples")
+    batch = batch_size_of(proto)
+    if batch is not None and counts and min(counts.values()) < batch:
+        name = min(counts, key=lambda k: counts[k])
+        raise LowRankError(f"calibration input {name!r} has {counts[name]} samples, fewer than the model's fixed batch of {batch}")
+    return out
+
+
+class Batches:
+    """The calibration set as feeds of ``size`` samples, a size that may change between batches (a model whose
+    batch is fixed is always fed exactly that; left-over samples that do not fill one are dropped).
+
+    The passes start with one sample, see how many bytes of tensors it yields, and :meth:`resize` to what
+    fits their memory budget, so the memory a pass holds does not grow with the batch size asked for.
+    """
+
+    def __init__(self, model: onnx.ModelProto, data: Mapping[str, Array], size: int, limit: int | None = None) -> None:
+        self.inputs = [v.name for v in model_inputs(model)]
+        self.data = data
+        count = min(len(data[name]) for name in self.inputs) if self.inputs else 0
+        if limit is not None:
+            count = min(count, limit)
+        self.fixed = batch_size_of(model)
+        if self.fixed is not None:
+            if count < self.fixed:
+                raise LowRankError(f"the model's batch size is fixed at {self.fixed}, but the calibration data has only {count} samples")
+            count -= count % self.fixed
+        self.count = count
+        self.size = self.fixed or max(1, size)
+
+    def resize(self, size: int) -> None:
+        if self.fixed is None:
+            self.size = max(1, size)
+
+    def __iter__(self) -> Iterator[dict[str, Array]]:
+        start = 0
+        while start < self.count:
+            stop = min(self.count, start + self.size)
+            yield {name: np.ascontiguousarray(self.data[name][start:stop]) for name in self.inputs}
+            start = stop
+
+
+def iter_batches(
+    model: onnx.ModelProto, data: Mapping[str, Array], batch_size: int, limit: int | None = None
+) -> Iterator[dict[str, Array]]:
+    """Feeds of at most ``batch_size`` samples (exactly the model's batch when it is fixed; left-over samples
+    that do not fill one are dropped). ``limit`` caps the samples used."""
+    return iter(Batches(model, data, batch_size, limit))
