@@ -40,6 +40,18 @@ from onnx import external_data_helper, helper
 from ._threads import single_threaded_blas
 from .errors import LowRankError
 from .factorization import Decomposition, Factors, Kind, decompose_kernel, reconstruct, singular_values
+from .latency_plan import (
+    CHECK_RUNS,
+    Timing,
+    TimingFailed,
+    check_candidate,
+    interpolate,
+    open_store,
+    resolve_by,
+    resolve_threads,
+    timed_ranks,
+    untimeable_reason,
+)
 from .model_io import load_model
 from .passes._rewrite import Site, apply_factors, scope_label
 from .passes.conv_decomposition import find_conv_sites
@@ -49,6 +61,7 @@ from .passes.fold_batchnorm import fold_batchnorm
 from .ranks import Infeasible, LayerChoices, Option, allocate, allocate_two, candidate_ranks, energy_rank, tail_errors
 from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .run_shapes import ModelShapes, resolve_shapes
+from .runtime import first_line
 from .shapes import needs_input_shape_message
 
 __all__ = ["DEFAULT_KINDS", "DEFAULT_RANK_MULTIPLE", "DEFAULT_SPEEDUP", "count_params", "decompose", "inspect"]
@@ -400,7 +413,7 @@ def decompose(
     progress: Progress | None = None,
     workers: int | None = None,
     measure: bool = False,
-    threads: int = 1,
+    threads: int | None = None,
     calibration: CalibrationSource | None = None,
     refit: bool | None = None,
     sensitivity: bool | None = None,
@@ -408,6 +421,9 @@ def decompose(
     inplace: bool = False,
     allow_unknown_shapes: bool = False,
     shapes: ModelShapes | None = None,
+    by: str | None = None,
+    timing_cache: bool | str | os.PathLike[str] = True,
+    check_runs: int | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Decompose the model's layers; return the new model and what was done.
 
@@ -437,9 +453,21 @@ def decompose(
     which then give the rank asked for). ``fold_bn`` first folds
     BatchNormalization into the Conv before it. ``progress(done, total, name)``
     is called as layers are analysed. ``workers`` threads compute the spectra
-    (default: the number of CPUs, at most 4). ``measure`` (with ``speedup``)
-    chooses ranks by latency timed in onnxruntime with ``threads`` intra-op
-    threads instead of MACs, and checks the whole model (``Report.latency``).
+    (default: the number of CPUs, at most 4).
+
+    What ``speedup`` (alone) plans by, ``by``: ``"latency"`` — every layer's
+    splits timed in onnxruntime on this machine with ``threads`` intra-op
+    threads (default: onnxruntime's own default, the physical cores), the
+    allocation made on milliseconds and the whole model re-timed until it meets
+    the target — or ``"macs"``, a plan by MAC count, portable to other hardware.
+    The default (None) is latency whenever the model can be timed (a reference
+    input exists and every layer to plan has a known size on it), MACs
+    otherwise; ``measure=True`` is ``by="latency"``. Layer timings are kept
+    across runs in the user's cache folder (``timing_cache``: True, a folder,
+    or False to keep nothing; see :mod:`onnx_lowrank.timing_cache`). Whatever
+    the plan, the result is timed against the original (``check_runs``
+    interleaved runs, default 10; 0 skips it) where the model can be run, and
+    ``Report.latency`` holds the measured ratio beside the MAC ratio.
 
     ``calibration`` (an ``.npz`` or a folder of ``<input>.npy``, arrays keyed by
     input name with samples on axis 0, or an iterable of such batches) makes the
@@ -473,6 +501,9 @@ def decompose(
         inplace=inplace,
         allow_unknown_shapes=allow_unknown_shapes,
         shapes=shapes,
+        by=by,
+        timing_cache=timing_cache,
+        check_runs=check_runs,
     )
     if calibration is None and (refit or sensitivity):
         raise LowRankError("refit and sensitivity allocation need calibration data")
@@ -502,7 +533,8 @@ def _decompose_calibrated(
     policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
     measured = None
     allocation = "kernel error"
-    if sensitivity and policy.name == "budget" and policy.params_ratio is None and not options["measure"]:
+    by_latency = resolve_by(options["by"], options["measure"]) == "latency"
+    if sensitivity and policy.name == "budget" and policy.params_ratio is None and not by_latency:
         measured = measure_sensitivity(
             source,
             data,
@@ -560,16 +592,27 @@ def _decompose(
     progress: Progress | None = None,
     workers: int | None = None,
     measure: bool = False,
-    threads: int = 1,
+    threads: int | None = None,
     inplace: bool = False,
     allow_unknown_shapes: bool = False,
     shapes: ModelShapes | None = None,
     reference: Mapping[str, Any] | None = None,
+    by: str | None = None,
+    timing_cache: bool | str | os.PathLike[str] = True,
+    check_runs: int | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """The data-free conversion; :func:`decompose` documents the arguments."""
     start = time.perf_counter()
     workers = workers or min(os.cpu_count() or 1, 4)
     policy = _policy(rank, energy, speedup, params_ratio, ranks)
+    wanted_by = resolve_by(by, measure)
+    threads = resolve_threads(threads)
+    check_runs = CHECK_RUNS if check_runs is None else check_runs
+    if isinstance(check_runs, bool) or not isinstance(check_runs, int) or check_runs < 0:
+        raise LowRankError(f"check runs must be a whole number >= 0, got {check_runs!r}")
+    budget_alone = policy.name == "budget" and policy.speedup is not None and policy.params_ratio is None
+    if wanted_by == "latency" and not budget_alone:
+        raise LowRankError("--by latency (--measure) plans a --speedup budget alone, not --rank/--energy/--ranks or --params-ratio")
     allowed = _kinds(kinds)
     if rank_multiple is None:
         rank_multiple = DEFAULT_RANK_MULTIPLE if policy.name == "budget" else 1
@@ -589,7 +632,7 @@ def _decompose(
         unknown = sorted(set(policy.ranks) - {s.key for s in sites})
         if unknown:
             raise LowRankError(f"ranks file names nodes that are not decomposable layers of the model: {', '.join(unknown[:5])}")
-    needs_macs = (policy.name == "budget" and policy.speedup is not None) or measure
+    needs_macs = (policy.name == "budget" and policy.speedup is not None) or wanted_by == "latency"
     warnings, excluded, exact = _size_check(sites, model_shapes, needs_macs, allow_unknown_shapes)
 
     reasons: dict[str, str | None] = {}
@@ -633,16 +676,30 @@ def _decompose(
 
     fixed_macs = sum(s.cost.macs for s in counted if s.cost and s not in selected)
     fixed_params = params_before - sum(u.params for u in units)
-    if policy.name == "budget":
-        chosen = _choose_budget(units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple)
-    else:
-        chosen = {u.key: _choose_per_layer(u, policy, force, rank_multiple) for u in units}
-
+    plan_by, why_not_timed, timing = _plan_by(proto, model_shapes, units, wanted_by, budget_alone, threads, timing_cache)
     measured: dict[str, Any] = {}
-    if measure:
-        if policy.name != "budget" or policy.params_ratio is not None:
-            raise LowRankError("--measure goes with --speedup alone")
-        chosen, measured = _measured_choice(proto, model_shapes, units, policy, threads, rank_multiple)
+    if policy.name == "budget" and plan_by == "latency":
+        assert timing is not None
+        try:
+            chosen, measured = _measured_choice(proto, model_shapes, units, policy, timing, rank_multiple)
+        except TimingFailed as exc:
+            if wanted_by == "latency":
+                raise
+            plan_by, why_not_timed = "macs", str(exc)
+        finally:  # the layers timed so far are kept, also when the target is refused
+            assert timing.store is not None
+            timing.store.save()
+            warnings += timing.store.warnings
+        if plan_by == "macs":
+            timing = None
+    if policy.name == "budget" and plan_by == "macs":
+        chosen = _choose_budget(units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple)
+    elif policy.name != "budget":
+        chosen = {u.key: _choose_per_layer(u, policy, force, rank_multiple) for u in units}
+    decomposes = any(kind is not None for kind, _, _ in chosen.values())
+    if plan_by == "macs" and timing is None and check_runs and decomposes and why_not_timed is None:
+        # the session of the original is made before its layers are rewritten in place
+        timing, why_not_timed = _start_timing(proto, model_shapes, threads, None)
 
     layers = {site.key: _layer_report(site, reasons[site.key]) for site in sites}
     for site in sites:
@@ -652,6 +709,9 @@ def _decompose(
     for key, names in made.items():
         layers[key].vertical_node = names.first
         layers[key].horizontal_node = names.second
+    if plan_by != "latency":
+        measured = _check(proto, timing, check_runs, decomposes, why_not_timed, plan_by if policy.name == "budget" else None)
+    del timing  # the original's session: its weights are a copy of the model's
     layer_list = [layers[s.key] for s in sites]
     report = Report(
         macs_before=sum(layer.macs_before for layer in layer_list if layer.counted),
@@ -665,7 +725,9 @@ def _decompose(
             "force": force,
             "rank_multiple": rank_multiple,
             "fold_bn": fold_bn,
-            "measure": measure,
+            "measure": plan_by == "latency",
+            "by": plan_by if policy.name == "budget" else None,
+            "threads": threads,
         },
         folded_batchnorms=[bn for _, bn in folded],
         kept_batchnorms=kept_batchnorms,
@@ -797,7 +859,65 @@ def _plan(
 
 
 MEASURE_STEP = 8  # timed ranks are multiples of this (or of --rank-multiple when larger): onnxruntime's kernels block by 8
-MEASURE_POINTS = 10  # at most this many timed ranks per layer and kind
+MEASURE_POINTS = 6  # at most this many timed ranks per layer and kind; the ranks between are interpolated
+# a layer taking less than this share of the model's time is left as it is without timing its splits: it could
+# save at most that share, and timing every small layer of a large network (DenseNet: 120 convs) costs seconds
+MEASURE_SCREEN = 0.002
+ROUND_RUNS = 10  # interleaved runs of each model per whole-model check of a round
+MAX_ROUNDS = 4
+
+
+def _start_timing(proto: onnx.ModelProto, shapes: ModelShapes, threads: int, store: Any) -> tuple[Timing | None, str | None]:
+    """A session of the model as it is now, for timing against; or None and the reason it cannot be made."""
+    if shapes.reference is None:
+        return None, untimeable_reason(shapes, [])
+    try:
+        return Timing.start(proto, shapes.reference, threads, store), None
+    except LowRankError as exc:
+        return None, str(exc)
+
+
+def _plan_by(
+    proto: onnx.ModelProto,
+    shapes: ModelShapes,
+    units: list[_Unit],
+    wanted: str | None,
+    budget_alone: bool,
+    threads: int,
+    timing_cache: bool | str | os.PathLike[str],
+) -> tuple[str, str | None, Timing | None]:
+    """What the plan is made by — ``"latency"`` or ``"macs"`` — why the model cannot be timed (None when it can,
+    or when no timing is wanted) and, for a plan by latency, what timing needs."""
+    if not budget_alone or wanted == "macs" or not units:
+        return "macs", None, None
+    why = untimeable_reason(shapes, [site for unit in units for site in unit.sites])
+    timing = None
+    if why is None:
+        timing, why = _start_timing(proto, shapes, threads, open_store(threads, timing_cache))
+    if why is not None:
+        if wanted == "latency":
+            raise LowRankError(f"--by latency times the model on this machine, and cannot: {why}; --by macs plans by MAC count")
+        return "macs", why, None
+    return "latency", None, timing
+
+
+def _check(
+    candidate: onnx.ModelProto, timing: Timing | None, runs: int, decomposes: bool, why_not: str | None, by: str | None
+) -> dict[str, Any]:
+    """The measured ratio of a plan not made by latency (``by``: "macs", or None for a per-layer policy), or why there is none."""
+    out: dict[str, Any] = {"by": by}
+    if why_not is not None:
+        out["why_macs"] = why_not
+    if not decomposes:
+        return {**out, "not_timed": "no layer was decomposed"}
+    if runs == 0:
+        return {**out, "not_timed": "not asked for (0 check runs)"}
+    if timing is None:
+        return {**out, "not_timed": why_not or "the model cannot be run"}
+    try:
+        return {**out, **check_candidate(timing, candidate, runs)}
+    except LowRankError as exc:
+        return {**out, "not_timed": str(exc)}
 
 
 def _measured_choice(
@@ -805,73 +925,88 @@ def _measured_choice(
     shapes: ModelShapes,
     units: list[_Unit],
     policy: _Policy,
-    threads: int,
+    timing: Timing,
     multiple: int,
 ) -> tuple[dict[str, tuple[Kind | None, int, str | None]], dict[str, Any]]:
     """Ranks from measured latency: each layer's options are timed in onnxruntime, the whole model checked.
 
     The allocator of :mod:`onnx_lowrank.ranks` runs on measured milliseconds instead of MACs; an option slower
-    than the original layer is never offered. The result is then timed as a whole model against the original
-    (interleaved runs); when it falls short of the target, the latency budget is tightened by the shortfall
-    and the allocation redone (at most four rounds). A round that meets the target is measured a second time
-    and keeps the lower ratio, so noise does not pass a candidate that is too slow.
+    than the original layer is never offered. Each layer's splits are timed at a few ranks and interpolated
+    between them (:mod:`onnx_lowrank.latency_plan`); a layer under ``MEASURE_SCREEN`` of the model's time is
+    left as it is. The result is then timed as a whole model against the original (interleaved runs); when
+    it falls short of the target, the latency budget is tightened by the shortfall and the allocation redone
+    (at most ``MAX_ROUNDS`` rounds). A round that meets the target is measured a second time and keeps the
+    lower ratio, so noise does not pass a candidate that is too slow.
     """
     from .latency import LayerTimer
     from .verify import interleaved_latency, make_session
 
     target = float(policy.speedup)  # type: ignore[arg-type]
-    if shapes.reference is None:
-        raise LowRankError(f"--measure times the model on a concrete input: {needs_input_shape_message(shapes.missing_inputs)}")
-    timer = LayerTimer(proto.opset_import, threads=threads)
+    threads = timing.threads
+    timer = LayerTimer(proto.opset_import, threads=threads, store=timing.store)
     step = max(multiple, MEASURE_STEP)
-    original_session = make_session(proto, threads=threads)
-    feeds = dict(shapes.reference)
+    feeds = timing.feeds
+    _timed_runs(timing.original, feeds, 1)  # warm-up
+    before_ms = statistics.median(_timed_runs(timing.original, feeds, 7))
     choices: list[LayerChoices] = []
     unit_ms: dict[str, float] = {}
-    for unit in units:
-        times = [timer.original(site) for site in unit.sites]
-        if any(t is None for t in times):
-            continue  # unknown input shape: cannot be timed, left as is
-        # a layer that runs several times per inference (a Loop body) costs each run
-        base = float(sum(t * site.executions for t, site in zip(times, unit.sites, strict=True) if t is not None))
-        unit_ms[unit.key] = base
-        options = [Option(int(base * 1e6), 0.0, None, 0)]
-        for kind in unit.kinds:
-            errors = unit.errors(kind)
-            full = errors.size - 1
-            limit = min(full, unit.macs // max(unit.rank_macs[kind], 1))
-            grid = list(range(step, limit + 1, step)) or ([limit] if limit >= 1 else [])
-            if len(grid) > MEASURE_POINTS:
-                grid = sorted({grid[round(i * (len(grid) - 1) / (MEASURE_POINTS - 1))] for i in range(MEASURE_POINTS)})
-            for r in grid:
-                pair = sum((timer.pair(site, kind, r) or 0.0) * site.executions for site in unit.sites)
-                if pair < base:  # never offer a layer that gets slower
-                    options.append(Option(int(pair * 1e6), float(errors[r]), kind, r))
-        choices.append(LayerChoices(unit.key, options))
-    _timed_runs(original_session, feeds, 2)  # warm-up
-    before_ms = statistics.median(_timed_runs(original_session, feeds, 10))
-    fixed = max(before_ms - sum(unit_ms.values()), 0.0)
+    screened: set[str] = set()
+    try:
+        for unit in units:
+            times = [timer.original(site) for site in unit.sites]
+            if any(t is None for t in times):
+                continue  # unknown input shape: cannot be timed, left as is
+            # a layer that runs several times per inference (a Loop body) costs each run
+            base = float(sum(t * site.executions for t, site in zip(times, unit.sites, strict=True) if t is not None))
+            unit_ms[unit.key] = base
+            options = [Option(int(base * 1e6), 0.0, None, 0)]
+            if base < MEASURE_SCREEN * before_ms:
+                screened.add(unit.key)
+                choices.append(LayerChoices(unit.key, options))
+                continue
+            for kind in unit.kinds:
+                errors = unit.errors(kind)
+                full = errors.size - 1
+                limit = min(full, unit.macs // max(unit.rank_macs[kind], 1))
+                grid = list(range(step, limit + 1, step)) or ([limit] if limit >= 1 else [])
+                timed = {
+                    r: sum((timer.pair(site, kind, r) or 0.0) * site.executions for site in unit.sites)
+                    for r in timed_ranks(grid, MEASURE_POINTS)
+                }
+                for r in grid:
+                    pair = interpolate(timed, r)
+                    if pair < base:  # never offer a layer that gets slower
+                        options.append(Option(int(pair * 1e6), float(errors[r]), kind, r))
+            choices.append(LayerChoices(unit.key, options))
+    except LowRankError as exc:  # a layer model onnxruntime cannot load (a dtype its CPU kernels lack, say)
+        raise TimingFailed(f"a layer could not be timed: {exc}; --by macs plans by MAC count") from None
+    except Exception as exc:  # onnxruntime raises its own exception types when a layer model fails to run
+        raise TimingFailed(f"a layer could not be timed in onnxruntime ({first_line(exc)}); --by macs plans by MAC count") from None
+    # the rest of the model, by difference: a layer timed alone also pays its own layout reorders and the
+    # session's call, which in the model it does not, so this can be negative; the allocation then works on
+    # what each split saves (the layer alone minus the pair alone), which is what carries over to the model
+    fixed = before_ms - sum(unit_ms.values())
     budget = before_ms / target
     history: list[dict[str, float]] = []
     rounds: list[tuple[float, float, dict[str, Option]]] = []  # measured ratio, total error, picks
-    for _ in range(4):
+    for _ in range(MAX_ROUNDS):
         try:
             picks = allocate(choices, budget * 1e6, fixed=fixed * 1e6)
         except Infeasible as exc:
             if rounds:
                 break
-            reachable = before_ms / (exc.best / 1e6) if exc.best else float("inf")
-            raise LowRankError(f"--speedup {target:g} --measure cannot be reached: timed layers allow at most {reachable:.3g}x") from None
+            raise LowRankError(_unreachable(target, threads, before_ms, exc.best / 1e6)) from None
         predicted = before_ms / ((fixed * 1e6 + sum(o.macs for o in picks.values())) / 1e6)
         candidate_session = make_session(_candidate(proto, shapes, units, picks), threads=threads)
-        orig_ms, cand_ms = interleaved_latency(original_session, candidate_session, feeds, runs=20)
+        orig_ms, cand_ms = interleaved_latency(timing.original, candidate_session, feeds, runs=ROUND_RUNS, warmup=2)
         ratio = orig_ms / cand_ms
         if ratio >= target:
-            # the median of 20 runs on a busy small machine can be several percent off: a round is accepted
+            # the median of a few runs on a busy small machine can be several percent off: a round is accepted
             # only when a second, independent measurement agrees, and the lower of the two is kept
-            again_orig, again_cand = interleaved_latency(original_session, candidate_session, feeds, runs=20, warmup=0)
+            again_orig, again_cand = interleaved_latency(timing.original, candidate_session, feeds, runs=ROUND_RUNS, warmup=0)
             if again_orig / again_cand < ratio:
                 orig_ms, cand_ms, ratio = again_orig, again_cand, again_orig / again_cand
+        del candidate_session
         history.append({"predicted_speedup": predicted, "measured_speedup": ratio, "original_ms": orig_ms, "candidate_ms": cand_ms})
         rounds.append((ratio, sum(o.error for o in picks.values()), picks))
         if ratio >= target:
@@ -882,24 +1017,40 @@ def _measured_choice(
     best = min(meeting, key=lambda r: r[1]) if meeting else max(rounds, key=lambda r: r[0])
     picks = best[2]
     chosen: dict[str, tuple[Kind | None, int, str | None]] = {}
+    what = f"--speedup {target:g} by latency ({threads} thread(s))"
     for unit in units:
         pick = picks.get(unit.key)
         if pick is None:
-            chosen[unit.key] = (None, 0, "input shape unknown: cannot be timed for --measure")
+            chosen[unit.key] = (None, 0, "input shape unknown: cannot be timed")
+        elif unit.key in screened:
+            chosen[unit.key] = (None, 0, f"left as is by {what}: takes under {MEASURE_SCREEN:.1%} of the model's time")
         elif pick.kind is None:
-            chosen[unit.key] = (None, 0, f"left as is by --speedup {target:g} --measure: slower or costlier in accuracy per ms saved")
+            chosen[unit.key] = (None, 0, f"left as is by {what}: slower, or costlier in accuracy per ms saved")
         else:
             chosen[unit.key] = (pick.kind, pick.rank, None)
     final = history[rounds.index(best)]
     info = {
+        "by": "latency",
         **final,
         "target": target,
         "met": final["measured_speedup"] >= target,
         "threads": threads,
+        "runs": ROUND_RUNS,
         "rounds": history,
         "layers_timed": timer.timed,
+        "timing_cache": timing.store.summary() if timing.store is not None else None,
     }
     return chosen, info
+
+
+def _unreachable(target: float, threads: int, before_ms: float, best_ms: float) -> str:
+    """The refusal of a latency target the timed layers cannot reach: what the fastest splits save at most."""
+    reachable = before_ms / best_ms if best_ms > 0 else float("inf")
+    return (
+        f"--speedup {target:g} cannot be reached by latency on this machine ({threads} thread(s)): the timed splits allow "
+        f"at most {reachable:.3g}x (they save at most {before_ms - best_ms:.3g} of the model's {before_ms:.3g} ms; the rest is "
+        "work no split makes faster); ask for less, or --by macs for a plan by MAC count"
+    )
 
 
 def _timed_runs(session: Any, feeds: Mapping[str, Any], runs: int) -> list[float]:

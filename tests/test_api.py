@@ -168,7 +168,9 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
 
 
 @pytest.mark.parametrize("make", MODELS.values(), ids=list(MODELS))
-@pytest.mark.parametrize("policy", [{"rank": 2}, {"rank": FULL, "force": True}, {"speedup": 1.5}, {"energy": 0.8}], ids=str)
+@pytest.mark.parametrize(
+    "policy", [{"rank": 2}, {"rank": FULL, "force": True}, {"speedup": 1.5}, {"speedup": 1.5, "by": "macs"}, {"energy": 0.8}], ids=str
+)
 def test_decompose_does_not_mutate_given_model(make: Callable[[], onnx.ModelProto], policy: dict[str, Any]) -> None:
     """The caller's ModelProto is byte-identical afterwards, whatever the policy."""
     model = make()

@@ -278,7 +278,7 @@ def test_energy_policy_takes_the_least_rank_per_layer(energy: float) -> None:
 def test_speedup_policy_reaches_the_mac_ratio(target: float, kinds: list[str] | None) -> None:
     """``speedup=S`` brings the total MAC ratio to at least S (the 1x1 conv counts, split or not)."""
     model, _ = multi_conv_model()
-    _, report = decompose(model, speedup=target, kinds=kinds)
+    _, report = decompose(model, speedup=target, kinds=kinds, by="macs")
     assert report.mac_ratio >= target
     assert report.macs_before == sum(layer.macs_before for layer in report.layers)
     assert report.macs_after == sum(layer.macs_after for layer in report.layers)
@@ -296,4 +296,4 @@ def test_unreachable_speedup_is_an_error() -> None:
     """A target beyond every layer at rank 1 is refused with a message, not silently missed."""
     model, _ = multi_conv_model()
     with pytest.raises(LowRankError, match="speedup"):
-        decompose(model, speedup=1000.0)
+        decompose(model, speedup=1000.0, by="macs")
