@@ -52,8 +52,15 @@ MODELS: dict[str, ModelSpec] = {
         # the zoo's AlexNet is Caffe's, whose published input is 227x227 (at 224 its fc6 would be narrower)
         ModelSpec("alexnet", "alexnet-bnfolded", 227, 67, "AlexNet, Caffe layout (zoo)"),
         ModelSpec("nin", "nin-bnfolded", 32, 32, "CIFAR-10 Network in Network (zoo)"),
+        ModelSpec("resnet18", "resnet18-bnfolded", 224, 64, "ResNet-18 (zoo)"),
+        ModelSpec("mobilenetv2", "mobilenetv2-bnfolded", 224, 64, "MobileNetV2 (zoo)"),
+        ModelSpec("densenet121", "densenet121-bnfolded", 224, 64, "DenseNet-121 (zoo)"),
+        # trained models shipped in models/: their own input size
+        ModelSpec("digits", "file:models/digits_cnn.onnx", 32, 32, "digits CNN, trained (models/digits_cnn.onnx)"),
     ]
 }
+# the models speed.py runs by default (the others through --models): the published speed tables
+SPEED_MODELS = ("vgg16", "resnet50", "googlenet", "alexnet", "nin")
 
 # --quick builds VGG-16 at a quarter of its width with a narrow classifier, as models/vgg16_small.onnx is
 QUICK_VGG = {"width": 0.25, "fc": 256}
@@ -62,6 +69,9 @@ QUICK_VGG = {"width": 0.25, "fc": 256}
 def load(spec: ModelSpec, quick: bool) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The model in memory and a description of how it was made (recorded in the results)."""
     size = spec.quick_size if quick else spec.size
+    if spec.source.startswith("file:"):
+        path = ROOT / spec.source.removeprefix("file:")
+        return onnx.load(str(path)), {"source": str(path.relative_to(ROOT)), "input_size": size}
     if spec.source == "make_vgg":
         from models.make_vgg import build
 

@@ -52,6 +52,7 @@ from .latency_plan import (
     timed_ranks,
     untimeable_reason,
 )
+from .mac_plan import LayerOverhead, allocate_effective
 from .model_io import load_model
 from .passes._rewrite import Site, apply_factors, scope_label
 from .passes.conv_decomposition import find_conv_sites
@@ -209,6 +210,11 @@ class _Unit:
         self.rank_macs = {k: sum(s.cost.rank_macs[k] for s in sites if s.cost) for k in kinds}
         self.rank_params = {k: first.cost.rank_params[k] for k in kinds}
         self.bias = first.cost.bias
+        self.overhead = LayerOverhead(
+            len(sites),
+            sum(s.cost.activations for s in sites if s.cost),
+            {k: sum(s.cost.rank_activations.get(k, 0) for s in sites if s.cost) for k in kinds},
+        )
 
     @property
     def key(self) -> str:
@@ -330,7 +336,8 @@ def _choose_budget(
     before = fixed_macs + sum(u.macs for u in units)
     try:
         if policy.params_ratio is None:
-            picks = allocate(layers, before / float(policy.speedup), fixed=fixed_macs)  # type: ignore[arg-type]
+            # the MAC budget, the splits ranked by what they cost to run (onnx_lowrank.mac_plan)
+            picks = allocate_effective(layers, [u.overhead for u in units], before / float(policy.speedup), fixed_macs)  # type: ignore[arg-type]
         else:
             mac_budget = before / float(policy.speedup) if policy.speedup else float("inf")
             picks = allocate_two(layers, mac_budget, policy.params_ratio * params_total, fixed_macs, fixed_params)
@@ -533,8 +540,10 @@ def _decompose_calibrated(
     policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
     measured = None
     allocation = "kernel error"
-    by_latency = resolve_by(options["by"], options["measure"]) == "latency"
-    if sensitivity and policy.name == "budget" and policy.params_ratio is None and not by_latency:
+    wanted = resolve_by(options["by"], options["measure"])
+    done: tuple[onnx.ModelProto, Report] | None = None
+    why_macs = None
+    if sensitivity and policy.name == "budget" and policy.params_ratio is None:
         measured = measure_sensitivity(
             source,
             data,
@@ -545,18 +554,32 @@ def _decompose_calibrated(
             shapes=options["shapes"],
         )
         target = float(policy.speedup)  # type: ignore[arg-type]
-        try:
-            ranks = allocate_ranks(measured, target)
-        except LowRankError as exc:  # the measured layers alone cannot reach it: the kernel-error allocation can
-            allocation = f"kernel error ({exc})"
-            ranks = {}
-        if ranks:
-            allocation = "sensitivity"
-            options = {**options, "speedup": None, "ranks": ranks, "kinds": ["spatial"]}
-    new, report = _decompose(source, **options)
+        if wanted != "macs":
+            # by latency: the measured damage is each option's error, the timed milliseconds its cost
+            damage = {layer.node: list(zip(layer.ranks, layer.damage, strict=True)) for layer in measured.layers}
+            try:
+                done = _decompose(source, **{**options, "kinds": ["spatial"]}, damage=damage)
+                allocation = "sensitivity"
+            except TimingFailed as exc:
+                if wanted == "latency":
+                    raise
+                why_macs = str(exc)
+        if done is None:
+            try:
+                ranks = allocate_ranks(measured, target)
+            except LowRankError as exc:  # the measured layers alone cannot reach it: the kernel-error allocation can
+                allocation = f"kernel error ({exc})"
+                ranks = {}
+            if ranks:
+                allocation = "sensitivity"
+                options = {**options, "speedup": None, "ranks": ranks, "kinds": ["spatial"], "by": None, "measure": False}
+    new, report = done if done is not None else _decompose(source, **options)
     report.policy["allocation"] = allocation
-    if allocation == "sensitivity":
-        report.policy.update(name="budget", speedup=float(policy.speedup))  # type: ignore[arg-type]
+    if allocation == "sensitivity" and report.policy.get("name") != "budget":  # the MAC allocation, through a ranks policy
+        report.policy.update(name="budget", speedup=float(policy.speedup), by="macs")  # type: ignore[arg-type]
+        report.latency["by"] = "macs"
+        if why_macs is not None:
+            report.latency["why_macs"] = why_macs
         for layer in report.layers:
             if layer.reason == "not named in the ranks file":
                 layer.reason = f"left as is by --speedup {policy.speedup:g}: other layers harm the outputs less per MAC saved"
@@ -600,8 +623,14 @@ def _decompose(
     by: str | None = None,
     timing_cache: bool | str | os.PathLike[str] = True,
     check_runs: int | None = None,
+    damage: Mapping[str, Sequence[tuple[int, float]]] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
-    """The data-free conversion; :func:`decompose` documents the arguments."""
+    """The data-free conversion; :func:`decompose` documents the arguments.
+
+    ``damage`` (from :mod:`onnx_lowrank.sensitivity`: node → measured (rank, damage to the outputs)) makes a plan
+    by latency rank its options by measured damage instead of kernel error; only the layers it names are
+    offered. When no plan by latency can be made with it, :class:`TimingFailed` says why.
+    """
     start = time.perf_counter()
     workers = workers or min(os.cpu_count() or 1, 4)
     policy = _policy(rank, energy, speedup, params_ratio, ranks)
@@ -677,13 +706,15 @@ def _decompose(
     fixed_macs = sum(s.cost.macs for s in counted if s.cost and s not in selected)
     fixed_params = params_before - sum(u.params for u in units)
     plan_by, why_not_timed, timing = _plan_by(proto, model_shapes, units, wanted_by, budget_alone, threads, timing_cache)
+    if damage is not None and plan_by != "latency":
+        raise TimingFailed(why_not_timed or "not a budget to plan by latency")
     measured: dict[str, Any] = {}
     if policy.name == "budget" and plan_by == "latency":
         assert timing is not None
         try:
-            chosen, measured = _measured_choice(proto, model_shapes, units, policy, timing, rank_multiple)
+            chosen, measured = _measured_choice(proto, model_shapes, units, policy, timing, rank_multiple, damage)
         except TimingFailed as exc:
-            if wanted_by == "latency":
+            if wanted_by == "latency" or damage is not None:
                 raise
             plan_by, why_not_timed = "macs", str(exc)
         finally:  # the layers timed so far are kept, also when the target is refused
@@ -927,6 +958,7 @@ def _measured_choice(
     policy: _Policy,
     timing: Timing,
     multiple: int,
+    damage: Mapping[str, Sequence[tuple[int, float]]] | None = None,
 ) -> tuple[dict[str, tuple[Kind | None, int, str | None]], dict[str, Any]]:
     """Ranks from measured latency: each layer's options are timed in onnxruntime, the whole model checked.
 
@@ -937,6 +969,10 @@ def _measured_choice(
     it falls short of the target, the latency budget is tightened by the shortfall and the allocation redone
     (at most ``MAX_ROUNDS`` rounds). A round that meets the target is measured a second time and keeps the
     lower ratio, so noise does not pass a candidate that is too slow.
+
+    With ``damage``, an option's error is the damage measured at that rank (interpolated between the ranks
+    measured, zero at full rank; ranks below the least measured one are not offered), and only the layers it
+    names are offered.
     """
     from .latency import LayerTimer
     from .verify import interleaved_latency, make_session
@@ -960,7 +996,8 @@ def _measured_choice(
             base = float(sum(t * site.executions for t, site in zip(times, unit.sites, strict=True) if t is not None))
             unit_ms[unit.key] = base
             options = [Option(int(base * 1e6), 0.0, None, 0)]
-            if base < MEASURE_SCREEN * before_ms:
+            curve = damage.get(unit.key) if damage is not None else None
+            if base < MEASURE_SCREEN * before_ms or (damage is not None and not curve):
                 screened.add(unit.key)
                 choices.append(LayerChoices(unit.key, options))
                 continue
@@ -969,6 +1006,8 @@ def _measured_choice(
                 full = errors.size - 1
                 limit = min(full, unit.macs // max(unit.rank_macs[kind], 1))
                 grid = list(range(step, limit + 1, step)) or ([limit] if limit >= 1 else [])
+                if curve:
+                    grid = [r for r in grid if r >= min(r for r, _ in curve)]
                 timed = {
                     r: sum((timer.pair(site, kind, r) or 0.0) * site.executions for site in unit.sites)
                     for r in timed_ranks(grid, MEASURE_POINTS)
@@ -976,7 +1015,8 @@ def _measured_choice(
                 for r in grid:
                     pair = interpolate(timed, r)
                     if pair < base:  # never offer a layer that gets slower
-                        options.append(Option(int(pair * 1e6), float(errors[r]), kind, r))
+                        error = _damage_at(curve, r, full) if curve else float(errors[r])
+                        options.append(Option(int(pair * 1e6), error, kind, r))
             choices.append(LayerChoices(unit.key, options))
     except LowRankError as exc:  # a layer model onnxruntime cannot load (a dtype its CPU kernels lack, say)
         raise TimingFailed(f"a layer could not be timed: {exc}; --by macs plans by MAC count") from None
@@ -1022,6 +1062,8 @@ def _measured_choice(
         pick = picks.get(unit.key)
         if pick is None:
             chosen[unit.key] = (None, 0, "input shape unknown: cannot be timed")
+        elif unit.key in screened and damage is not None and not damage.get(unit.key):
+            chosen[unit.key] = (None, 0, f"left as is by {what}: its damage to the outputs was not measured")
         elif unit.key in screened:
             chosen[unit.key] = (None, 0, f"left as is by {what}: takes under {MEASURE_SCREEN:.1%} of the model's time")
         elif pick.kind is None:
@@ -1041,6 +1083,12 @@ def _measured_choice(
         "timing_cache": timing.store.summary() if timing.store is not None else None,
     }
     return chosen, info
+
+
+def _damage_at(curve: Sequence[tuple[int, float]], rank: int, full: int) -> float:
+    """Measured damage at ``rank``: linear between the ranks measured, falling to 0 at the full rank."""
+    points = sorted({**dict(curve), full: 0.0}.items())
+    return float(np.interp(rank, [r for r, _ in points], [d for _, d in points]))
 
 
 def _unreachable(target: float, threads: int, before_ms: float, best_ms: float) -> str:

@@ -246,3 +246,15 @@ def test_cli_prints_both_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert data["mac_ratio"] >= 2 and data["latency"]["measured_speedup"] > 0 and data["policy"]["by"] == "macs"
     code, out, err = cli(["decompose", src, dst, "--by", "macs", "--measure"], capsys)
     assert code == 2 and "contradicts" in err and len(err.strip().splitlines()) == 1
+
+
+def test_calibration_plans_by_latency_with_measured_damage(fake_timing: None) -> None:
+    """With calibration data the default still plans by latency, each option's error the damage measured on the
+    data; --by macs keeps the sensitivity allocation by MACs."""
+    data = {"x": np.random.default_rng(0).standard_normal((4, 48, 24, 24)).astype(np.float32)}
+    _, report = decompose(wide_chain(), speedup=2, calibration=data, refit=False, samples=4, timing_cache=False)
+    assert report.policy["by"] == "latency" and report.policy["allocation"] == "sensitivity"
+    assert report.decomposed and all(layer.sensitivity for layer in report.decomposed)
+    assert all(layer.rank is not None and layer.rank >= min(r for r, _ in layer.sensitivity) for layer in report.decomposed)  # type: ignore[union-attr]
+    _, by_macs = decompose(wide_chain(), speedup=2, calibration=data, refit=False, samples=4, by="macs")
+    assert by_macs.policy["by"] == "macs" and by_macs.policy["allocation"] == "sensitivity" and by_macs.mac_ratio >= 2
