@@ -44,6 +44,7 @@ from .latency_plan import (
     CHECK_RUNS,
     Timing,
     TimingFailed,
+    adaptive_interleaved,
     check_candidate,
     interpolate,
     open_store,
@@ -894,7 +895,11 @@ MEASURE_POINTS = 6  # at most this many timed ranks per layer and kind; the rank
 # a layer taking less than this share of the model's time is left as it is without timing its splits: it could
 # save at most that share, and timing every small layer of a large network (DenseNet: 120 convs) costs seconds
 MEASURE_SCREEN = 0.002
-ROUND_RUNS = 10  # interleaved runs of each model per whole-model check of a round
+# a round's whole-model check: interleaved runs of the original and the candidate, as many as fit in
+# ROUND_BUDGET_MS between ROUND_MIN_RUNS and ROUND_RUNS (VGG-16 at 1 thread: 0.8 s a round, 5 runs)
+ROUND_RUNS = 10
+ROUND_MIN_RUNS = 5
+ROUND_BUDGET_MS = 4000.0
 MAX_ROUNDS = 4
 
 
@@ -982,8 +987,8 @@ def _measured_choice(
     timer = LayerTimer(proto.opset_import, threads=threads, store=timing.store)
     step = max(multiple, MEASURE_STEP)
     feeds = timing.feeds
-    _timed_runs(timing.original, feeds, 1)  # warm-up
-    before_ms = statistics.median(_timed_runs(timing.original, feeds, 7))
+    warm = _timed_runs(timing.original, feeds, 1)[0]  # the warm-up run sets how many runs fit in ~2 s
+    before_ms = statistics.median(_timed_runs(timing.original, feeds, max(3, min(7, int(2000.0 / max(warm, 1e-3))))))
     choices: list[LayerChoices] = []
     unit_ms: dict[str, float] = {}
     screened: set[str] = set()
@@ -1038,16 +1043,20 @@ def _measured_choice(
             raise LowRankError(_unreachable(target, threads, before_ms, exc.best / 1e6)) from None
         predicted = before_ms / ((fixed * 1e6 + sum(o.macs for o in picks.values())) / 1e6)
         candidate_session = make_session(_candidate(proto, shapes, units, picks), threads=threads)
-        orig_ms, cand_ms = interleaved_latency(timing.original, candidate_session, feeds, runs=ROUND_RUNS, warmup=2)
+        orig_ms, cand_ms, runs = adaptive_interleaved(
+            timing.original, candidate_session, feeds, ROUND_RUNS, ROUND_MIN_RUNS, ROUND_BUDGET_MS, warmup=2
+        )
         ratio = orig_ms / cand_ms
         if ratio >= target:
             # the median of a few runs on a busy small machine can be several percent off: a round is accepted
             # only when a second, independent measurement agrees, and the lower of the two is kept
-            again_orig, again_cand = interleaved_latency(timing.original, candidate_session, feeds, runs=ROUND_RUNS, warmup=0)
+            again_orig, again_cand = interleaved_latency(timing.original, candidate_session, feeds, runs=runs, warmup=0)
             if again_orig / again_cand < ratio:
                 orig_ms, cand_ms, ratio = again_orig, again_cand, again_orig / again_cand
         del candidate_session
-        history.append({"predicted_speedup": predicted, "measured_speedup": ratio, "original_ms": orig_ms, "candidate_ms": cand_ms})
+        history.append(
+            {"predicted_speedup": predicted, "measured_speedup": ratio, "original_ms": orig_ms, "candidate_ms": cand_ms, "runs": runs}
+        )
         rounds.append((ratio, sum(o.error for o in picks.values()), picks))
         if ratio >= target:
             break
@@ -1077,7 +1086,6 @@ def _measured_choice(
         "target": target,
         "met": final["measured_speedup"] >= target,
         "threads": threads,
-        "runs": ROUND_RUNS,
         "rounds": history,
         "layers_timed": timer.timed,
         "timing_cache": timing.store.summary() if timing.store is not None else None,

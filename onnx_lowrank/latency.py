@@ -5,13 +5,10 @@ channel counts miss the blocked kernels of onnxruntime's CPU convolution, and
 small layers are bound by memory, not arithmetic. :class:`LayerTimer` builds a
 one-node model per layer (the original) and a two-node model per candidate
 (kind, rank), at the layer's real input shape, and times each in onnxruntime:
-warm-up runs, then the median of ``runs`` runs, thread spinning off. Timings are
-cached per (geometry, kind, rank, threads), so layers of the same shape — the
-repeated blocks of ResNets — are timed once.
-
-Between timed ranks the latency is interpolated linearly: a pair's work grows
-linearly in K, and the steps of the kernel blocking are caught by timing at
-multiples of the blocking width.
+a warm-up run, then the median of at least ``runs`` runs and of as many more as
+make up 30 ms (a layer of 50 µs is timed 50 times, one of 50 ms 3 times), thread
+spinning off. Timings are cached per (geometry, kind, rank, threads), so layers
+of the same shape — the repeated blocks of ResNets — are timed once.
 
 The timings outlive the run in a :class:`onnx_lowrank.timing_cache.TimingStore`
 (per CPU, onnxruntime version, threads and optimization level): a geometry timed
@@ -37,9 +34,9 @@ from .timing_cache import TimingStore
 
 __all__ = ["LayerTimer", "time_model"]
 
-# a layer that runs in well under a millisecond is timed over more runs (up to MAX_RUNS), until the timed runs
-# add up to MIN_TIMED_MS: a median of 7 runs of 50 µs is mostly scheduler noise, and more runs cost nothing
-MIN_TIMED_MS = 10.0
+# a timing is the median of at least ``runs`` runs, and of more (up to MAX_RUNS) until the timed runs add up to
+# TIMED_MS: a median of 3 runs of 50 ms is steady, one of 7 runs of 50 µs is mostly scheduler noise
+TIMED_MS = 30.0
 MAX_RUNS = 50
 
 
@@ -47,7 +44,7 @@ def _median_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int, warmup:
     for _ in range(warmup):
         session.run(None, feeds)
     times: list[float] = []
-    while len(times) < runs or (sum(times) < MIN_TIMED_MS and len(times) < MAX_RUNS):
+    while len(times) < MAX_RUNS and (len(times) < runs or sum(times) < TIMED_MS):
         start = time.perf_counter()
         session.run(None, feeds)
         times.append((time.perf_counter() - start) * 1000.0)
@@ -66,8 +63,8 @@ class LayerTimer:
         self,
         opset_imports: Sequence[onnx.OperatorSetIdProto],
         threads: int = 1,
-        runs: int = 7,
-        warmup: int = 2,
+        runs: int = 3,
+        warmup: int = 1,
         store: TimingStore | None = None,
     ) -> None:
         self.opset_imports = list(opset_imports)

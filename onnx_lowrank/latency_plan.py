@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import os
 import statistics
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "CHECK_RUNS",
     "Timing",
     "TimingFailed",
+    "adaptive_interleaved",
     "check_candidate",
     "interpolate",
     "open_store",
@@ -54,8 +56,11 @@ __all__ = [
 ]
 
 BY_CHOICES = ("latency", "macs")
-CHECK_RUNS = 10  # interleaved runs of the check of a plan not made by latency (its rounds time it already)
-CHECK_WARMUP = 2
+# the check of a plan not made by latency (its rounds time it already): at most CHECK_RUNS interleaved runs of
+# each model, fewer (down to 3) when a run of both takes long — it is a quick look, a few seconds on VGG-16
+CHECK_RUNS = 10
+CHECK_MIN_RUNS = 3
+CHECK_BUDGET_MS = 3000.0
 
 
 def resolve_threads(threads: int | None) -> int:
@@ -118,11 +123,29 @@ class Timing:
         return cls(threads, store, dict(feeds), make_session(model, threads=threads))
 
 
+def adaptive_interleaved(
+    first: Any, second: Any, feeds: Mapping[str, Any], max_runs: int, min_runs: int, budget_ms: float, warmup: int = 1
+) -> tuple[float, float, int]:
+    """Median milliseconds of each session over interleaved runs, and their number: after ``warmup`` rounds, as
+    many rounds as fit in ``budget_ms`` at the warm-up's pace, between ``min_runs`` and ``max_runs``."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        first.run(None, feeds)
+        second.run(None, feeds)
+    per_round = (time.perf_counter() - start) * 1000.0 / max(warmup, 1)
+    runs = max(min_runs, min(max_runs, int(budget_ms / per_round) if per_round > 0 else max_runs))
+    original_ms, candidate_ms = interleaved_latency(first, second, feeds, runs=runs, warmup=0)
+    return original_ms, candidate_ms, runs
+
+
 def check_candidate(timing: Timing, candidate: onnx.ModelProto, runs: int = CHECK_RUNS) -> dict[str, Any]:
-    """The candidate against the original: median milliseconds of ``runs`` interleaved runs each, and their ratio."""
+    """The candidate against the original: median milliseconds of up to ``runs`` interleaved runs each (fewer for a
+    slow model, see ``CHECK_BUDGET_MS``), and their ratio."""
     session = make_session(candidate, threads=timing.threads)
     try:
-        original_ms, candidate_ms = interleaved_latency(timing.original, session, timing.feeds, runs=runs, warmup=CHECK_WARMUP)
+        original_ms, candidate_ms, done = adaptive_interleaved(
+            timing.original, session, timing.feeds, runs, min(runs, CHECK_MIN_RUNS), CHECK_BUDGET_MS, warmup=2
+        )
     except Exception as exc:  # onnxruntime raises its own exception types
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LowRankError(f"onnxruntime failed to time the model: {text}") from None
@@ -131,7 +154,7 @@ def check_candidate(timing: Timing, candidate: onnx.ModelProto, runs: int = CHEC
         "candidate_ms": candidate_ms,
         "measured_speedup": original_ms / candidate_ms,
         "threads": timing.threads,
-        "runs": runs,
+        "runs": done,
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from onnx_lowrank import LowRankError, decompose
 from onnx_lowrank._threads import default_threads
 from onnx_lowrank.cli import main
 from onnx_lowrank.latency import LayerTimer
+from onnx_lowrank.latency_plan import adaptive_interleaved, interpolate, timed_ranks
 from onnx_lowrank.passes._rewrite import Site
 
 TARGET = 1.05  # low enough that rank-8 pairs of 3x3 48->48 convs (4.5x fewer MACs each) reach it with room to spare
@@ -160,6 +162,7 @@ def fake_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     verify_module = importlib.import_module("onnx_lowrank.verify")  # the package's `verify` is the function
     monkeypatch.setattr(LayerTimer, "_time", layer)
     monkeypatch.setattr(verify_module, "interleaved_latency", whole)
+    monkeypatch.setattr(importlib.import_module("onnx_lowrank.latency_plan"), "interleaved_latency", whole)
     monkeypatch.setattr(importlib.import_module("onnx_lowrank.api"), "_timed_runs", lambda session, feeds, runs: [3.0] * runs)
 
 
@@ -205,7 +208,7 @@ def test_by_macs_is_the_mac_plan_timed_once() -> None:
     _, report = decompose(wide_chain(), speedup=2, by="macs", threads=1)
     assert report.policy["by"] == "macs" and report.mac_ratio >= 2
     latency = report.latency
-    assert latency["by"] == "macs" and latency["threads"] == 1 and latency["runs"] == 10
+    assert latency["by"] == "macs" and latency["threads"] == 1 and 3 <= latency["runs"] <= 10
     assert latency["measured_speedup"] == pytest.approx(latency["original_ms"] / latency["candidate_ms"])
     _, quiet = decompose(wide_chain(), speedup=2, by="macs", check_runs=0)
     assert "measured_speedup" not in quiet.latency and "0 check runs" in quiet.latency["not_timed"]
@@ -258,3 +261,37 @@ def test_calibration_plans_by_latency_with_measured_damage(fake_timing: None) ->
     assert all(layer.rank is not None and layer.rank >= min(r for r, _ in layer.sensitivity) for layer in report.decomposed)  # type: ignore[union-attr]
     _, by_macs = decompose(wide_chain(), speedup=2, calibration=data, refit=False, samples=4, by="macs")
     assert by_macs.policy["by"] == "macs" and by_macs.policy["allocation"] == "sensitivity" and by_macs.mac_ratio >= 2
+
+
+# --------------------------------------------------------------------------- the pieces, without onnxruntime
+
+
+def test_interpolation_between_timed_ranks() -> None:
+    timed = {16: 1.0, 48: 3.0, 96: 4.0}
+    assert interpolate(timed, 16) == 1.0 and interpolate(timed, 32) == pytest.approx(2.0)
+    assert interpolate(timed, 72) == pytest.approx(3.5) and interpolate(timed, 8) == 1.0 and interpolate(timed, 200) == 4.0
+    grid = list(range(16, 1537, 16))
+    picked = timed_ranks(grid, 6)
+    assert len(picked) == 6 and picked[0] == 16 and picked[-1] == 1536 and set(picked) <= set(grid)
+    assert timed_ranks([8, 16], 6) == [8, 16]
+
+
+class _Sleeper:
+    """A stand-in session whose run takes ``ms`` (counted, not slept: the clock is faked)."""
+
+    def __init__(self, ms: float, clock: list[float]) -> None:
+        self.ms, self.clock, self.calls = ms, clock, 0
+
+    def run(self, names: Any, feeds: Any) -> None:
+        self.calls += 1
+        self.clock[0] += self.ms / 1000.0
+
+
+@pytest.mark.parametrize(("ms", "runs"), [(1.0, 10), (300.0, 6), (5000.0, 3)])
+def test_adaptive_runs_fit_the_budget(monkeypatch: pytest.MonkeyPatch, ms: float, runs: int) -> None:
+    """Slow models get fewer interleaved runs (at least the minimum), fast ones the maximum."""
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    first, second = _Sleeper(ms, clock), _Sleeper(ms / 2, clock)
+    _, _, done = adaptive_interleaved(first, second, {}, max_runs=10, min_runs=3, budget_ms=3000.0, warmup=1)
+    assert done == runs and first.calls == second.calls == runs + 1
