@@ -11,7 +11,9 @@ __version__ = "0.1.0"
 
 from .api import count_params, decompose, inspect
 from .errors import LowRankError
+from .mobile import save_ort
 from .model_io import load_model, save_model
+from .quantize import quantize_model
 from .report import InspectLayer, LayerReport, Report
 from .verify import OutputStats, VerifyResult, verify
 
@@ -27,6 +29,8 @@ __all__ = [
     "decompose",
     "inspect",
     "load_model",
+    "quantize_model",
     "save_model",
+    "save_ort",
     "verify",
 ]

@@ -31,7 +31,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import onnx
@@ -65,6 +65,9 @@ from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .run_shapes import ModelShapes, resolve_shapes
 from .runtime import first_line
 from .shapes import needs_input_shape_message
+
+if TYPE_CHECKING:  # sensitivity imports this module; at run time it is imported where used
+    from .sensitivity import Sensitivity
 
 __all__ = ["DEFAULT_KINDS", "DEFAULT_RANK_MULTIPLE", "DEFAULT_SPEEDUP", "count_params", "decompose", "inspect"]
 
@@ -197,15 +200,21 @@ def _stored_error(site: Site, kernel: np.ndarray, factors: Factors) -> float:
     return float(np.linalg.norm(w - reconstruct(rounded, site.groups)) / norm)
 
 
+_SharedDecompositions = dict[tuple[object, ...], dict[Kind, Decomposition]]
+
+
 class _Unit:
     """Sites that share one weight: factored once, one kind and rank for all."""
 
-    def __init__(self, sites: list[Site], kinds: list[Kind]) -> None:
+    def __init__(self, sites: list[Site], kinds: list[Kind], shared: _SharedDecompositions | None = None) -> None:
         self.sites = sites
         self.kinds = kinds
-        self._decompositions: dict[Kind, Decomposition] = {}
-        self.macs = sum(s.cost.macs for s in sites if s.cost)
         first = sites[0]
+        # keyed by the weight as buckets are: units of several plans over one prepared model share the spectra
+        self._decompositions: dict[Kind, Decomposition] = (
+            {} if shared is None else shared.setdefault((first.weight_key, type(first), first.groups), {})
+        )
+        self.macs = sum(s.cost.macs for s in sites if s.cost)
         assert first.cost is not None
         self.params = first.cost.params  # the weight is stored once
         self.rank_macs = {k: sum(s.cost.rank_macs[k] for s in sites if s.cost) for k in kinds}
@@ -338,7 +347,8 @@ def _choose_budget(
     try:
         if policy.params_ratio is None:
             # the MAC budget, the splits ranked by what they cost to run (onnx_lowrank.mac_plan)
-            picks = allocate_effective(layers, [u.overhead for u in units], before / float(policy.speedup), fixed_macs)  # type: ignore[arg-type]
+            mac_budget = before / float(policy.speedup)  # type: ignore[arg-type]
+            picks = allocate_effective(layers, [u.overhead for u in units], mac_budget, fixed_macs)
         else:
             mac_budget = before / float(policy.speedup) if policy.speedup else float("inf")
             picks = allocate_two(layers, mac_budget, policy.params_ratio * params_total, fixed_macs, fixed_params)
@@ -429,6 +439,8 @@ def decompose(
     inplace: bool = False,
     allow_unknown_shapes: bool = False,
     shapes: ModelShapes | None = None,
+    mobile_safe: bool = False,
+    quantize: str | None = None,
     by: str | None = None,
     timing_cache: bool | str | os.PathLike[str] = True,
     check_runs: int | None = None,
@@ -474,8 +486,8 @@ def decompose(
     across runs in the user's cache folder (``timing_cache``: True, a folder,
     or False to keep nothing; see :mod:`onnx_lowrank.timing_cache`). Whatever
     the plan, the result is timed against the original (``check_runs``
-    interleaved runs, default 10; 0 skips it) where the model can be run, and
-    ``Report.latency`` holds the measured ratio beside the MAC ratio.
+    interleaved runs at most, default 10; 0 skips it) where the model can be
+    run, and ``Report.latency`` holds the measured ratio beside the MAC ratio.
 
     ``calibration`` (an ``.npz`` or a folder of ``<input>.npy``, arrays keyed by
     input name with samples on axis 0, or an iterable of such batches) makes the
@@ -484,6 +496,14 @@ def decompose(
     (``sensitivity``, default on; see :mod:`onnx_lowrank.sensitivity`), and the
     horizontal factors and biases are refit in closed form to the original
     layers' outputs (``refit``, default on; see :mod:`onnx_lowrank.calibration`).
+
+    ``mobile_safe`` keeps whole every layer whose pair a mobile execution
+    provider (NNAPI, CoreML) would refuse where it takes the original, so the
+    decomposition adds no partition (:mod:`onnx_lowrank.mobile`; the layer's
+    reason says which EP and node). ``quantize`` (``"dynamic"`` or
+    ``"static"``) then quantizes the result to INT8 with onnxruntime's tools,
+    ``static`` calibrated on ``calibration`` (:mod:`onnx_lowrank.quantize`);
+    each layer's ``quantized`` says the form its nodes run in.
 
     ``model`` is a path or a ``ModelProto``; a given ``ModelProto`` is copied,
     never changed — unless ``inplace``, which rewrites it and saves a copy of
@@ -515,6 +535,8 @@ def decompose(
     )
     if calibration is None and (refit or sensitivity):
         raise LowRankError("refit and sensitivity allocation need calibration data")
+    if quantize is not None or mobile_safe:
+        return _decompose_for_mobile(model, options, calibration, refit, sensitivity, samples, mobile_safe, quantize)
     # numpy's BLAS on one thread: our workers (and onnxruntime's threads) fill the cores; a multi-threaded
     # OpenBLAS beside them was measured 2-20x slower on 2 cores, and slower even alone for these sizes
     with single_threaded_blas():
@@ -526,8 +548,7 @@ def decompose(
 def _decompose_calibrated(
     model: ModelLike, options: dict[str, Any], calibration: CalibrationSource, refit: bool, sensitivity: bool, samples: int
 ) -> tuple[onnx.ModelProto, Report]:
-    from .calibration import load_calibration, refit_layers
-    from .sensitivity import allocate_ranks, measure_sensitivity
+    from .calibration import load_calibration
 
     start = time.perf_counter()
     # the refit compares with the model as given, so the conversion itself works on a copy
@@ -538,28 +559,62 @@ def _decompose_calibrated(
         # one set of sizes for the allocation, the measurements and the plan: those of a real input
         reference = {name: values[:1] for name, values in data.items()}
         options = {**options, "shapes": resolve_shapes(source, options["input_shapes"], reference)}
+    measured = _calibration_statistics(source, data, options, sensitivity, samples)
+    new, report = _calibrated_target(source, data, measured, refit, options)
+    report.seconds = time.perf_counter() - start
+    return new, report
+
+
+def _calibration_statistics(
+    source: onnx.ModelProto, data: Mapping[str, Any], options: Mapping[str, Any], sensitivity: bool, samples: int
+) -> Sensitivity | None:
+    """What the calibration measures once for every target: the layers' damage curves (``None`` when not used)."""
+    from .sensitivity import measure_sensitivity
+
     policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
-    measured = None
+    if not (sensitivity and policy.name == "budget" and policy.params_ratio is None):
+        return None
+    return measure_sensitivity(
+        source,
+        data,
+        samples=samples,
+        include=options["include"],
+        exclude=options["exclude"],
+        threads=options["threads"] or None,
+        shapes=options["shapes"],
+    )
+
+
+def _calibrated_target(
+    source: onnx.ModelProto,
+    data: Mapping[str, Any],
+    measured: Sensitivity | None,
+    refit: bool,
+    options: dict[str, Any],
+    prepared: _Prepared | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """One conversion with calibration data: ranks from the ``measured`` statistics (the
+    :func:`_calibration_statistics` of ``source``) when given, then the refit. ``prepared``: a
+    :func:`_prepare` of ``source`` to convert a copy of (else ``source`` is prepared anew)."""
+    from .calibration import refit_layers
+    from .sensitivity import allocate_ranks
+
+    policy = _policy(options["rank"], options["energy"], options["speedup"], options["params_ratio"], options["ranks"])
     allocation = "kernel error"
-    wanted = resolve_by(options["by"], options["measure"])
+    wanted = resolve_by(options.get("by"), options.get("measure", False))
     done: tuple[onnx.ModelProto, Report] | None = None
     why_macs = None
-    if sensitivity and policy.name == "budget" and policy.params_ratio is None:
-        measured = measure_sensitivity(
-            source,
-            data,
-            samples=samples,
-            include=options["include"],
-            exclude=options["exclude"],
-            threads=options["threads"] or None,
-            shapes=options["shapes"],
-        )
+
+    def convert(opts: dict[str, Any]) -> tuple[onnx.ModelProto, Report]:
+        return _decompose(source, **opts) if prepared is None else _decompose_prepared(prepared, **opts)
+
+    if measured is not None:
         target = float(policy.speedup)  # type: ignore[arg-type]
         if wanted != "macs":
             # by latency: the measured damage is each option's error, the timed milliseconds its cost
             damage = {layer.node: list(zip(layer.ranks, layer.damage, strict=True)) for layer in measured.layers}
             try:
-                done = _decompose(source, **{**options, "kinds": ["spatial"]}, damage=damage)
+                done = convert({**options, "kinds": ["spatial"], "damage": damage})
                 allocation = "sensitivity"
             except TimingFailed as exc:
                 if wanted == "latency":
@@ -574,7 +629,7 @@ def _decompose_calibrated(
             if ranks:
                 allocation = "sensitivity"
                 options = {**options, "speedup": None, "ranks": ranks, "kinds": ["spatial"], "by": None, "measure": False}
-    new, report = done if done is not None else _decompose(source, **options)
+    new, report = done if done is not None else convert(options)
     report.policy["allocation"] = allocation
     if allocation == "sensitivity" and report.policy.get("name") != "budget":  # the MAC allocation, through a ranks policy
         report.policy.update(name="budget", speedup=float(policy.speedup), by="macs")  # type: ignore[arg-type]
@@ -594,12 +649,98 @@ def _decompose_calibrated(
         new = result.model
         report.calibration["refit"] = result.to_dict()
     report.calibration["samples"] = len(next(iter(data.values()))) if data else 0
-    report.seconds = time.perf_counter() - start
     return new, report
+
+
+@dataclass
+class _Prepared:
+    """A model made ready for planning, once for any number of plans: BatchNormalization folded, shapes
+    inferred, the decomposable sites found. ``decompositions`` caches every spectrum computed, by weight."""
+
+    proto: onnx.ModelProto
+    params_before: int
+    folded: list[tuple[str, str]]
+    kept_batchnorms: dict[str, str]
+    shapes: ModelShapes
+    sites: list[Site]
+    fold_bn: bool
+    decompositions: _SharedDecompositions
+
+
+def _prepare(
+    model: ModelLike,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    fold_bn: bool = True,
+    inplace: bool = False,
+    shapes: ModelShapes | None = None,
+    reference: Mapping[str, Any] | None = None,
+) -> _Prepared:
+    """Load (or copy) the model, fold BatchNormalization, resolve the sizes that run and find the sites."""
+    proto = _as_model(model, inplace)
+    params_before = count_params(proto)
+    folded: list[tuple[str, str]] = []
+    kept_batchnorms: dict[str, str] = {}
+    if fold_bn:
+        proto, fold = fold_batchnorm(proto)
+        folded, kept_batchnorms = fold.folded, fold.refused
+    model_shapes = shapes if shapes is not None else resolve_shapes(proto, input_shapes, reference)
+    sites = find_sites(proto, model_shapes)
+    return _Prepared(proto, params_before, folded, kept_batchnorms, model_shapes, sites, fold_bn, {})
 
 
 def _decompose(
     model: ModelLike,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    fold_bn: bool = True,
+    inplace: bool = False,
+    shapes: ModelShapes | None = None,
+    reference: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> tuple[onnx.ModelProto, Report]:
+    """The data-free conversion; :func:`decompose` documents the arguments."""
+    start = time.perf_counter()
+    _check_options(**options)  # bad arguments are refused before the model is read
+    prepared = _prepare(model, input_shapes=input_shapes, fold_bn=fold_bn, inplace=inplace, shapes=shapes, reference=reference)
+    return _decompose_prepared(prepared, copy=False, start=start, **options)
+
+
+def _check_options(
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    speedup: float | None = None,
+    params_ratio: float | None = None,
+    ranks: Mapping[str, Any] | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    kinds: Sequence[str] | None = None,
+    rank_multiple: int | None = None,
+    by: str | None = None,
+    measure: bool = False,
+    threads: int | None = None,
+    check_runs: int | None = None,
+    **_: Any,
+) -> tuple[_Policy, tuple[Kind, ...], int, re.Pattern[str] | None, re.Pattern[str] | None]:
+    """The policy, kinds, rank multiple and name filters, or :class:`LowRankError` for bad arguments."""
+    policy = _policy(rank, energy, speedup, params_ratio, ranks)
+    resolve_threads(threads)
+    budget_alone = policy.name == "budget" and policy.speedup is not None and policy.params_ratio is None
+    if resolve_by(by, measure) == "latency" and not budget_alone:
+        raise LowRankError("--by latency (--measure) plans a --speedup budget alone, not --rank/--energy/--ranks or --params-ratio")
+    if check_runs is not None and (isinstance(check_runs, bool) or not isinstance(check_runs, int) or check_runs < 0):
+        raise LowRankError(f"check runs must be a whole number >= 0, got {check_runs!r}")
+    allowed = _kinds(kinds)
+    if rank_multiple is None:
+        rank_multiple = DEFAULT_RANK_MULTIPLE if policy.name == "budget" else 1
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise LowRankError(f"rank multiple must be a whole number >= 1, got {rank_multiple!r}")
+    return policy, allowed, rank_multiple, _regex(include, "--include"), _regex(exclude, "--exclude")
+
+
+def _decompose_prepared(
+    prepared: _Prepared,
     *,
     rank: int | None = None,
     energy: float | None = None,
@@ -610,54 +751,50 @@ def _decompose(
     exclude: str | None = None,
     force: bool = False,
     kinds: Sequence[str] | None = None,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
     rank_multiple: int | None = None,
-    fold_bn: bool = True,
     progress: Progress | None = None,
     workers: int | None = None,
     measure: bool = False,
     threads: int | None = None,
-    inplace: bool = False,
     allow_unknown_shapes: bool = False,
-    shapes: ModelShapes | None = None,
-    reference: Mapping[str, Any] | None = None,
+    copy: bool = True,
+    start: float | None = None,
     by: str | None = None,
     timing_cache: bool | str | os.PathLike[str] = True,
     check_runs: int | None = None,
     damage: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    **_: Any,  # input_shapes, fold_bn, inplace, shapes: fixed by _prepare
 ) -> tuple[onnx.ModelProto, Report]:
-    """The data-free conversion; :func:`decompose` documents the arguments.
+    """Plan ranks for one policy on a prepared model and apply them: to a copy (``copy``), else to
+    ``prepared.proto`` itself, which is then used up.
 
     ``damage`` (from :mod:`onnx_lowrank.sensitivity`: node → measured (rank, damage to the outputs)) makes a plan
     by latency rank its options by measured damage instead of kernel error; only the layers it names are
     offered. When no plan by latency can be made with it, :class:`TimingFailed` says why.
     """
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
     workers = workers or min(os.cpu_count() or 1, 4)
-    policy = _policy(rank, energy, speedup, params_ratio, ranks)
     wanted_by = resolve_by(by, measure)
     threads = resolve_threads(threads)
     check_runs = CHECK_RUNS if check_runs is None else check_runs
-    if isinstance(check_runs, bool) or not isinstance(check_runs, int) or check_runs < 0:
-        raise LowRankError(f"check runs must be a whole number >= 0, got {check_runs!r}")
+    policy, allowed, rank_multiple, include_re, exclude_re = _check_options(
+        rank=rank,
+        energy=energy,
+        speedup=speedup,
+        params_ratio=params_ratio,
+        ranks=ranks,
+        include=include,
+        exclude=exclude,
+        kinds=kinds,
+        rank_multiple=rank_multiple,
+        by=by,
+        measure=measure,
+        threads=threads,
+        check_runs=check_runs,
+    )
     budget_alone = policy.name == "budget" and policy.speedup is not None and policy.params_ratio is None
-    if wanted_by == "latency" and not budget_alone:
-        raise LowRankError("--by latency (--measure) plans a --speedup budget alone, not --rank/--energy/--ranks or --params-ratio")
-    allowed = _kinds(kinds)
-    if rank_multiple is None:
-        rank_multiple = DEFAULT_RANK_MULTIPLE if policy.name == "budget" else 1
-    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
-        raise LowRankError(f"rank multiple must be a whole number >= 1, got {rank_multiple!r}")
-    include_re, exclude_re = _regex(include, "--include"), _regex(exclude, "--exclude")
-    proto = _as_model(model, inplace)
-    params_before = count_params(proto)
-    folded: list[tuple[str, str]] = []
-    kept_batchnorms: dict[str, str] = {}
-    if fold_bn:
-        proto, fold = fold_batchnorm(proto)
-        folded, kept_batchnorms = fold.folded, fold.refused
-    model_shapes = shapes if shapes is not None else resolve_shapes(proto, input_shapes, reference)
-    sites = find_sites(proto, model_shapes)
+    proto, model_shapes, sites = prepared.proto, prepared.shapes, prepared.sites
+    params_before = prepared.params_before
     if policy.ranks is not None:
         unknown = sorted(set(policy.ranks) - {s.key for s in sites})
         if unknown:
@@ -690,7 +827,7 @@ def _decompose(
     for site in selected:
         rank_key = policy.ranks.get(site.key) if policy.ranks else None
         buckets.setdefault((site.weight_key, type(site), site.groups, rank_key), []).append(site)
-    units = [_Unit(group, group[0].available(allowed)) for group in buckets.values()]
+    units = [_Unit(group, group[0].available(allowed), prepared.decompositions) for group in buckets.values()]
     counted = [s for s in sites if s.cost is not None and (s.shape_known or not exact)]
     if policy.name == "budget" and policy.params_ratio is None:
         units = _screen_for_macs(units, reasons, sum(s.cost.macs for s in counted if s.cost))
@@ -737,6 +874,10 @@ def _decompose(
     for site in sites:
         layers[site.key].counted = site in counted
     plan = _plan(units, chosen, layers, workers)
+    if copy:  # the prepared model stays as it is for the next plan: the same sites, found again in a copy
+        proto = _as_model(proto)
+        own = {site.key: site for site in find_sites(proto, model_shapes)}
+        plan = [(own[site.key], factors) for site, factors in plan]
     proto, made = apply_factors(proto, plan)
     for key, names in made.items():
         layers[key].vertical_node = names.first
@@ -756,13 +897,13 @@ def _decompose(
             "kinds": list(allowed),
             "force": force,
             "rank_multiple": rank_multiple,
-            "fold_bn": fold_bn,
+            "fold_bn": prepared.fold_bn,
             "measure": plan_by == "latency",
             "by": plan_by if policy.name == "budget" else None,
             "threads": threads,
         },
-        folded_batchnorms=[bn for _, bn in folded],
-        kept_batchnorms=kept_batchnorms,
+        folded_batchnorms=[bn for _, bn in prepared.folded],
+        kept_batchnorms=dict(prepared.kept_batchnorms),
         warnings=warnings,
         latency=measured,
         seconds=time.perf_counter() - start,
@@ -1180,3 +1321,69 @@ def inspect(
                 layer.energy_ranks[f"{e:g}"] = [r, site.cost.macs / max(site.cost.pair_macs(kind, r), 1)]
         result.append(layer)
     return result
+
+
+def _decompose_for_mobile(
+    model: ModelLike,
+    options: dict[str, Any],
+    calibration: CalibrationSource | None,
+    refit: bool | None,
+    sensitivity: bool | None,
+    samples: int,
+    mobile_safe: bool,
+    quantize: str | None,
+) -> tuple[onnx.ModelProto, Report]:
+    """:func:`decompose`, then the mobile checks: layers kept whole by ``mobile_safe``, INT8 by ``quantize``."""
+    from .mobile import MOBILE_EPS, coverage, layers_adding_partitions, partitions_added
+    from .quantize import MODES, layer_forms, quantize_model
+
+    if quantize is not None and quantize not in MODES:
+        raise LowRankError(f"--quantize must be one of {', '.join(MODES)}, got {quantize!r}")
+    if quantize == "static" and calibration is None:
+        raise LowRankError("--quantize static needs calibration data (--calibration FILE.npz|FOLDER)")
+    start = time.perf_counter()
+
+    def run(opts: dict[str, Any]) -> tuple[onnx.ModelProto, Report]:
+        return decompose(model, calibration=calibration, refit=refit, sensitivity=sensitivity, samples=samples, **opts)
+
+    if not mobile_safe:
+        new, report = run(options)
+    else:
+        # the original is converted more than once and checked against: it is never rewritten in place
+        source = _as_model(model)
+        options = {**options, "inplace": False}
+        model = source
+        shapes = options.get("input_shapes")
+        before = coverage(source, input_shapes=shapes)
+        kept: dict[str, str] = {}
+        user_exclude = options.get("exclude")
+        for _ in range(len(MOBILE_EPS) + 2):  # each round keeps more layers whole; a few rounds settle it
+            exclude = user_exclude
+            if kept:
+                names = "|".join(re.escape(k) for k in kept)
+                exclude = f"(?:{user_exclude})|^(?:{names})$" if user_exclude else f"^(?:{names})$"
+            new, report = run({**options, "exclude": exclude})
+            after = coverage(new, input_shapes=shapes)
+            pairs = {layer.node: [layer.vertical_node or "", layer.horizontal_node or ""] for layer in report.decomposed}
+            found = layers_adding_partitions(before, after, pairs)
+            if not found:
+                break
+            kept.update(found)
+        for layer in report.layers:
+            if layer.node in kept:
+                layer.reason = f"kept whole by --mobile-safe: {kept[layer.node]}"
+        added = partitions_added(before, after)
+        for key, (was, now) in added.items():
+            name = next(n for k, n, _, _ in MOBILE_EPS if k == key)
+            report.warnings.append(f"{name}: {was} -> {now} partitions after decomposition, and no single layer's pair is to blame")
+        report.mobile = {"original": before.to_dict(), "candidate": after.to_dict(), "kept_whole": dict(kept)}
+    if quantize is not None:
+        result = quantize_model(new, quantize, calibration=calibration, samples=samples)
+        new = result.model
+        for layer in report.layers:
+            nodes = [layer.vertical_node or "", layer.horizontal_node or ""] if layer.decomposed else [layer.node]
+            layer.quantized = layer_forms(result.forms, nodes)
+        report.quantization = result.to_dict()
+        report.warnings.extend(result.warnings)
+    report.seconds = time.perf_counter() - start
+    return new, report

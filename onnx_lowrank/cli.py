@@ -11,19 +11,21 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from ._files import write_text_atomic
 from ._threads import default_threads
 from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompose, inspect
 from .errors import LowRankError
 from .latency_plan import BY_CHOICES, CHECK_RUNS
-from .model_io import load_model_with_layout, plain_mode, save_model
+from .mobile import EP_NAMES, MobileCoverage
+from .model_io import load_model_with_layout, save_model
 from .report import InspectLayer, LayerReport, Report, unsized_warning
+from .sweep import DEFAULT_SPEEDUPS, SweepResult, parse_speedups
 from .timing_cache import CACHE_ENV
 from .verify import KernelTimes, VerifyResult, verify
 
@@ -212,6 +214,30 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data beside the model")
     output.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
     output.add_argument("--quiet", action="store_true", help="print only the totals")
+    output.add_argument(
+        "--ort",
+        action="store_true",
+        help="also write OUTPUT as NAME.ort (onnxruntime's ORT format, which minimal and mobile builds load) and "
+        "NAME.required_operators.config for a reduced build, with onnxruntime's converter",
+    )
+    output.add_argument(
+        "--html",
+        metavar="FILE.html",
+        help="also write a self-contained HTML report: spectra and chosen ranks, MACs per layer, output error "
+        "(with --verify: latency and kernel time per operator type); plots need onnx-lowrank[plots]",
+    )
+
+    mobile = d.add_argument_group("mobile", "mobile execution providers and INT8 (onnxruntime's own tools)")
+    mobile.add_argument(
+        "--mobile-safe",
+        action="store_true",
+        help="keep whole every layer whose pair NNAPI or CoreML would refuse where they take the original (it would add a partition)",
+    )
+    mobile.add_argument(
+        "--quantize",
+        choices=("dynamic", "static"),
+        help="after the low-rank step, quantize to INT8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on --calibration",
+    )
 
     checks = d.add_argument_group("checks", "compare the result with the original in onnxruntime")
     checks.add_argument("--verify", action="store_true", help="run `verify` on the result")
@@ -220,11 +246,12 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per Conv: shape, MACs and the ranks that keep 90/99/99.9%% of the energy")
     i.add_argument("input")
     i.add_argument("--json", action="store_true", help="print JSON")
-    _add_input_shape(i, "fix an input's shape for the MAC model")
+    _add_input_shape(i, "fix an input's shape for the MAC model (and the --mobile check)")
+    i.add_argument("--mobile", action="store_true", help="also estimate NNAPI/CoreML coverage with onnxruntime's mobile usability checker")
 
     v = sub.add_parser("verify", help="compare a candidate with the original in onnxruntime")
-    v.add_argument("original")
-    v.add_argument("candidate")
+    v.add_argument("original", help="an .onnx or .ort model")
+    v.add_argument("candidate", help="an .onnx or .ort model")
     data = v.add_argument_group("inputs", "what both models are run on")
     data.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (first axis: samples); `labels` gives accuracy")
     _add_input_shape(data, "shape of the random input NAME where the model leaves dims symbolic (default: 1)")
@@ -236,8 +263,93 @@ def _parser() -> argparse.ArgumentParser:
     speed_v.add_argument("--runs", type=int, default=20, help="timed runs of each model, interleaved (default 20; 0 skips timing)")
     speed_v.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads")
     speed_v.add_argument("--profile", action="store_true", help="also time each operator type of both models (onnxruntime's profiler)")
+    mobile_v = v.add_argument_group("mobile", "mobile execution providers this onnxruntime lacks")
+    mobile_v.add_argument(
+        "--mobile",
+        action="store_true",
+        help="also estimate NNAPI/CoreML coverage of both models side by side (onnxruntime's mobile usability checker)",
+    )
     v.add_argument("--json", action="store_true", help="print JSON")
+    _add_sweep(sub)
     return parser
+
+
+def _speedups(text: str) -> list[float]:
+    try:
+        return parse_speedups(text)
+    except LowRankError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--speedups: ")) from None
+
+
+def _add_sweep(sub: Any) -> None:
+    s = sub.add_parser(
+        "sweep",
+        help="convert at several --speedup targets and measure each against the original",
+        description="Convert at each target (one shared factorization) and compare each result with the original in onnxruntime.",
+    )
+    s.add_argument("input", help="the ONNX model to read (never modified)")
+    policy = s.add_argument_group("policy", "the targets, and which layers are decomposed")
+    policy.add_argument(
+        "--speedups",
+        type=_speedups,
+        default=list(DEFAULT_SPEEDUPS),
+        metavar="S1,S2,...",
+        help=f"--speedup targets, numbers >= 1 (default {','.join(f'{t:g}' for t in DEFAULT_SPEEDUPS)})",
+    )
+    policy.add_argument(
+        "--kinds", default=",".join(DEFAULT_KINDS), help=f"splits to offer, comma-separated (default {','.join(DEFAULT_KINDS)})"
+    )
+    policy.add_argument("--include", metavar="REGEX", help="only layers whose node name matches")
+    policy.add_argument("--exclude", metavar="REGEX", help="leave layers whose node name matches")
+    policy.add_argument(
+        "--rank-multiple", type=_positive_int, metavar="M", help=f"round ranks up to a multiple of M (default {DEFAULT_RANK_MULTIPLE})"
+    )
+    policy.add_argument("--no-fold-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them into the Conv first)")
+    _add_input_shape(
+        policy, "the input size to plan by (MACs of one onnxruntime run on an input of this shape) and of the random eval inputs"
+    )
+    policy.add_argument(
+        "--allow-unknown-shapes",
+        action="store_true",
+        help="plan even when an input has a symbolic dim and no --input-shape: layers of unknown size count at one output pixel",
+    )
+    calibration = s.add_argument_group("calibration", "data-aware ranks and factors; the statistics are measured once for all targets")
+    calibration.add_argument("--calibration", metavar="FILE.npz|FOLDER", help="calibration inputs, as for decompose")
+    calibration.add_argument(
+        "--refit", action=argparse.BooleanOptionalAction, help="with --calibration: refit each decomposed layer (default: on)"
+    )
+    calibration.add_argument(
+        "--sensitivity", action=argparse.BooleanOptionalAction, help="with --calibration: allocate ranks by measured damage (default: on)"
+    )
+    speed = s.add_argument_group("speed", "latency measured in onnxruntime on this machine, original and converted interleaved")
+    speed.add_argument(
+        "--measure", action="store_true", help="choose ranks by latency timed in onnxruntime, not MACs (as decompose --measure)"
+    )
+    speed.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime intra-op threads (default 1)")
+    speed.add_argument(
+        "--runs", type=_runs, default=20, help="timed runs of each model per target, interleaved (default 20; 0 skips timing)"
+    )
+    speed.add_argument("--profile", action="store_true", help="also time each operator type (onnxruntime's profiler)")
+    checks = s.add_argument_group("checks", "what each converted model is compared on")
+    checks.add_argument(
+        "--eval-inputs",
+        metavar="FILE.npz",
+        help="inputs keyed by input name (samples on axis 0), `labels` for accuracy (default: random inputs)",
+    )
+    output = s.add_argument_group("output", "what is printed and written (no model unless --save-dir)")
+    output.add_argument("--json", action="store_true", help="print the rows as JSON")
+    output.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML report with the trade-off plots")
+    output.add_argument("--save-dir", metavar="DIR", help="write each converted model there as <model>-x<S>.onnx")
+
+
+def _runs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- printing
@@ -267,18 +379,23 @@ def format_report(report: Report, quiet: bool = False) -> str:
     out = []
     if not quiet:
         rows = []
+        quantized = bool(report.quantization)
         for layer in report.layers:
             cells = [layer.node, layer.op_type, _shape(layer.weight_shape, layer.groups)]
             macs = [_count(layer.macs_before), _count(layer.macs_after)] if layer.counted else ["?", "?"]
             note = _layer_note(layer) if layer.ran is not False else ""  # the reason already says where it is
             if layer.decomposed:
                 cells += [str(layer.kind), f"{layer.rank}/{layer.full_rank}", f"{layer.relative_error:.4f}"]
-                cells += [*macs, f"{layer.mac_ratio:.2f}x" if layer.counted and layer.macs_after else "-", note]
+                cells += [*macs, f"{layer.mac_ratio:.2f}x" if layer.counted and layer.macs_after else "-"]
+                cells += [layer.quantized or "-", note] if quantized else [note]
             else:
                 skipped = f"skipped: {layer.reason}" + (f"; {note}" if note else "")
-                cells += ["-", "-", "-", *macs, "1.00x" if layer.counted and layer.macs_before else "-", skipped]
+                cells += ["-", "-", "-", *macs, "1.00x" if layer.counted and layer.macs_before else "-"]
+                cells += [layer.quantized or "-"] if quantized else []
+                cells.append(skipped)
             rows.append(cells)
-        out.append(_table(rows, ["node", "op", "weight", "kind", "rank", "rel.err", "MACs", "MACs after", "ratio", "note"]))
+        header = ["node", "op", "weight", "kind", "rank", "rel.err", "MACs", "MACs after", "ratio"]
+        out.append(_table(rows, [*header, *(["int8"] if quantized else []), "note"]))
     out += _latency_lines(report.latency)
     if report.calibration:
         cal = report.calibration
@@ -291,6 +408,16 @@ def format_report(report: Report, quiet: bool = False) -> str:
             line += f"; refit {done} of {len(refit['layers'])} layers in {refit['seconds']:.1f} s"
         out.append(line)
     out += _sizes_lines(report)
+    if report.mobile:
+        out.append(format_mobile_summary(report.mobile))
+    if report.quantization:
+        quant = report.quantization
+        line = f"quantized to INT8 ({quant['mode']}, {quant['format']}, int8 weights"
+        line += f"{' per channel' if quant['per_channel'] else ''}{', 7-bit' if quant['reduce_range'] else ''}, activations "
+        line += f"{quant['activation_type']}): {quant['quantized_nodes']} nodes in {quant['seconds']:.1f} s"
+        if quant.get("samples"):
+            line += f", ranges from {quant['samples']} calibration samples"
+        out.append(line)
     out += [f"warning: {warning}" for warning in report.warnings]
     if report.folded_batchnorms:
         out.append(f"folded {len(report.folded_batchnorms)} BatchNormalization nodes into their Conv")
@@ -479,21 +606,73 @@ def format_inspect(layers: list[InspectLayer]) -> str:
     return table + f"\n{len(layers)} layers, {_count(total)} MACs"
 
 
+def format_mobile_summary(mobile: dict[str, Any]) -> str:
+    """Per EP: partitions of the original and the decomposed model; the layers kept whole; the nodes that split."""
+    parts, splits = [], []
+    for key, name in EP_NAMES.items():
+        before, after = mobile["original"][key], mobile["candidate"][key]
+        b = before.get("if_shapes_fixed", before)["partitions"]
+        a = after.get("if_shapes_fixed", after)["partitions"]
+        parts.append(f"{name} {b} -> {a}")
+        nodes = after["splitting_nodes"]
+        if nodes:
+            shown = ", ".join(f"{n['op']} {n['node']}" for n in nodes[:3]) + (", …" if len(nodes) > 3 else "")
+            splits.append(f"{name} at {shown}")
+    kept = mobile.get("kept_whole", {})
+    line = f"mobile partitions (onnxruntime's checker): {', '.join(parts)}; {len(kept)} layer(s) kept whole by --mobile-safe"
+    return line + (f"\nmobile partitions split (result): {'; '.join(splits)}" if splits else "")
+
+
+def format_mobile(original: MobileCoverage, candidate: MobileCoverage | None = None) -> str:
+    """Coverage per mobile EP (onnxruntime's usability checker); with ``candidate``, original and candidate side by side."""
+    sides = [("original", original)] + ([("candidate", candidate)] if candidate is not None else [])
+    dynamic = bool(original.dynamic_inputs) or (candidate is not None and bool(candidate.dynamic_inputs))
+    header = ["EP"]
+    for label, _ in sides:
+        prefix = f"{label} " if candidate is not None else ""
+        header += [f"{prefix}partitions", f"{prefix}nodes"] + ([f"{prefix}if shapes fixed"] if dynamic else [])
+    header.append("unsupported ops")
+    rows = []
+    for key, name in EP_NAMES.items():
+        row = [name]
+        ops: list[str] = []
+        for _, cov in sides:
+            ep = cov.eps[key]
+            row += [str(ep.partitions), f"{ep.supported_nodes}/{ep.total_nodes}"]
+            if dynamic:
+                fixed = ep.if_shapes_fixed
+                row.append(f"{fixed['partitions']}, {fixed['supported_nodes']}/{fixed['total_nodes']}" if fixed else "-")
+            ops += [op for op in ep.unsupported_ops if op not in ops]
+        row.append(", ".join(op.removeprefix("ai.onnx:") for op in ops) or "-")
+        rows.append(row)
+    lines = ["mobile execution providers (onnxruntime's mobile usability checker; partitions, nodes supported/total):"]
+    lines.append(_table(rows, header))
+    for label, cov in sides:
+        for key, name in EP_NAMES.items():
+            ep = cov.eps[key]
+            where = f"{label}, {name}" if candidate is not None else name
+            if ep.splitting_nodes:
+                shown = "; ".join(f"{n['op']} {n['node']} ({n['reason']})" for n in ep.splitting_nodes[:5])
+                more = f"; and {len(ep.splitting_nodes) - 5} more" if len(ep.splitting_nodes) > 5 else ""
+                lines.append(f"{where}: partitions split at {shown}{more}")
+            if ep.refused_nodes:
+                shown = "; ".join(f"{n['op']} {n['node']} ({n['reason']})" for n in ep.refused_nodes[:5])
+                lines.append(f"{where}: the EP refuses {shown}")
+    if dynamic:
+        names = sorted(set(original.dynamic_inputs) | set(candidate.dynamic_inputs if candidate is not None else []))
+        lines.append(
+            f"inputs of dynamic shape ({', '.join(names)}): NNAPI and the checker take fixed shapes only; 'if shapes fixed' "
+            "counts as if they were (--input-shape NAME=D1,D2,... fixes them)"
+        )
+    lines.append("an estimate by operator type, shape and (for Conv) the EP builders' limits; no mobile EP runs on this machine")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- commands
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    if not path.parent.is_dir():
-        raise LowRankError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        plain_mode(Path(tmp))  # mkstemp makes the file 0600; a report is a plain file others may read
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise LowRankError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    write_text_atomic(path, text)
 
 
 def _read_ranks(path: str) -> dict[str, int]:
@@ -526,6 +705,21 @@ def _decompose(args: argparse.Namespace) -> int:
         raise LowRankError(f"{args.report}: the report would overwrite the {protected[Path(args.report).resolve()]}")
     if args.verify_inputs and not Path(args.verify_inputs).is_file():
         raise LowRankError(f"{args.verify_inputs}: no such inputs file")
+    if args.quantize == "static" and not args.calibration:
+        raise LowRankError("--quantize static needs calibration data (--calibration FILE.npz|FOLDER)")
+    if args.ort:
+        from .mobile import ort_config_path, ort_path_for
+
+        ort_dst = ort_path_for(dst)
+        for extra in (ort_dst, ort_config_path(ort_dst)):
+            if extra.is_dir():
+                raise LowRankError(f"{extra}: is a directory")
+            if extra.resolve() in protected:
+                raise LowRankError(f"{extra}: --ort would overwrite the {protected[extra.resolve()]}")
+    if args.html:
+        if args.report:
+            protected.setdefault(Path(args.report).resolve(), "report")
+        _check_text_output(Path(args.html), "--html", protected)
     ranks = _read_ranks(args.ranks) if args.ranks else None
     start = time.perf_counter()
     model, was_external = load_model_with_layout(src)
@@ -558,21 +752,166 @@ def _decompose(args: argparse.Namespace) -> int:
             refit=args.refit,
             sensitivity=args.sensitivity,
             inplace=True,  # the loaded copy is ours: rewriting it saves a copy of the weights
+            mobile_safe=args.mobile_safe,
+            quantize=args.quantize,
         )
     finally:
         bar.close()
     del model
-    save_model(new, dst, external_data=external, inputs=(src,))
+    ort_files = None
+    if args.ort:
+        from .mobile import save_with_ort
+
+        ort_files = save_with_ort(new, dst, external_data=external, inputs=(src,))
+    else:
+        save_model(new, dst, external_data=external, inputs=(src,))
     report.seconds = time.perf_counter() - start
     if args.report:
         _write_text_atomic(Path(args.report), report.to_json() + "\n")
     print(format_report(report, args.quiet))
     print(f"wrote {dst}" + (f" (+ {dst.name}.data)" if external else ""))
+    if ort_files is not None:
+        print(f"wrote {ort_files.model} and {ort_files.config.name} (onnxruntime's ORT format, optimization {ort_files.optimization})")
+    result = None
     if args.verify or args.verify_inputs:
         del new
-        result = verify(src, dst, inputs=args.verify_inputs, threads=args.threads, input_shapes=dict(args.input_shape))
+        result = verify(
+            src, dst, inputs=args.verify_inputs, threads=args.threads, input_shapes=dict(args.input_shape), profile=bool(args.html)
+        )
         # a low-rank model approximates by design: report the error, leave gating to `verify --rtol/--atol`
         print(format_verify(result, gate=False))
+    if args.html:
+        _write_decompose_html(args, src, dst, report, result)
+    return 0
+
+
+def _check_text_output(path: Path, flag: str, protected: dict[Path, str]) -> None:
+    """Refuse, before any work, a text output whose folder is missing, that is a folder, or that would replace a file of this run."""
+    if not path.parent.is_dir():
+        raise LowRankError(f"{path}: {flag} folder {path.parent} does not exist")
+    if path.is_dir():
+        raise LowRankError(f"{path}: {flag} path is a directory")
+    if path.resolve() in protected:
+        raise LowRankError(f"{path}: {flag} would overwrite the {protected[path.resolve()]}")
+
+
+def _write_decompose_html(args: argparse.Namespace, src: Path, dst: Path, report: Report, result: VerifyResult | None) -> None:
+    from .html_report import PLOTS_HINT, decompose_html, plots_available
+    from .sweep import report_spectra
+
+    notes = []
+    if result is None:  # the page shows the output error: compared here, without timing
+        try:
+            result = verify(src, dst, runs=0, input_shapes=dict(args.input_shape))
+        except LowRankError as exc:  # the model is written: the page says why its error is missing
+            notes.append(f"output error not measured: {exc}")
+    plots = plots_available()
+    spectra = report_spectra(src, report, dict(args.input_shape)) if plots else []
+    _write_text_atomic(Path(args.html), decompose_html(src.name, report, spectra, result, plots=plots, notes=notes))
+    print(f"wrote {args.html}" + ("" if plots else f" (tables only; for the plots: {PLOTS_HINT})"))
+
+
+def format_sweep(result: SweepResult) -> str:
+    """One row per target: MAC ratio, measured speedup, output error, agreement, accuracy, conversion time."""
+    rows = []
+    for row in result.rows:
+        if not row.reached:
+            rows.append(
+                [
+                    f"{row.target:g}x",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    *(["-"] if result.labelled else []),
+                    "-",
+                    "-",
+                    f"not reached: {row.reason}",
+                ]
+            )
+            continue
+        timed = row.latency_ratio is not None
+        cells = [
+            f"{row.target:g}x",
+            f"{row.mac_ratio:.2f}x",
+            f"{row.latency_ratio:.2f}x" if timed else "not timed",
+            f"{row.original_ms:.3f} -> {row.candidate_ms:.3f}" if timed else "-",
+            f"{row.relative_l2:.3g}" if row.relative_l2 is not None else "-",
+            f"{row.max_abs:.3g}" if row.max_abs is not None else "-",
+            f"{row.top1_agreement:.2%}" if row.top1_agreement is not None else "-",
+        ]
+        if result.labelled:
+            cells.append(f"{row.accuracy:.2%}" if row.accuracy is not None else "-")
+        cells += [f"{row.decomposed}/{row.layers}", f"{row.convert_seconds:.2f}", "; ".join(row.notes)]
+        rows.append(cells)
+    header = ["target", "MACs", "speedup", "ms (orig -> conv)", "rel L2", "max abs", "top-1 agree"]
+    header += ["accuracy"] if result.labelled else []
+    header += ["layers", "convert s", "note"]
+    lines = [_table(rows, header)]
+    accuracy = next((r.accuracy_original for r in result.rows if r.accuracy_original is not None), None)
+    if accuracy is not None:
+        lines.append(f"original accuracy {accuracy:.2%} on {result.samples} labelled samples")
+    lines.append(
+        f"speedup: original / converted latency, median of {result.runs} interleaved runs, {result.threads} thread(s); "
+        f"MACs: decomposable layers before / after; evaluated on {result.samples} sample(s) ({result.inputs} inputs); "
+        f"shared preparation {result.prepare_seconds:.2f} s (the first target's time also holds the spectra the others reuse)"
+    )
+    if result.calibration.get("sensitivity"):
+        sens = result.calibration["sensitivity"]
+        lines.append(
+            f"calibration: layer damage measured once in {sens['seconds']:.1f} s on {sens['samples']} samples, shared by every target"
+        )
+    return "\n".join(lines)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import sweep
+
+    src = Path(args.input)
+    protected = {src.resolve(): "input model"}
+    if args.html:
+        _check_text_output(Path(args.html), "--html", protected)
+    if args.save_dir and not Path(args.save_dir).is_dir():
+        raise LowRankError(f"{args.save_dir}: --save-dir folder does not exist")
+    if args.eval_inputs and not Path(args.eval_inputs).is_file():
+        raise LowRankError(f"{args.eval_inputs}: no such eval inputs file")
+    if args.profile and args.runs == 0:
+        raise LowRankError("--profile times the models: it needs --runs > 0")
+    bar = _ProgressBar(True, "converting and measuring targets", "target")
+    try:
+        result = sweep(
+            src,
+            args.speedups,
+            eval_inputs=args.eval_inputs,
+            calibration=args.calibration,
+            refit=args.refit,
+            sensitivity=args.sensitivity,
+            measure=args.measure,
+            threads=args.threads,
+            runs=args.runs,
+            profile=args.profile,
+            input_shapes=dict(args.input_shape),
+            allow_unknown_shapes=args.allow_unknown_shapes,
+            kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+            include=args.include,
+            exclude=args.exclude,
+            rank_multiple=args.rank_multiple,
+            fold_bn=not args.no_fold_bn,
+            save_dir=args.save_dir,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    if args.html:
+        from .html_report import PLOTS_HINT, plots_available, sweep_html
+
+        _write_text_atomic(Path(args.html), sweep_html(result))
+        note = "" if plots_available() else f" (tables only; for the plots: {PLOTS_HINT})"
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_sweep(result))
+    if args.html and not args.json:
+        print(f"wrote {args.html}{note}")
     return 0
 
 
@@ -589,7 +928,8 @@ class _ProgressBar:
 
     DELAY = 1.0  # seconds before anything is drawn: quick conversions stay quiet
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, what: str = "analysing layers", unit: str = "layer") -> None:
+        self.what, self.unit = what, unit
         self.enabled = enabled and sys.stderr.isatty()
         self.start = time.perf_counter()
         self.bar: Any = None
@@ -602,14 +942,14 @@ class _ProgressBar:
             try:
                 from tqdm import tqdm  # optional; imported only when a bar is due
 
-                self.bar = tqdm(total=total, desc="analysing layers", unit="layer", file=sys.stderr, leave=False)
+                self.bar = tqdm(total=total, desc=self.what, unit=self.unit, file=sys.stderr, leave=False)
             except ImportError:
                 self.bar = False
         if self.bar:
             self.bar.n = done
             self.bar.set_postfix_str(name[-30:], refresh=True)
         else:
-            print(f"\ranalysing layers {done}/{total} {name[-40:]:<40}", end="", file=sys.stderr, flush=True)
+            print(f"\r{self.what} {done}/{total} {name[-40:]:<40}", end="", file=sys.stderr, flush=True)
             self.drawn = True
 
     def close(self) -> None:
@@ -621,12 +961,20 @@ class _ProgressBar:
 
 def _inspect(args: argparse.Namespace) -> int:
     layers = inspect(args.input, input_shapes=dict(args.input_shape))
+    mobile = None
+    if args.mobile:
+        from .mobile import coverage
+
+        mobile = coverage(args.input, input_shapes=dict(args.input_shape))
     if args.json:
         from dataclasses import asdict
 
-        print(json.dumps([asdict(layer) for layer in layers], indent=2))
+        listed = [asdict(layer) for layer in layers]
+        print(json.dumps({"layers": listed, "mobile": mobile.to_dict()} if mobile is not None else listed, indent=2))
     else:
         print(format_inspect(layers))
+        if mobile is not None:
+            print(format_mobile(mobile))
     return 0
 
 
@@ -636,6 +984,12 @@ def _verify(args: argparse.Namespace) -> int:
         raise LowRankError(f"--runs must be >= 0, got {args.runs}")
     if args.profile and args.runs == 0:
         raise LowRankError("--profile times the models: it needs --runs > 0")
+    mobile = None
+    if args.mobile:  # first: a model the checker cannot read fails before anything runs
+        from .mobile import coverage
+
+        shapes = dict(args.input_shape)
+        mobile = (coverage(args.original, input_shapes=shapes), coverage(args.candidate, input_shapes=shapes))
     result = verify(
         args.original,
         args.candidate,
@@ -648,14 +1002,22 @@ def _verify(args: argparse.Namespace) -> int:
         profile=args.profile,
         input_shapes=dict(args.input_shape),
     )
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_verify(result))
+    if args.json:
+        data = result.to_dict()
+        if mobile is not None:
+            data["mobile"] = {"original": mobile[0].to_dict(), "candidate": mobile[1].to_dict()}
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_verify(result))
+        if mobile is not None:
+            print(format_mobile(*mobile))
     return 0 if result.passed else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        handler = {"decompose": _decompose, "inspect": _inspect, "verify": _verify}[args.command]
+        handler = {"decompose": _decompose, "inspect": _inspect, "verify": _verify, "sweep": _sweep}[args.command]
         return handler(args)
     except LowRankError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

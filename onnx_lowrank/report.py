@@ -41,6 +41,7 @@ class LayerReport:
     scope: str = "the main graph"  # where the node is: the main graph, a branch of an If, a Loop body, a function
     counted: bool = True  # its MACs are in the report's totals
     sensitivity: list[list[float]] | None = None  # with calibration: [rank, damage to the outputs] measured alone
+    quantized: str | None = None  # with quantize: the form its node(s) run in ("int8 (QDQ)", "ConvInteger", "float")
 
     @property
     def mac_ratio(self) -> float:
@@ -58,8 +59,10 @@ class Report:
     folded_batchnorms: list[str] = field(default_factory=list)  # BatchNormalization nodes folded into their Conv
     kept_batchnorms: dict[str, str] = field(default_factory=dict)  # BatchNormalization nodes not folded -> why
     warnings: list[str] = field(default_factory=list)  # what the user should know about the plan (one line each)
-    latency: dict[str, Any] = field(default_factory=dict)  # with --measure: predicted and measured speedup, per round
+    latency: dict[str, Any] = field(default_factory=dict)  # what the plan was made by, and the result timed: threads, runs, ms, ratio
     calibration: dict[str, Any] = field(default_factory=dict)  # with calibration data: samples, sensitivity cost, refit per layer
+    mobile: dict[str, Any] = field(default_factory=dict)  # with mobile_safe: coverage before/after, layers kept whole
+    quantization: dict[str, Any] = field(default_factory=dict)  # with quantize: mode, types, samples, nodes quantized
     seconds: float = 0.0
     macs_exact: bool = True  # False: layers of unknown size are counted at one output pixel (--allow-unknown-shapes)
     shapes: dict[str, Any] = field(default_factory=dict)  # where the sizes came from: source, reference input, missing inputs

@@ -277,16 +277,74 @@ def _instrumented(
     return shell, instrumenter, [probe for _, probe, _ in found]
 
 
+# ops whose output sizes (or whose branch taken) can depend on the values flowing through the model: with any
+# of them the run keeps the real weights
+VALUE_DEPENDENT = frozenset(
+    {"If", "Loop", "Scan", "NonZero", "NonMaxSuppression", "TopK", "Unique", "Compress", "RoiAlign", "Where", "Range"}
+)
+STAND_IN_BYTES = 1 << 20  # an initializer this large is generated at run time instead of written out
+
+
+def _stand_ins(model: onnx.ModelProto) -> bool:
+    """Whether the run may use zeros of the right shape for the large weights.
+
+    Sizes of a CNN follow from its input and its weights' shapes, not their values; a model whose sizes or
+    branches can follow values (:data:`VALUE_DEPENDENT`, anywhere) keeps its weights. ``ConstantOfShape``
+    needs opset 9.
+    """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 9:
+        return False
+    return not any(node.op_type in VALUE_DEPENDENT for _, node in _nodes(model.graph)) and not model.functions
+
+
 def _session_for(model: onnx.ModelProto, shell: onnx.ModelProto, tmp: Path) -> Any:
-    """An onnxruntime session of ``shell`` with ``model``'s initializers, built from a file streamed to ``tmp``."""
-    if estimated_size(model) > PROTOBUF_LIMIT:
+    """An onnxruntime session of ``shell`` with ``model``'s initializers, built from a file streamed to ``tmp``.
+
+    Where :func:`_stand_ins` allows, each large initializer becomes a ``ConstantOfShape`` of its dims: the
+    file stays small and onnxruntime allocates each weight only while the node that reads it runs, instead
+    of the run writing and loading a copy of every weight (seconds and a model's worth of memory for a
+    500 MB model).
+    """
+    initializers: list[onnx.TensorProto] = list(model.graph.initializer)
+    if _stand_ins(model):
+        large = {t.name for t in initializers if _bytes(t) >= STAND_IN_BYTES}
+        if large:
+            shell = _with_stand_ins(shell, [t for t in initializers if t.name in large])
+            initializers = [t for t in initializers if t.name not in large]
+    if estimated_size(model) > PROTOBUF_LIMIT and len(initializers) == len(model.graph.initializer):
         full = onnx.ModelProto()
         full.CopyFrom(shell)
-        full.graph.initializer.extend(model.graph.initializer)
-        return make_session(full, optimization="basic")
+        full.graph.initializer.extend(initializers)
+        return make_session(full, optimization="disable")
     path = tmp / "probed.onnx"
-    write_model(shell, path, initializers=model.graph.initializer)
-    return make_session(str(path), optimization="basic")
+    write_model(shell, path, initializers=initializers)
+    return make_session(str(path), optimization="disable")
+
+
+def _bytes(tensor: onnx.TensorProto) -> int:
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _with_stand_ins(shell: onnx.ModelProto, tensors: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """``shell`` with a ``ConstantOfShape`` node (zeros) in front of the graph for each of ``tensors``."""
+    out = onnx.ModelProto()
+    copy_fields(shell, out, skip=("graph",))
+    copy_fields(shell.graph, out.graph, skip=("node", "input"))
+    names = {t.name for t in tensors}
+    out.graph.input.extend(v for v in shell.graph.input if v.name not in names)  # IR 3 lists initializers as inputs
+    for tensor in tensors:
+        dims = numpy_helper.from_array(np.array(list(tensor.dims), dtype=np.int64), f"{tensor.name}/lowrank_dims")
+        zero = onnx.TensorProto(data_type=tensor.data_type, dims=[1])
+        zero.raw_data = bytes(_bytes(onnx.TensorProto(data_type=tensor.data_type, dims=[1])))
+        out.graph.node.append(helper.make_node("Constant", [], [dims.name], value=dims))
+        out.graph.node.append(helper.make_node("ConstantOfShape", [dims.name], [tensor.name], value=zero))
+    out.graph.node.extend(shell.graph.node)
+    return out
 
 
 def _run(model: onnx.ModelProto, shell: onnx.ModelProto, feeds: Mapping[str, Any], names: list[str]) -> list[Any]:

@@ -1,5 +1,8 @@
 """Compare two models in onnxruntime: per-output error statistics and interleaved latency.
 
+Either model may be an ONNX file, an ORT-format file (``.ort``, what
+:func:`onnx_lowrank.mobile.save_ort` writes) or a ``ModelProto``.
+
 Inputs are random (seeded) from the original model's input types and shapes —
 symbolic dims become 1 — or come from an ``.npz`` keyed by input name; an
 ``.npz`` that also holds ``labels`` gives accuracy and top-1 agreement.
@@ -209,10 +212,9 @@ def verify(
     """
     if not rtol >= 0 or not atol >= 0:
         raise LowRankError(f"tolerances must be >= 0, got rtol={rtol} atol={atol}")
-    if isinstance(original, (str, os.PathLike)):
-        load_model(original)  # one-line errors for a missing or broken file before onnxruntime sees it
-    if isinstance(candidate, (str, os.PathLike)):
-        load_model(candidate)
+    for model in (original, candidate):
+        if isinstance(model, (str, os.PathLike)):
+            _check_readable(model)  # one-line errors for a missing or broken file before onnxruntime sees it
     ref = make_session(original, providers, threads)
     cand = make_session(candidate, providers, threads)
     names = [o.name for o in ref.get_outputs()]
@@ -251,6 +253,18 @@ def verify(
             before, after = kernel_times([original, candidate], batches[0], threads, runs=runs, warmup=warmup, providers=providers)
             result.kernels = {"original": before.by_op, "candidate": after.by_op}
     return result
+
+
+def _check_readable(path: str | os.PathLike[str]) -> None:
+    """An ONNX model loads (with its external data); an ORT-format model (``.ort``) is a readable file onnxruntime opens."""
+    from .mobile import is_ort_format
+
+    p = Path(path)
+    if not (p.is_file() and is_ort_format(p)):
+        load_model(p)
+        return
+    if not os.access(p, os.R_OK):
+        raise LowRankError(f"{p}: permission denied")
 
 
 def interleaved_latency(first: Any, second: Any, feed: Mapping[str, Any], runs: int, warmup: int = 3) -> tuple[float, float]:

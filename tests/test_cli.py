@@ -173,6 +173,10 @@ def _npy(ws: Workspace) -> list[str]:
     return _verify(ws, "--inputs", str(path))
 
 
+def _sweep(ws: Workspace, *flags: str) -> list[str]:
+    return ["sweep", str(ws.model), "--runs", "0", *flags]
+
+
 SKIP_AS_ROOT = pytest.mark.skipif(
     hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads chmod 000 files; the directory case covers unreadable input"
 )
@@ -260,6 +264,33 @@ BAD: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
     ("verify-rtol-nan", lambda ws: _verify(ws, "--rtol", "nan"), "--rtol"),
     ("verify-atol-negative", lambda ws: _verify(ws, "--atol", "-1"), "--atol"),
     ("verify-profile-without-runs", lambda ws: _verify(ws, "--profile", "--runs", "0"), "--profile"),
+    # sweep and the HTML reports
+    ("sweep-speedups-not-numbers", lambda ws: _sweep(ws, "--speedups", "1.5,fast"), "--speedups"),
+    ("sweep-speedups-below-1", lambda ws: _sweep(ws, "--speedups", "2,0.5"), "--speedups"),
+    ("sweep-html-folder-missing", lambda ws: _sweep(ws, "--html", str(ws.out / "absent" / "report.html")), "does not exist"),
+    ("sweep-html-is-input", lambda ws: _sweep(ws, "--html", str(ws.model)), "input model"),
+    ("sweep-save-dir-missing", lambda ws: _sweep(ws, "--save-dir", str(ws.out / "absent")), "--save-dir"),
+    (
+        "sweep-eval-inputs-lack-input",
+        lambda ws: _sweep(ws, "--eval-inputs", str(ws.npz("x.npz", image=np.zeros((1, 3, 64, 64), np.float32)))),
+        "lack model input",
+    ),
+    (
+        "sweep-eval-inputs-wrong-shape",
+        lambda ws: _sweep(
+            ws, "--eval-inputs", str(ws.npz("x.npz", input=np.zeros((1, 3, 5, 5), np.float32))), "--html", str(ws.out / "r.html")
+        ),
+        "do not fit the model",
+    ),
+    (
+        "sweep-eval-labels-wrong-count",
+        lambda ws: _sweep(
+            ws, "--eval-inputs", str(ws.npz("x.npz", input=np.zeros((2, 3, 64, 64), np.float32), labels=np.zeros(5, np.int64)))
+        ),
+        "labels",
+    ),
+    ("decompose-html-folder-missing", lambda ws: _dec(ws, "--html", str(ws.out / "absent" / "report.html")), "does not exist"),
+    ("decompose-html-is-report", lambda ws: _dec(ws, "--report", str(ws.out / "r.json"), "--html", str(ws.out / "r.json")), "report"),
     # inspect
     ("inspect-missing-file", lambda ws: ["inspect", str(ws.inp / "absent.onnx")], "no such file"),
     ("inspect-random-bytes", lambda ws: ["inspect", str(ws.write("random.onnx", RNG_BYTES))], "onnx model"),
@@ -646,3 +677,70 @@ def test_verify_inputs_with_labels(tmp_path: Path, decomposed: dict[str, Path]) 
     agreement = float(np.mean(rank1_logits.argmax(axis=1) == labels))
     assert out["top1_agreement"] == pytest.approx(agreement)
     assert out["accuracy_candidate"] == pytest.approx(agreement)  # labels are the original's choices
+
+
+# --------------------------------------------------------------------------- sweep and HTML reports
+
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+DIGITS_TEST = ROOT / "models" / "digits_test.npz"
+
+
+def test_sweep_json_html_and_models(tmp_path: Path) -> None:
+    """`sweep --json` prints only the rows (one per target, the unreachable one with its reason); --html and
+    --save-dir write the page and one model per reached target, with plain file modes."""
+    page, models = tmp_path / "sweep.html", tmp_path / "models"
+    models.mkdir()
+    before = sha256(DIGITS)
+    proc = cli(
+        "sweep",
+        DIGITS,
+        "--speedups",
+        "2,1.5,1000",
+        "--eval-inputs",
+        DIGITS_TEST,
+        "--runs",
+        "2",
+        "--json",
+        "--html",
+        page,
+        "--save-dir",
+        models,
+    )
+    assert_ok(proc)
+    data = json.loads(proc.stdout)
+    rows = data["rows"]
+    assert [row["target"] for row in rows] == [1.5, 2.0, 1000.0]
+    for row in rows[:2]:
+        assert row["reached"] and row["mac_ratio"] >= row["target"]
+        assert row["latency_ratio"] > 0 and row["accuracy"] is not None and row["top1_agreement"] is not None
+    assert not rows[2]["reached"] and "cannot be reached" in rows[2]["reason"]
+    assert data["labelled"] and data["samples"] == 450
+    assert sorted(p.name for p in models.iterdir()) == ["digits_cnn-x1.5.onnx", "digits_cnn-x2.onnx"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [page, *models.iterdir()]:
+        assert (path.stat().st_mode & 0o777) == 0o666 & ~umask, path
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "not reached" in text
+    assert sha256(DIGITS) == before
+
+
+def test_sweep_table(tmp_path: Path) -> None:
+    """The printed table: one row per target with its MAC ratio, measured speedup and accuracy; no file written."""
+    proc = cli("sweep", DIGITS, "--speedups", "1.5,3", "--eval-inputs", DIGITS_TEST, "--runs", "2")
+    assert_ok(proc)
+    for target in ("1.5x", "3x"):
+        assert re.search(rf"^{re.escape(target)}\s+[\d.]+x\s+[\d.]+x\s+[\d.]+ -> [\d.]+\s", proc.stdout, re.MULTILINE), proc.stdout
+    assert "original accuracy" in proc.stdout and "accuracy" in proc.stdout.splitlines()[0]
+    assert "wrote" not in proc.stdout
+
+
+def test_decompose_html(tmp_path: Path) -> None:
+    """`decompose --html` writes the page beside the model; without --verify it still shows the output error."""
+    page = tmp_path / "report.html"
+    proc = cli("decompose", DIGITS, tmp_path / "out.onnx", "--html", page)
+    assert_ok(proc)
+    assert f"wrote {page}" in proc.stdout
+    text = page.read_text()
+    assert "Output error statistics" in text and "Spectra and chosen ranks" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "report.html"]

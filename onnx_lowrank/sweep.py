@@ -1,0 +1,530 @@
+"""Convert one model at several speedup targets and measure each result against the original.
+
+Choosing ``--speedup S`` trades accuracy for speed; a sweep shows that trade.
+One preparation serves every target: the model is loaded, BatchNormalization
+folded, shapes inferred and the decomposable layers found once, and each
+layer's singular values are computed once (by the first target that needs
+them) and reused by the others. With calibration data the layers' damage
+curves (:mod:`onnx_lowrank.sensitivity`) are also measured once; each target
+then allocates its ranks from those statistics and refits its own factors.
+
+Per target the result is run in onnxruntime beside the original:
+
+* **MAC ratio**: MACs of the decomposable layers before / after (the quantity
+  ``--speedup`` budgets);
+* **latency ratio**: original / candidate milliseconds, the medians of
+  ``runs`` interleaved runs (:func:`onnx_lowrank.verify.interleaved_latency`) on
+  one batch (one sample where the batch dimension is free);
+* **output error**: :func:`onnx_lowrank.verify.compare_outputs` of every output
+  over all evaluation samples, and the top-1 agreement of 2-D outputs;
+  ``labels`` in the evaluation inputs give both models' accuracy;
+* **conversion seconds**: planning, applying and refitting this target (the
+  shared preparation is reported once, in :attr:`SweepResult.prepare_seconds`;
+  the first target's time includes the spectra the later targets reuse).
+
+A target that cannot be reached is a row with the reason, not an error.
+Evaluation inputs are checked against the model before any conversion.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+
+from ._threads import single_threaded_blas
+from .api import (
+    DEFAULT_SPEEDUP,
+    CalibrationSource,
+    ModelLike,
+    _as_model,
+    _calibrated_target,
+    _calibration_statistics,
+    _check_options,
+    _decompose_prepared,
+    _prepare,
+    _Prepared,
+)
+from .errors import LowRankError
+from .factorization import Kind, decompose_kernel
+from .model_io import load_model, save_model
+from .report import Report
+from .run_shapes import resolve_shapes
+from .verify import OutputStats, _load_inputs, compare_outputs, interleaved_latency, kernel_times, make_session, random_inputs
+
+__all__ = ["DEFAULT_SPEEDUPS", "LayerSpectrum", "SweepResult", "SweepRow", "layer_spectra", "parse_speedups", "report_spectra", "sweep"]
+
+DEFAULT_SPEEDUPS = (1.25, 1.5, 2.0, 3.0, 4.0)
+EVAL_BATCH = 64  # samples per onnxruntime run where the batch dimension is free
+RANDOM_SAMPLES = 4  # random inputs when no evaluation inputs are given (batch dimension free)
+
+Array = npt.NDArray[Any]
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class LayerSpectrum:
+    """One layer's singular values for one kind of split, normalised: ``curve[k]`` is ``σ_{k+1} / σ_1``.
+
+    For a grouped kernel ``σ_k = sqrt(Σ_g s_{g,k}²)`` (the groups share one rank).
+    ``errors[K]`` is the relative kernel error ``||W − W_K|| / ||W||`` at rank ``K`` (``K = 0..full``).
+    """
+
+    node: str
+    kind: str
+    curve: list[float]
+    errors: list[float]
+
+
+@dataclass
+class SweepRow:
+    """One target: what the conversion gave and how the result compares with the original."""
+
+    target: float
+    reached: bool
+    reason: str | None = None  # why the target gave no model
+    mac_ratio: float | None = None
+    params_ratio: float | None = None
+    original_ms: float | None = None
+    candidate_ms: float | None = None
+    outputs: list[OutputStats] = field(default_factory=list)
+    top1_agreement: float | None = None
+    accuracy_original: float | None = None
+    accuracy: float | None = None
+    convert_seconds: float = 0.0
+    decomposed: int = 0
+    layers: int = 0
+    allocation: str | None = None  # with calibration: "sensitivity" or "kernel error (...)"
+    notes: list[str] = field(default_factory=list)  # what the user should know about this row
+    saved: str | None = None
+    kernels: dict[str, dict[str, float]] | None = None  # with profile: kernel ms per operator type, original and candidate
+    report: Report | None = None
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Original / candidate milliseconds (> 1: the candidate is faster); ``None`` when not timed."""
+        if not self.original_ms or not self.candidate_ms:
+            return None
+        return self.original_ms / self.candidate_ms
+
+    @property
+    def relative_l2(self) -> float | None:
+        """The largest relative L2 error over the outputs."""
+        return max((o.relative_l2 for o in self.outputs), default=None)
+
+    @property
+    def max_abs(self) -> float | None:
+        return max((o.max_abs for o in self.outputs), default=None)
+
+    @property
+    def min_cosine(self) -> float | None:
+        return min((o.cosine for o in self.outputs), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "report"}
+        data["latency_ratio"] = self.latency_ratio
+        data["relative_l2"] = self.relative_l2
+        if self.report is not None:
+            data["ranks"] = {
+                layer.node: {"kind": layer.kind, "rank": layer.rank, "full_rank": layer.full_rank, "relative_error": layer.relative_error}
+                for layer in self.report.decomposed
+            }
+        return data
+
+
+@dataclass
+class SweepResult:
+    """Every target's row, and what they share."""
+
+    model: str
+    rows: list[SweepRow]
+    inputs: str  # the evaluation inputs: a path, or "random"
+    samples: int
+    labelled: bool
+    runs: int
+    threads: int
+    prepare_seconds: float  # loading, folding, shapes, sites; with calibration also the damage curves
+    calibration: dict[str, Any] = field(default_factory=dict)
+    spectra: list[LayerSpectrum] = field(default_factory=list)
+    default_target: float = DEFAULT_SPEEDUP
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "inputs": self.inputs,
+            "samples": self.samples,
+            "labelled": self.labelled,
+            "runs": self.runs,
+            "threads": self.threads,
+            "prepare_seconds": self.prepare_seconds,
+            "calibration": self.calibration,
+            "default_target": self.default_target,
+            "rows": [row.to_dict() for row in self.rows],
+        }
+
+
+def parse_speedups(text: str) -> list[float]:
+    """``"1.25,1.5,2"`` → ``[1.25, 1.5, 2.0]``: finite numbers >= 1, sorted, without repeats."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise LowRankError(f"--speedups: {part.strip()!r} is not a number; give numbers >= 1 separated by commas") from None
+        if not (math.isfinite(value) and value >= 1.0):
+            raise LowRankError(f"--speedups: {part.strip()} is not a number >= 1")
+        values.append(value)
+    return sorted(set(values))
+
+
+# --------------------------------------------------------------------------- evaluation inputs
+
+
+@dataclass
+class _Evaluation:
+    """The inputs every target is compared on, and the original's outputs on them."""
+
+    batches: list[dict[str, Array]]
+    timing_feed: dict[str, Array]
+    labels: Array | None
+    names: list[str]
+    reference: list[Array]
+    samples: int
+    description: str
+
+
+def _free_batch(session: Any) -> bool:
+    return all(not (i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0) for i in session.get_inputs())
+
+
+def _evaluation(
+    session: Any, inputs: str | os.PathLike[str] | Mapping[str, Array] | None, input_shapes: Mapping[str, Sequence[int]] | None
+) -> _Evaluation:
+    """Load and check the evaluation inputs and run the original on them (raises :class:`LowRankError` when they do not fit)."""
+    free = _free_batch(session)
+    names = [i.name for i in session.get_inputs()]
+    labels: Array | None = None
+    if inputs is None:
+        feeds = random_inputs(session, seed=0, batch=RANDOM_SAMPLES if free else 1, input_shapes=input_shapes)
+        description = "random"
+    else:
+        data = dict(_load_inputs(inputs)) if isinstance(inputs, (str, os.PathLike)) else {k: np.asarray(v) for k, v in inputs.items()}
+        description = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "given arrays"
+        labels = data.pop("labels", None)
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise LowRankError(f"eval inputs lack model input(s) {', '.join(missing)} (have: {', '.join(sorted(data)) or 'nothing'})")
+        feeds = {n: data[n] for n in names}
+        counts = {n: len(v) if v.ndim else 0 for n, v in feeds.items()}
+        if len(set(counts.values())) > 1 or min(counts.values(), default=1) == 0:
+            raise LowRankError(f"eval inputs must hold the same number (>= 1) of samples on axis 0 for every input, got {counts}")
+        count = next(iter(counts.values()))
+        if labels is not None and (labels.ndim != 1 or len(labels) != count):
+            raise LowRankError(f"eval inputs: labels has shape {list(labels.shape)}; expected one label per sample ({count})")
+    count = len(next(iter(feeds.values())))
+    fixed = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0]
+    step = min(fixed) if fixed else EVAL_BATCH
+    if fixed and count < step:
+        raise LowRankError(f"eval inputs hold {count} samples; the model's batch size is fixed at {step}")
+    if fixed:
+        count -= count % step  # a fixed batch takes whole batches only
+    batches = [{n: v[start : start + step] for n, v in feeds.items()} for start in range(0, count, step)]
+    outputs = [o.name for o in session.get_outputs()]
+    try:
+        runs = [session.run(outputs, feed) for feed in batches]
+    except Exception as exc:  # onnxruntime's own exception types: the inputs do not fit the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LowRankError(f"eval inputs do not fit the model: onnxruntime says {first}") from None
+    reference = [np.concatenate([r[i] for r in runs]) if len(runs) > 1 else runs[0][i] for i in range(len(outputs))]
+    timing_feed = {n: v[:1] for n, v in batches[0].items()} if free else batches[0]
+    if labels is not None:
+        labels = labels[:count]
+    return _Evaluation(batches, timing_feed, labels, outputs, reference, count, description)
+
+
+def _compare(
+    evaluation: _Evaluation,
+    original: tuple[onnx.ModelProto, Any],
+    candidate_model: onnx.ModelProto,
+    runs: int,
+    threads: int,
+    profile: bool,
+    row: SweepRow,
+) -> None:
+    """Fill ``row`` with the candidate's errors, agreement, accuracy and latency against the ``original`` (model, session)."""
+    candidate = make_session(candidate_model, threads=threads)
+    try:
+        outs = [candidate.run(evaluation.names, feed) for feed in evaluation.batches]
+    except Exception as exc:  # onnxruntime's own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LowRankError(f"onnxruntime failed to run the converted model: {first}") from None
+    merged = [np.concatenate([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in range(len(evaluation.names))]
+    row.outputs = compare_outputs(evaluation.names, evaluation.reference, merged, rtol=1e-3, atol=1e-4, labels=evaluation.labels)
+    classified = next((o for o in row.outputs if o.top1_agreement is not None), None)
+    if classified is not None:
+        row.top1_agreement = classified.top1_agreement
+        row.accuracy_original, row.accuracy = classified.accuracy_original, classified.accuracy_candidate
+    if runs > 0:
+        row.original_ms, row.candidate_ms = interleaved_latency(original[1], candidate, evaluation.timing_feed, runs)
+    if profile and runs > 0:
+        before, after = kernel_times([original[0], candidate_model], evaluation.timing_feed, threads, runs=runs)
+        row.kernels = {"original": before.by_op, "candidate": after.by_op}
+
+
+# --------------------------------------------------------------------------- spectra
+
+
+def _curves(prepared: _Prepared, node: str, kind: Kind) -> LayerSpectrum | None:
+    """The normalised spectrum of one layer for one kind, from the prepared model's cache (computed if missing)."""
+    from .ranks import tail_errors
+
+    site = next((s for s in prepared.sites if s.key == node), None)
+    if site is None or site.weight is None:
+        return None
+    cache = prepared.decompositions.setdefault((site.weight_key, type(site), site.groups), {})
+    if kind not in cache:
+        try:
+            cache[kind] = decompose_kernel(site.kernel(), site.groups, kind)
+        except ValueError:  # non-finite weights: the layer was not decomposed either
+            return None
+    s = cache[kind].s
+    energy = np.sqrt(np.square(s).sum(axis=0))
+    top = float(energy[0]) if energy.size else 0.0
+    curve = (energy / top).tolist() if top > 0 else [0.0] * energy.size
+    return LayerSpectrum(node, kind, curve, np.sqrt(tail_errors(s)).tolist())
+
+
+def layer_spectra(prepared: _Prepared, reports: Sequence[Report]) -> list[LayerSpectrum]:
+    """The spectra of every layer decomposed in any of ``reports``, for each kind it was decomposed with, in graph order."""
+    wanted: dict[str, list[Kind]] = {}
+    for report in reports:
+        for layer in report.decomposed:
+            kinds = wanted.setdefault(layer.node, [])
+            if layer.kind not in kinds:
+                kinds.append(layer.kind)  # type: ignore[arg-type]
+    out = []
+    with single_threaded_blas():
+        for site in prepared.sites:
+            for kind in sorted(wanted.get(site.key, [])):
+                spectrum = _curves(prepared, site.key, kind)
+                if spectrum is not None:
+                    out.append(spectrum)
+    return out
+
+
+def report_spectra(model: ModelLike, report: Report, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[LayerSpectrum]:
+    """:func:`layer_spectra` of one finished conversion of ``model`` (the model is prepared again, as the conversion did)."""
+    prepared = _prepare(model, input_shapes=input_shapes, fold_bn=bool(report.policy.get("fold_bn", True)))
+    return layer_spectra(prepared, [report])
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _targets(speedups: Sequence[float]) -> list[float]:
+    values = []
+    for value in speedups:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1.0:
+            raise LowRankError(f"--speedups: {value!r} is not a number >= 1")
+        values.append(float(value))
+    if not values:
+        raise LowRankError("--speedups: give at least one target")
+    return sorted(set(values))
+
+
+def _timed(fn: Callable[[], tuple[onnx.ModelProto, Report]]) -> tuple[onnx.ModelProto, Report, float]:
+    start = time.perf_counter()
+    with single_threaded_blas():
+        model, report = fn()
+    return model, report, time.perf_counter() - start
+
+
+def _conversions(
+    proto: onnx.ModelProto,
+    targets: list[float],
+    options: dict[str, Any],
+    calibration: CalibrationSource | None,
+    refit: bool,
+    sensitivity: bool,
+    samples: int,
+    info: dict[str, Any],
+) -> Iterator[tuple[float, tuple[onnx.ModelProto, Report, float] | LowRankError]]:
+    """Each target's converted model, report and seconds (or the error that stopped it), sharing one preparation.
+
+    ``info`` receives ``prepared``, ``prepare_seconds`` and, with calibration data, ``calibration``.
+    """
+    start = time.perf_counter()
+    convert: Callable[[float], tuple[onnx.ModelProto, Report]]
+    data = None
+    reference = None
+    if calibration is not None:
+        from .calibration import load_calibration
+
+        data = load_calibration(calibration, proto)
+        reference = {name: values[:1] for name, values in data.items()}  # the sizes of a real input, for every target
+    shapes = resolve_shapes(proto, options["input_shapes"], reference)
+    options = {**options, "shapes": shapes}
+    prepared = _prepare(proto, input_shapes=options["input_shapes"], fold_bn=options["fold_bn"], shapes=shapes)
+    if data is None:
+
+        def convert(target: float) -> tuple[onnx.ModelProto, Report]:
+            return _decompose_prepared(prepared, **{**options, "speedup": target})
+
+    else:
+        with single_threaded_blas():
+            measured = _calibration_statistics(proto, data, {**options, "speedup": targets[0]}, sensitivity, samples)
+        info["calibration"] = {"samples": len(next(iter(data.values()))) if data else 0, "refit": refit}
+        if measured is not None:
+            info["calibration"]["sensitivity"] = {
+                "samples": measured.samples,
+                "evaluations": measured.evaluations,
+                "seconds": measured.seconds,
+            }
+
+        def convert(target: float) -> tuple[onnx.ModelProto, Report]:
+            return _calibrated_target(proto, data, measured, refit, {**options, "speedup": target}, prepared)
+
+    info["prepared"] = prepared
+    info["prepare_seconds"] = time.perf_counter() - start
+    for target in targets:
+        try:
+            yield target, _timed(functools.partial(convert, target))
+        except LowRankError as exc:
+            yield target, exc
+
+
+def sweep(
+    model: ModelLike,
+    speedups: Sequence[float] = DEFAULT_SPEEDUPS,
+    *,
+    eval_inputs: str | os.PathLike[str] | Mapping[str, Array] | None = None,
+    calibration: CalibrationSource | None = None,
+    refit: bool | None = None,
+    sensitivity: bool | None = None,
+    samples: int = 128,
+    measure: bool = False,
+    threads: int = 1,
+    runs: int = 20,
+    profile: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    allow_unknown_shapes: bool = False,
+    kinds: Sequence[str] | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    rank_multiple: int | None = None,
+    fold_bn: bool = True,
+    save_dir: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    workers: int | None = None,
+) -> SweepResult:
+    """Convert ``model`` at each of ``speedups`` (``--speedup`` targets) and compare each result with it.
+
+    The conversion options are those of :func:`onnx_lowrank.decompose`.
+    ``eval_inputs``: an ``.npz`` (or mapping) keyed by input name with samples on
+    axis 0, and optionally ``labels`` (one class index per sample) for accuracy;
+    default: seeded random inputs. ``runs``: interleaved timed runs of each model
+    per target (0: not timed); ``threads``: onnxruntime intra-op threads for the
+    timing and for ``measure``. ``profile``: also time each operator type
+    (onnxruntime's profiler). ``save_dir``: write each converted model there as
+    ``<model>-x<target>.onnx``; nothing is written otherwise. ``progress(done,
+    total, name)`` is called as targets finish.
+    """
+    targets = _targets(speedups)
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+        raise LowRankError(f"--runs must be a whole number >= 0, got {runs!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise LowRankError(f"--threads must be a whole number >= 1, got {threads!r}")
+    if profile and runs == 0:
+        raise LowRankError("--profile times the models: it needs --runs > 0")
+    if calibration is None and (refit or sensitivity):
+        raise LowRankError("refit and sensitivity allocation need calibration data")
+    options: dict[str, Any] = dict(
+        rank=None,
+        energy=None,
+        speedup=targets[0],
+        params_ratio=None,
+        ranks=None,
+        include=include,
+        exclude=exclude,
+        force=False,
+        kinds=kinds,
+        input_shapes=input_shapes,
+        rank_multiple=rank_multiple,
+        fold_bn=fold_bn,
+        progress=None,
+        workers=workers,
+        measure=measure,
+        threads=threads,
+        inplace=False,
+        allow_unknown_shapes=allow_unknown_shapes,
+        # each target by MAC count unless --measure: the sweep times every result itself
+        by=None if measure else "macs",
+        check_runs=0,
+    )
+    _check_options(**options)  # bad options are refused before any work, not once per target
+    out_dir = Path(save_dir) if save_dir is not None else None
+    if out_dir is not None and not out_dir.is_dir():
+        raise LowRankError(f"{out_dir}: --save-dir folder does not exist")
+    name = Path(model).name if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _as_model(model)
+    session = make_session(proto, threads=threads)
+    evaluation = _evaluation(session, eval_inputs, input_shapes)
+    info: dict[str, Any] = {}
+    rows: list[SweepRow] = []
+    conversions = _conversions(proto, targets, options, calibration, refit is not False, sensitivity is not False, samples, info)
+    for done, (target, outcome) in enumerate(conversions, 1):
+        row = SweepRow(target=target, reached=not isinstance(outcome, LowRankError))
+        if isinstance(outcome, LowRankError):
+            row.reason = str(outcome)
+        else:
+            candidate, report, seconds = outcome
+            _fill(row, report, seconds)
+            try:
+                _compare(evaluation, (proto, session), candidate, runs, threads, profile, row)
+            except LowRankError as exc:
+                row.notes.append(str(exc))
+            if out_dir is not None:
+                path = out_dir / f"{Path(name).stem}-x{target:g}.onnx"
+                save_model(candidate, path, inputs=(model,) if not isinstance(model, onnx.ModelProto) else ())
+                row.saved = str(path)
+        rows.append(row)
+        if progress is not None:
+            progress(done, len(targets), f"{target:g}x")
+    prepared = info.get("prepared")
+    spectra = layer_spectra(prepared, [r.report for r in rows if r.report is not None]) if prepared is not None else []
+    return SweepResult(
+        model=name,
+        rows=rows,
+        inputs=evaluation.description,
+        samples=evaluation.samples,
+        labelled=evaluation.labels is not None,
+        runs=runs,
+        threads=threads,
+        prepare_seconds=info.get("prepare_seconds", 0.0),
+        calibration=info.get("calibration", {}),
+        spectra=spectra,
+    )
+
+
+def _fill(row: SweepRow, report: Report, seconds: float) -> None:
+    row.report = report
+    row.mac_ratio = report.mac_ratio
+    row.params_ratio = report.params_after / report.params_before if report.params_before else None
+    row.convert_seconds = seconds
+    row.decomposed = len(report.decomposed)
+    row.layers = len(report.layers)
+    row.allocation = report.policy.get("allocation")
+    if row.allocation and row.allocation.startswith("kernel error ("):
+        row.notes.append(f"ranks by kernel error: {row.allocation[len('kernel error (') : -1]}")
+    if report.latency.get("by") == "latency" and not report.latency.get("met", True):
+        row.notes.append(f"--measure reached {report.latency['measured_speedup']:.2f}x, below the target; the fastest round is kept")
+    row.notes += report.warnings
