@@ -482,11 +482,12 @@ def _latency_lines(lat: dict[str, Any]) -> list[str]:
 
 
 def _layer_note(layer: LayerReport) -> str:
-    """Where a layer in a subgraph sits and how often it ran, for the table."""
+    """Where a layer in a subgraph sits and how often it ran, and a rank stored wider with zero filters, for the table."""
+    padded = f"stored as {layer.stored_rank} channels (zero filters fill the kernel block)" if layer.stored_rank else ""
     if layer.scope == "the main graph":
-        return ""
+        return padded
     runs = f", ran {layer.executions}x" if layer.shape_known and layer.executions > 1 else ""
-    return f"in {layer.scope}{runs}"
+    return f"in {layer.scope}{runs}" + (f"; {padded}" if padded else "")
 
 
 def _sizes_lines(report: Report) -> list[str]:

@@ -37,7 +37,7 @@ from .passes._rewrite import Site
 from .run_shapes import ModelShapes
 from .runtime import make_session
 from .shapes import needs_input_shape_message
-from .timing_cache import TimingStore, cache_folder, machine_key
+from .timing_cache import TimingStore, cache_folder, cpu_description, machine_key
 from .verify import interleaved_latency
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "adaptive_interleaved",
     "check_candidate",
     "interpolate",
+    "kernel_block",
     "open_store",
     "resolve_by",
     "resolve_threads",
@@ -61,6 +62,17 @@ BY_CHOICES = ("latency", "macs")
 CHECK_RUNS = 10
 CHECK_MIN_RUNS = 3
 CHECK_BUDGET_MS = 3000.0
+
+
+def kernel_block() -> int | None:
+    """The channel block of onnxruntime's blocked (NCHWc) CPU convolution on this machine: 16 with AVX-512,
+    8 with AVX/AVX2, None where it has none (its blocked kernels are x86 only)."""
+    isa = set(cpu_description()["isa"])
+    if "avx512f" in isa:
+        return 16
+    if isa & {"avx", "avx2"}:
+        return 8
+    return None
 
 
 def resolve_threads(threads: int | None) -> int:

@@ -41,6 +41,7 @@ class LayerReport:
     scope: str = "the main graph"  # where the node is: the main graph, a branch of an If, a Loop body, a function
     counted: bool = True  # its MACs are in the report's totals
     sensitivity: list[list[float]] | None = None  # with calibration: [rank, damage to the outputs] measured alone
+    stored_rank: int | None = None  # the pair's intermediate channels when zero filters pad the rank to a kernel block
     quantized: str | None = None  # with quantize: the form its node(s) run in ("int8 (QDQ)", "ConvInteger", "float")
 
     @property
