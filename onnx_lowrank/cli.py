@@ -151,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
         "measured fastest in onnxruntime; 1 for --rank/--energy/--ranks)",
     )
     policy.add_argument("--no-fold-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them into the Conv first)")
+    policy.add_argument(
+        "--pad-ranks",
+        action="store_true",
+        help="with --rank/--energy/--ranks: store a rank that does not fill whole channel blocks of onnxruntime's blocked "
+        "CPU convolution here (8, or 16 with AVX-512) with zero filters up to the next block: more MACs, faster here",
+    )
     _add_input_shape(
         policy,
         "the input size to plan by: MACs are those of one onnxruntime run on an input of this shape (and the --verify inputs)",
@@ -749,6 +755,7 @@ def _decompose(args: argparse.Namespace) -> int:
             threads=args.threads,
             timing_cache=not args.no_timing_cache,
             check_runs=args.check_runs,
+            pad_ranks=args.pad_ranks,
             calibration=args.calibration,
             refit=args.refit,
             sensitivity=args.sensitivity,

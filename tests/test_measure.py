@@ -26,7 +26,7 @@ from onnx_lowrank import LowRankError, decompose
 from onnx_lowrank._threads import default_threads
 from onnx_lowrank.cli import main
 from onnx_lowrank.latency import LayerTimer
-from onnx_lowrank.latency_plan import adaptive_interleaved, interpolate, timed_ranks
+from onnx_lowrank.latency_plan import adaptive_interleaved, interpolate, kernel_block, timed_ranks
 from onnx_lowrank.passes._rewrite import Site
 
 TARGET = 1.05  # low enough that rank-8 pairs of 3x3 48->48 convs (4.5x fewer MACs each) reach it with room to spare
@@ -295,3 +295,22 @@ def test_adaptive_runs_fit_the_budget(monkeypatch: pytest.MonkeyPatch, ms: float
     first, second = _Sleeper(ms, clock), _Sleeper(ms / 2, clock)
     _, _, done = adaptive_interleaved(first, second, {}, max_runs=10, min_runs=3, budget_ms=3000.0, warmup=1)
     assert done == runs and first.calls == second.calls == runs + 1
+
+
+def test_padded_ranks_compute_the_same_pair() -> None:
+    """pad_ranks: a rank that does not fill the kernel block here is stored with zero filters up to it; the pair
+    computes what the unpadded one does, the report keeps the rank and counts the stored channels' MACs."""
+    block = kernel_block()
+    if block is None:
+        pytest.skip("onnxruntime has no blocked conv kernels on this CPU: nothing to pad to")
+    model = wide_chain(layers=1)
+    plain, report = decompose(model, rank=5, check_runs=0)
+    wide, padded_report = decompose(model, rank=5, check_runs=0, pad_ranks=True)
+    (layer,), (padded_layer,) = report.decomposed, padded_report.decomposed
+    assert layer.rank == padded_layer.rank == 5 and layer.stored_rank is None and padded_layer.stored_rank == block
+    assert padded_layer.relative_error == pytest.approx(layer.relative_error)
+    assert padded_layer.macs_after == layer.macs_after // 5 * block
+    x = np.random.default_rng(2).standard_normal((1, 48, 24, 24)).astype(np.float32)
+    np.testing.assert_allclose(run(wide, {"x": x})[0], run(plain, {"x": x})[0], rtol=1e-4, atol=1e-4)
+    first = next(t for t in wide.graph.initializer if "vertical" in t.name)
+    assert first.dims[0] == block
