@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
+from . import mac_plan
 from ._threads import single_threaded_blas
 from .errors import LowRankError
 from .factorization import Decomposition, Factors, Kind, decompose_kernel, padded, reconstruct, singular_values
@@ -349,7 +350,8 @@ def _choose_budget(
         if policy.params_ratio is None:
             # the MAC budget, the splits ranked by what they cost to run (onnx_lowrank.mac_plan)
             mac_budget = before / float(policy.speedup)  # type: ignore[arg-type]
-            picks = allocate_effective(layers, [u.overhead for u in units], mac_budget, fixed_macs)
+            overheads = [u.overhead for u in units]
+            picks = allocate_effective(layers, overheads, mac_budget, fixed_macs, mac_plan.PER_NODE_MACS, mac_plan.PER_ELEMENT_MACS)
         else:
             mac_budget = before / float(policy.speedup) if policy.speedup else float("inf")
             picks = allocate_two(layers, mac_budget, policy.params_ratio * params_total, fixed_macs, fixed_params)
