@@ -1067,9 +1067,10 @@ ROUND_RUNS = 10
 ROUND_MIN_RUNS = 5
 ROUND_BUDGET_MS = 4000.0
 MAX_ROUNDS = 4
-# when no round meets the target, the fastest is kept (with a warning) if it is within this share of it, else the
-# target is refused: a plan measured far below what was asked is not what the user asked for
-NEAR_MISS = 0.95
+# when no round meets the target, the fastest is kept with a warning (as --measure always did) when it reaches this
+# share of it, else the target is refused: a plan measured far below what was asked is not what the user asked for
+# (and a sign that the layers, timed alone, promised more than the model gave)
+FAR_MISS = 0.8
 
 
 def _start_timing(proto: onnx.ModelProto, shapes: ModelShapes, threads: int, store: Any) -> tuple[Timing | None, str | None]:
@@ -1233,7 +1234,7 @@ def _measured_choice(
     meeting = [r for r in rounds if r[0] >= target]
     # the least error among rounds that met the target, else the fastest round
     best = min(meeting, key=lambda r: r[1]) if meeting else max(rounds, key=lambda r: r[0])
-    if best[0] < NEAR_MISS * target:
+    if best[0] < FAR_MISS * target:
         # the timed splits promised more than the model gave (layers of a few microseconds, timed alone, are
         # mostly the session's own overhead): no plan came near the target, so none is written
         raise LowRankError(

@@ -738,7 +738,7 @@ def test_sweep_table(tmp_path: Path) -> None:
 def test_decompose_html(tmp_path: Path) -> None:
     """`decompose --html` writes the page beside the model; without --verify it still shows the output error."""
     page = tmp_path / "report.html"
-    proc = cli("decompose", DIGITS, tmp_path / "out.onnx", "--html", page)
+    proc = cli("decompose", DIGITS, tmp_path / "out.onnx", "--by", "macs", "--html", page)
     assert_ok(proc)
     assert f"wrote {page}" in proc.stdout
     text = page.read_text()
