@@ -16,12 +16,13 @@ of those the effective count catches.
     python benchmarks/layer_costs.py                  # ~10 min on 2 cores; needs a quiet machine
     python benchmarks/layer_costs.py --models vgg16 --threads 1
 
-Results: ``benchmarks/results/layer_costs.json`` (raw timings and the fits).
+Results: ``benchmarks/results/layer_costs.json`` (the fits, and every timing as a table: ``columns`` and ``data``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -35,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import MODELS, load, log, machine_info, results_path, write_json
+from bench_common import MODELS, load, log, machine_info, results_path
 
 from onnx_lowrank.api import find_sites
 from onnx_lowrank.latency import LayerTimer
@@ -127,6 +128,29 @@ def check(rows: Sequence[dict[str, Any]], per_node: float, per_element: float) -
     return out
 
 
+COLUMNS = ("model", "layer", "op", "kind", "rank", "macs", "activations", "nodes", "ms", "original_ms", "original_macs",
+           "original_activations")  # fmt: skip
+
+
+def as_table(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Rows as one table (a list per row under ``columns``): a fifth of the size of a list of objects."""
+    return {"columns": list(COLUMNS), "data": [[row[c] for c in COLUMNS] for row in rows]}
+
+
+def write(path: Path, result: dict[str, Any]) -> None:
+    """The results as JSON, one timing per line (the tables run to thousands of rows), written through a rename."""
+    head = {k: v for k, v in result.items() if k != "rows"}
+    tables = []
+    for threads, table in result["rows"].items():
+        lines = ",\n".join("      " + json.dumps(row) for row in table["data"])
+        tables.append(f'    "{threads}": {{\n      "columns": {json.dumps(table["columns"])},\n      "data": [\n{lines}\n      ]\n    }}')
+    text = json.dumps(head, indent=2)[:-2] + ',\n  "rows": {\n' + ",\n".join(tables) + "\n  }\n}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(DEFAULT_MODELS))
@@ -143,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             got = layer_rows(name, threads)
             rows += got
             log(f"[{threads}T] {name}: {len(got)} timings ({time.perf_counter() - t0:.0f} s)")
-        result["rows"][str(threads)] = rows
+        result["rows"][str(threads)] = as_table(rows)
         fitted = fit(rows)
         result["fits"][str(threads)] = fitted
         result["checks"][str(threads)] = {
@@ -152,10 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         log(f"[{threads}T] fit: {fitted}")
         log(f"[{threads}T] check: {result['checks'][str(threads)]}")
-        write_json(out, result)
+        write(out, result)
     result["seconds"] = time.perf_counter() - start
     result["machine_after"] = {"load_average": machine_info()["load_average"]}
-    write_json(out, result)
+    write(out, result)
     print(f"Wrote {out} ({result['seconds'] / 60:.1f} min).")
     return 0
 

@@ -67,6 +67,7 @@ from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .run_shapes import ModelShapes, resolve_shapes
 from .runtime import first_line
 from .shapes import needs_input_shape_message
+from .timing_cache import TimingStore
 
 if TYPE_CHECKING:  # sensitivity imports this module; at run time it is imported where used
     from .sensitivity import Sensitivity
@@ -1073,7 +1074,7 @@ MAX_ROUNDS = 4
 FAR_MISS = 0.8
 
 
-def _start_timing(proto: onnx.ModelProto, shapes: ModelShapes, threads: int, store: Any) -> tuple[Timing | None, str | None]:
+def _start_timing(proto: onnx.ModelProto, shapes: ModelShapes, threads: int, store: TimingStore | None) -> tuple[Timing | None, str | None]:
     """A session of the model as it is now, for timing against; or None and the reason it cannot be made."""
     if shapes.reference is None:
         return None, untimeable_reason(shapes, [])

@@ -38,9 +38,11 @@ from .ranks import Infeasible, LayerChoices, Option, allocate
 
 __all__ = ["PER_ELEMENT_MACS", "PER_NODE_MACS", "LayerOverhead", "allocate_effective"]
 
-# fitted by benchmarks/layer_costs.py (benchmarks/results/layer_costs.json, "fits" at 1 thread, 1516 timings of
-# the layers of 9 models on a 2-core AMD EPYC, onnxruntime 1.32): 22.6 ms per GMAC, 9.1 µs per node and 0.38 ms
-# per million activation elements written — a node costs as much as 402k MACs, an element written 16.7 MACs
+# fitted by benchmarks/layer_costs.py to 1516 timings of the layers of 9 models at 1 thread (2-core AMD EPYC, AVX2,
+# onnxruntime 1.32; benchmarks/results/layer_costs.json, "fits"): 22.0 ms per GMAC, 9.7 µs per node, 0.35 ms per
+# million activation elements written, i.e. a node costs 438k MACs and an element 15.7 (a first run of the same
+# benchmark: 402k and 16.7); at 2 threads a node costs more (887k MACs, 25.6 per element), but a plan by MACs is
+# for other hardware, and one core is the common case there
 PER_NODE_MACS = 400_000
 PER_ELEMENT_MACS = 17.0
 BISECTION_STEPS = 40
