@@ -1205,14 +1205,20 @@ def _measured_choice(
     budget = before_ms / target
     history: list[dict[str, float]] = []
     rounds: list[tuple[float, float, dict[str, Option]]] = []  # measured ratio, total error, picks
+    least = False  # the last round took every layer's fastest option
     for _ in range(MAX_ROUNDS):
         try:
             picks = allocate(choices, budget * 1e6, fixed=fixed * 1e6)
         except Infeasible as exc:
-            if rounds:
+            if not rounds:
+                raise LowRankError(_unreachable(target, threads, before_ms, exc.best / 1e6)) from None
+            if least:
                 break
-            raise LowRankError(_unreachable(target, threads, before_ms, exc.best / 1e6)) from None
-        predicted = before_ms / ((fixed * 1e6 + sum(o.macs for o in picks.values())) / 1e6)
+            # short of the target and the correction asks for more than the splits can give: one last round
+            # with every layer at its fastest option
+            budget, least = exc.best / 1e6 * (1 + 1e-9), True
+            picks = allocate(choices, budget * 1e6, fixed=fixed * 1e6)
+        predicted_ms = fixed + sum(o.macs for o in picks.values()) / 1e6
         candidate_session = make_session(_candidate(proto, shapes, units, picks), threads=threads)
         orig_ms, cand_ms, runs = adaptive_interleaved(
             timing.original, candidate_session, feeds, ROUND_RUNS, ROUND_MIN_RUNS, ROUND_BUDGET_MS, warmup=2
@@ -1226,12 +1232,18 @@ def _measured_choice(
                 orig_ms, cand_ms, ratio = again_orig, again_cand, again_orig / again_cand
         del candidate_session
         history.append(
-            {"predicted_speedup": predicted, "measured_speedup": ratio, "original_ms": orig_ms, "candidate_ms": cand_ms, "runs": runs}
+            {
+                "predicted_speedup": before_ms / predicted_ms if predicted_ms > 0 else float("inf"),
+                "measured_speedup": ratio,
+                "original_ms": orig_ms,
+                "candidate_ms": cand_ms,
+                "runs": runs,
+            }
         )
         rounds.append((ratio, sum(o.error for o in picks.values()), picks))
-        if ratio >= target:
+        if ratio >= target or least:
             break
-        budget *= ratio / target  # ask for the shortfall again
+        budget = _corrected_budget(before_ms, predicted_ms, ratio, target, budget)
     meeting = [r for r in rounds if r[0] >= target]
     # the least error among rounds that met the target, else the fastest round
     best = min(meeting, key=lambda r: r[1]) if meeting else max(rounds, key=lambda r: r[0])
@@ -1275,6 +1287,23 @@ def _damage_at(curve: Sequence[tuple[int, float]], rank: int, full: int) -> floa
     """Measured damage at ``rank``: linear between the ranks measured, falling to 0 at the full rank."""
     points = sorted({**dict(curve), full: 0.0}.items())
     return float(np.interp(rank, [r for r, _ in points], [d for _, d in points]))
+
+
+def _corrected_budget(before_ms: float, predicted_ms: float, ratio: float, target: float, budget_ms: float) -> float:
+    """The next round's latency budget after a round that measured ``ratio`` where ``predicted_ms`` was predicted.
+
+    The splits saved a share ``a`` of what their timings alone promised (layers timed alone pay layout reorders
+    and thread wake-ups the model shares, and at two threads a pair parallelises worse in the model than alone);
+    the next allocation is asked for the saving the target needs at that rate, ``before − (before − before/S)/a``
+    — never for less than the last budget times ``ratio/S`` would.
+    """
+    promised = before_ms - predicted_ms
+    measured_ms = before_ms / ratio
+    scaled = budget_ms * ratio / target
+    if promised <= 0:
+        return scaled
+    share = min(max((before_ms - measured_ms) / promised, 0.2), 1.5)
+    return min(scaled, before_ms - (before_ms - before_ms / target) / share)
 
 
 def _unreachable(target: float, threads: int, before_ms: float, best_ms: float) -> str:

@@ -314,3 +314,17 @@ def test_padded_ranks_compute_the_same_pair() -> None:
     np.testing.assert_allclose(run(wide, {"x": x})[0], run(plain, {"x": x})[0], rtol=1e-4, atol=1e-4)
     first = next(t for t in wide.graph.initializer if "vertical" in t.name)
     assert first.dims[0] == block
+
+
+def test_corrected_budget_asks_for_the_saving_at_the_measured_rate() -> None:
+    """A round that saved 60 % of what its layer timings promised: the next asks for the target's saving at that
+    rate, and never for less than the last budget scaled by the shortfall."""
+    from onnx_lowrank.api import _corrected_budget
+
+    before, target = 100.0, 2.0
+    predicted = 100.0 / 3.0  # promised 66.7 ms saved
+    measured_ratio = 100.0 / (100.0 - 0.6 * (100.0 - predicted))  # saved 40 ms
+    budget = _corrected_budget(before, predicted, measured_ratio, target, predicted)
+    assert budget == pytest.approx(100.0 - 50.0 / 0.6)
+    # a round that saved more than promised is not loosened past the plain correction
+    assert _corrected_budget(before, 80.0, 1.9, target, 50.0) == pytest.approx(50.0 * 1.9 / 2.0)
