@@ -139,12 +139,14 @@ def adaptive_interleaved(
     first: Any, second: Any, feeds: Mapping[str, Any], max_runs: int, min_runs: int, budget_ms: float, warmup: int = 1
 ) -> tuple[float, float, int]:
     """Median milliseconds of each session over interleaved runs, and their number: after ``warmup`` rounds, as
-    many rounds as fit in ``budget_ms`` at the warm-up's pace, between ``min_runs`` and ``max_runs``."""
-    start = time.perf_counter()
+    many rounds as fit in ``budget_ms`` at the last warm-up round's pace (the first pays the sessions' lazy
+    set-up), between ``min_runs`` and ``max_runs``."""
+    per_round = 0.0
     for _ in range(warmup):
+        start = time.perf_counter()
         first.run(None, feeds)
         second.run(None, feeds)
-    per_round = (time.perf_counter() - start) * 1000.0 / max(warmup, 1)
+        per_round = (time.perf_counter() - start) * 1000.0
     runs = max(min_runs, min(max_runs, int(budget_ms / per_round) if per_round > 0 else max_runs))
     original_ms, candidate_ms = interleaved_latency(first, second, feeds, runs=runs, warmup=0)
     return original_ms, candidate_ms, runs
