@@ -16,7 +16,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -41,6 +41,7 @@ class ModelSpec:
     size: int  # full run: the published input size
     quick_size: int  # --quick: a small input size
     description: str
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None  # sizes for inputs with symbolic dims (--input-shape)
 
 
 MODELS: dict[str, ModelSpec] = {

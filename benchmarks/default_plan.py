@@ -82,6 +82,14 @@ def round_robin(sessions: Sequence[Any], feeds: Mapping[str, Any], runs: int, wa
     return [statistics.median(t) for t in times]
 
 
+def shape_flags(spec: Any) -> list[str]:
+    """``--input-shape`` flags for a model with symbolic input dims (a recogniser's width, say)."""
+    flags: list[str] = []
+    for name, shape in (spec.input_shapes or {}).items():
+        flags += ["--input-shape", f"{name}={','.join(map(str, shape))}"]
+    return flags
+
+
 def convert(source: Path, out: Path, threads: int, extra: list[str], cache: Path, log_path: Path) -> dict[str, Any]:
     """One CLI conversion in a fresh process; its wall time, peak RSS and --report."""
     report_path = out.with_suffix(".json")
@@ -124,7 +132,7 @@ def summary(run: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def plain_mac_plan(source: Path, out: Path) -> dict[str, Any]:
+def plain_mac_plan(source: Path, out: Path, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, Any]:
     """The plan by MACs without the overhead model (the allocation of the previous release), converted in-process."""
     from onnx_lowrank import decompose, mac_plan
 
@@ -132,7 +140,7 @@ def plain_mac_plan(source: Path, out: Path) -> dict[str, Any]:
     mac_plan.PER_NODE_MACS, mac_plan.PER_ELEMENT_MACS = 0, 0.0
     try:
         start = time.perf_counter()
-        model, report = decompose(str(source), speedup=SPEEDUP, by="macs", check_runs=0)
+        model, report = decompose(str(source), speedup=SPEEDUP, by="macs", check_runs=0, input_shapes=shapes)
         seconds = time.perf_counter() - start
     finally:
         mac_plan.PER_NODE_MACS, mac_plan.PER_ELEMENT_MACS = saved
@@ -147,16 +155,17 @@ def bench(name: str, threads_list: Sequence[int], runs: int, warmup: int, work: 
     onnx.save(model, str(source))
     # the plan by MACs does not depend on the thread count: one conversion serves both
     mac_path, plain_path = work / f"{name}-macs.onnx", work / f"{name}-plain.onnx"
-    mac = convert(source, mac_path, 1, ["--by", "macs", "--check-runs", "0"], work / "unused-cache", work / "macs.log")
-    plain = plain_mac_plan(source, plain_path)
+    flags = shape_flags(spec)
+    mac = convert(source, mac_path, 1, ["--by", "macs", "--check-runs", "0", *flags], work / "unused-cache", work / "macs.log")
+    plain = plain_mac_plan(source, plain_path, spec.input_shapes)
     log(f"[{name}] MAC plan converted in {mac['seconds']:.1f} s")
     rows = []
     for threads in threads_list:
         row: dict[str, Any] = {"model": name, "threads": threads, "input_size": meta.get("input_size"), "load_average": os.getloadavg()}
         cache = work / "timing-cache"  # keyed by thread count inside: cold for each thread count's first conversion
         default_path = work / f"{name}-default-{threads}.onnx"
-        cold = convert(source, default_path, threads, [], cache, work / "cold.log")
-        warm = convert(source, default_path, threads, [], cache, work / "warm.log")
+        cold = convert(source, default_path, threads, flags, cache, work / "cold.log")
+        warm = convert(source, default_path, threads, flags, cache, work / "warm.log")
         row["mac_plan"], row["default"], row["default_warm"] = summary(mac), summary(cold), summary(warm)
         row["mac_plan_plain"] = dict(plain)
         extra = cold["seconds"] - mac["seconds"]
@@ -165,7 +174,7 @@ def bench(name: str, threads_list: Sequence[int], runs: int, warmup: int, work: 
         log(f"[{name} {threads}T] default converted in {cold['seconds']:.1f} s (warm cache {warm['seconds']:.1f} s)")
 
         original = make_session(model, threads=threads)
-        feeds = random_inputs(original, seed=0)
+        feeds = random_inputs(original, seed=0, input_shapes=spec.input_shapes)
         sessions, labels = [original], ["original"]
         candidates = {}
         for label, path, ok in (
