@@ -16,7 +16,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -41,6 +41,7 @@ class ModelSpec:
     size: int  # full run: the published input size
     quick_size: int  # --quick: a small input size
     description: str
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None  # sizes for inputs with symbolic dims (--input-shape)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -52,8 +53,15 @@ MODELS: dict[str, ModelSpec] = {
         # the zoo's AlexNet is Caffe's, whose published input is 227x227 (at 224 its fc6 would be narrower)
         ModelSpec("alexnet", "alexnet-bnfolded", 227, 67, "AlexNet, Caffe layout (zoo)"),
         ModelSpec("nin", "nin-bnfolded", 32, 32, "CIFAR-10 Network in Network (zoo)"),
+        ModelSpec("resnet18", "resnet18-bnfolded", 224, 64, "ResNet-18 (zoo)"),
+        ModelSpec("mobilenetv2", "mobilenetv2-bnfolded", 224, 64, "MobileNetV2 (zoo)"),
+        ModelSpec("densenet121", "densenet121-bnfolded", 224, 64, "DenseNet-121 (zoo)"),
+        # trained models shipped in models/: their own input size
+        ModelSpec("digits", "file:models/digits_cnn.onnx", 32, 32, "digits CNN, trained (models/digits_cnn.onnx)"),
     ]
 }
+# the models speed.py runs by default (the others through --models): the published speed tables
+SPEED_MODELS = ("vgg16", "resnet50", "googlenet", "alexnet", "nin")
 
 # --quick builds VGG-16 at a quarter of its width with a narrow classifier, as models/vgg16_small.onnx is
 QUICK_VGG = {"width": 0.25, "fc": 256}
@@ -62,6 +70,9 @@ QUICK_VGG = {"width": 0.25, "fc": 256}
 def load(spec: ModelSpec, quick: bool) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The model in memory and a description of how it was made (recorded in the results)."""
     size = spec.quick_size if quick else spec.size
+    if spec.source.startswith("file:"):
+        path = ROOT / spec.source.removeprefix("file:")
+        return onnx.load(str(path)), {"source": str(path.relative_to(ROOT)), "input_size": size}
     if spec.source == "make_vgg":
         from models.make_vgg import build
 

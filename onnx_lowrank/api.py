@@ -37,9 +37,25 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
+from . import mac_plan
 from ._threads import single_threaded_blas
 from .errors import LowRankError
-from .factorization import Decomposition, Factors, Kind, decompose_kernel, reconstruct, singular_values
+from .factorization import Decomposition, Factors, Kind, decompose_kernel, padded, reconstruct, singular_values
+from .latency_plan import (
+    CHECK_RUNS,
+    Timing,
+    TimingFailed,
+    adaptive_interleaved,
+    check_candidate,
+    interpolate,
+    kernel_block,
+    open_store,
+    resolve_by,
+    resolve_threads,
+    timed_ranks,
+    untimeable_reason,
+)
+from .mac_plan import LayerOverhead, allocate_effective
 from .model_io import load_model
 from .passes._rewrite import Site, apply_factors, scope_label
 from .passes.conv_decomposition import find_conv_sites
@@ -60,7 +76,9 @@ from .ranks import (
 )
 from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .run_shapes import ModelShapes, resolve_shapes
+from .runtime import first_line
 from .shapes import needs_input_shape_message
+from .timing_cache import TimingStore
 
 __all__ = ["DEFAULT_KINDS", "DEFAULT_RANK_MULTIPLE", "DEFAULT_SPEEDUP", "count_params", "decompose", "inspect"]
 
@@ -219,6 +237,11 @@ class _Unit:
         # error to the model's outputs (see onnx_lowrank.calibration.plan)
         self.data_aware: dict[Kind, Any] = {}
         self.gain = 1.0
+        self.overhead = LayerOverhead(
+            len(sites),
+            sum(s.cost.activations for s in sites if s.cost),
+            {k: sum(s.cost.rank_activations.get(k, 0) for s in sites if s.cost) for k in kinds},
+        )
 
     @property
     def key(self) -> str:
@@ -354,7 +377,10 @@ def _choose_budget(
     before = fixed_macs + sum(u.macs for u in units)
     try:
         if policy.params_ratio is None:
-            picks = allocate(layers, before / float(policy.speedup), fixed=fixed_macs)  # type: ignore[arg-type]
+            # the MAC budget, the splits ranked by what they cost to run (onnx_lowrank.mac_plan)
+            mac_budget = before / float(policy.speedup)  # type: ignore[arg-type]
+            overheads = [u.overhead for u in units]
+            picks = allocate_effective(layers, overheads, mac_budget, fixed_macs, mac_plan.PER_NODE_MACS, mac_plan.PER_ELEMENT_MACS)
         else:
             mac_budget = before / float(policy.speedup) if policy.speedup else float("inf")
             picks = allocate_two(layers, mac_budget, policy.params_ratio * params_total, fixed_macs, fixed_params)
@@ -437,7 +463,7 @@ def decompose(
     progress: Progress | None = None,
     workers: int | None = None,
     measure: bool = False,
-    threads: int = 1,
+    threads: int | None = None,
     calibration: CalibrationSource | None = None,
     refit: bool | None = None,
     sensitivity: bool | None = None,
@@ -448,6 +474,10 @@ def decompose(
     shapes: ModelShapes | None = None,
     mobile_safe: bool = False,
     quantize: str | None = None,
+    by: str | None = None,
+    timing_cache: bool | str | os.PathLike[str] = True,
+    check_runs: int | None = None,
+    pad_ranks: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Decompose the model's layers; return the new model and what was done.
 
@@ -477,9 +507,25 @@ def decompose(
     which then give the rank asked for). ``fold_bn`` first folds
     BatchNormalization into the Conv before it. ``progress(done, total, name)``
     is called as layers are analysed. ``workers`` threads compute the spectra
-    (default: the number of CPUs, at most 4). ``measure`` (with ``speedup``)
-    chooses ranks by latency timed in onnxruntime with ``threads`` intra-op
-    threads instead of MACs, and checks the whole model (``Report.latency``).
+    (default: the number of CPUs, at most 4).
+
+    What ``speedup`` (alone) plans by, ``by``: ``"latency"`` — every layer's
+    splits timed in onnxruntime on this machine with ``threads`` intra-op
+    threads (default: onnxruntime's own default, the physical cores), the
+    allocation made on milliseconds and the whole model re-timed until it meets
+    the target — or ``"macs"``, a plan by MAC count, portable to other hardware.
+    The default (None) is latency whenever the model can be timed (a reference
+    input exists and every layer to plan has a known size on it), MACs
+    otherwise; ``measure=True`` is ``by="latency"``. Layer timings are kept
+    across runs in the user's cache folder (``timing_cache``: True, a folder,
+    or False to keep nothing; see :mod:`onnx_lowrank.timing_cache`). Whatever
+    the plan, the result is timed against the original (``check_runs``
+    interleaved runs at most, default 10; 0 skips it) where the model can be
+    run, and ``Report.latency`` holds the measured ratio beside the MAC ratio.
+    ``pad_ranks`` (per-layer policies): a Conv pair whose rank does not fill
+    whole channel blocks of onnxruntime's blocked CPU kernels on this machine
+    gets zero filters up to the next block (``LayerReport.stored_rank``; the
+    MACs count them), where that still saves MACs.
 
     ``calibration`` (an ``.npz`` or a folder of ``<input>.npy``, arrays keyed by
     input name with samples on axis 0, or an iterable of such batches) makes the
@@ -528,6 +574,10 @@ def decompose(
         allow_unknown_shapes=allow_unknown_shapes,
         shapes=shapes,
         objective=objective,
+        by=by,
+        timing_cache=timing_cache,
+        check_runs=check_runs,
+        pad_ranks=pad_ranks,
     )
     if objective is not None and objective not in OBJECTIVES:
         raise LowRankError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -749,10 +799,20 @@ def _check_options(
     exclude: str | None = None,
     kinds: Sequence[str] | None = None,
     rank_multiple: int | None = None,
+    by: str | None = None,
+    measure: bool = False,
+    threads: int | None = None,
+    check_runs: int | None = None,
     **_: Any,
 ) -> tuple[_Policy, tuple[Kind, ...], int, re.Pattern[str] | None, re.Pattern[str] | None]:
     """The policy, kinds, rank multiple and name filters, or :class:`LowRankError` for bad arguments."""
     policy = _policy(rank, energy, speedup, params_ratio, ranks)
+    resolve_threads(threads)
+    budget_alone = policy.name == "budget" and policy.speedup is not None and policy.params_ratio is None
+    if resolve_by(by, measure) == "latency" and not budget_alone:
+        raise LowRankError("--by latency (--measure) plans a --speedup budget alone, not --rank/--energy/--ranks or --params-ratio")
+    if check_runs is not None and (isinstance(check_runs, bool) or not isinstance(check_runs, int) or check_runs < 0):
+        raise LowRankError(f"check runs must be a whole number >= 0, got {check_runs!r}")
     allowed = _kinds(kinds)
     if rank_multiple is None:
         rank_multiple = DEFAULT_RANK_MULTIPLE if policy.name == "budget" else 1
@@ -777,12 +837,16 @@ def _decompose_prepared(
     progress: Progress | None = None,
     workers: int | None = None,
     measure: bool = False,
-    threads: int = 1,
+    threads: int | None = None,
     allow_unknown_shapes: bool = False,
     copy: bool = True,
     start: float | None = None,
     objective: str | None = None,
     calibrate: Callable[[onnx.ModelProto, list[_Unit], dict[str, str | None]], None] | None = None,
+    by: str | None = None,
+    timing_cache: bool | str | os.PathLike[str] = True,
+    check_runs: int | None = None,
+    pad_ranks: bool = False,
     **_: Any,  # input_shapes, fold_bn, inplace, shapes: fixed by _prepare
 ) -> tuple[onnx.ModelProto, Report]:
     """Plan ranks for one policy on a prepared model and apply them: to a copy (``copy``), else to
@@ -791,6 +855,9 @@ def _decompose_prepared(
     conversion gives it)."""
     start = time.perf_counter() if start is None else start
     workers = workers or min(os.cpu_count() or 1, 4)
+    wanted_by = resolve_by(by, measure)
+    threads = resolve_threads(threads)
+    check_runs = CHECK_RUNS if check_runs is None else check_runs
     policy, allowed, rank_multiple, include_re, exclude_re = _check_options(
         rank=rank,
         energy=energy,
@@ -801,14 +868,19 @@ def _decompose_prepared(
         exclude=exclude,
         kinds=kinds,
         rank_multiple=rank_multiple,
+        by=by,
+        measure=measure,
+        threads=threads,
+        check_runs=check_runs,
     )
+    budget_alone = policy.name == "budget" and policy.speedup is not None and policy.params_ratio is None
     proto, model_shapes, sites = prepared.proto, prepared.shapes, prepared.sites
     params_before = prepared.params_before
     if policy.ranks is not None:
         unknown = sorted(set(policy.ranks) - {s.key for s in sites})
         if unknown:
             raise LowRankError(f"ranks file names nodes that are not decomposable layers of the model: {', '.join(unknown[:5])}")
-    needs_macs = (policy.name == "budget" and policy.speedup is not None) or measure
+    needs_macs = (policy.name == "budget" and policy.speedup is not None) or wanted_by == "latency"
     warnings, excluded, exact = _size_check(sites, model_shapes, needs_macs, allow_unknown_shapes)
 
     reasons: dict[str, str | None] = {}
@@ -854,23 +926,38 @@ def _decompose_prepared(
 
     fixed_macs = sum(s.cost.macs for s in counted if s.cost and s not in selected)
     fixed_params = params_before - sum(u.params for u in units)
-    if policy.name == "budget":
+    plan_by, why_not_timed, timing = _plan_by(proto, model_shapes, units, wanted_by, budget_alone, threads, timing_cache)
+    measured: dict[str, Any] = {}
+    if policy.name == "budget" and plan_by == "latency":
+        assert timing is not None
+        try:
+            chosen, measured = _measured_choice(proto, model_shapes, units, policy, timing, rank_multiple)
+        except TimingFailed as exc:
+            if wanted_by == "latency":
+                raise
+            plan_by, why_not_timed = "macs", str(exc)
+        finally:  # the layers timed so far are kept, also when the target is refused
+            assert timing.store is not None
+            timing.store.save()
+            warnings += timing.store.warnings
+        if plan_by == "macs":
+            timing = None
+    if policy.name == "budget" and plan_by == "macs":
         chosen = _choose_budget(
             units, policy, fixed_macs, fixed_params, params_before, force, rank_multiple, objective or DEFAULT_OBJECTIVE
         )
-    else:
+    elif policy.name != "budget":
         chosen = {u.key: _choose_per_layer(u, policy, force, rank_multiple) for u in units}
-
-    measured: dict[str, Any] = {}
-    if measure:
-        if policy.name != "budget" or policy.params_ratio is not None:
-            raise LowRankError("--measure goes with --speedup alone")
-        chosen, measured = _measured_choice(proto, model_shapes, units, policy, threads, rank_multiple)
+    decomposes = any(kind is not None for kind, _, _ in chosen.values())
+    if plan_by == "macs" and timing is None and check_runs and decomposes and why_not_timed is None:
+        # the session of the original is made before its layers are rewritten in place
+        timing, why_not_timed = _start_timing(proto, model_shapes, threads, None)
 
     layers = {site.key: _layer_report(site, reasons[site.key]) for site in sites}
     for site in sites:
         layers[site.key].counted = site in counted
-    plan = _plan(units, chosen, layers, workers)
+    # per-layer policies give the ranks asked for; a budget's ranks are multiples of the rank multiple already
+    plan = _plan(units, chosen, layers, workers, pad_to=kernel_block() if pad_ranks and policy.name != "budget" else None)
     if copy:  # the prepared model stays as it is for the next plan: the same sites, found again in a copy
         proto = _as_model(proto)
         own = {site.key: site for site in find_sites(proto, model_shapes)}
@@ -879,6 +966,9 @@ def _decompose_prepared(
     for key, names in made.items():
         layers[key].vertical_node = names.first
         layers[key].horizontal_node = names.second
+    if plan_by != "latency":
+        measured = _check(proto, timing, check_runs, decomposes, why_not_timed, plan_by if policy.name == "budget" else None)
+    del timing  # the original's session: its weights are a copy of the model's
     layer_list = [layers[s.key] for s in sites]
     report = Report(
         macs_before=sum(layer.macs_before for layer in layer_list if layer.counted),
@@ -892,7 +982,9 @@ def _decompose_prepared(
             "force": force,
             "rank_multiple": rank_multiple,
             "fold_bn": prepared.fold_bn,
-            "measure": measure,
+            "measure": plan_by == "latency",
+            "by": plan_by if policy.name == "budget" else None,
+            "threads": threads,
         },
         folded_batchnorms=[bn for _, bn in prepared.folded],
         kept_batchnorms=dict(prepared.kept_batchnorms),
@@ -988,14 +1080,26 @@ def _plan(
     chosen: Mapping[str, tuple[Kind | None, int, str | None]],
     layers: dict[str, LayerReport],
     workers: int = 1,
+    pad_to: int | None = None,
 ) -> list[tuple[Site, Factors]]:
-    """The factors to write per site (computed in ``workers`` threads), filling in the layer reports."""
+    """The factors to write per site (computed in ``workers`` threads), filling in the layer reports.
+
+    ``pad_to``: a Conv pair (one group) whose rank is not a multiple of it gets zero filters up to the next
+    multiple — onnxruntime's blocked CPU convolution takes a second conv only when its input channels fill
+    whole blocks, and the zeros cost less than the layout reorders and plain kernel it would run otherwise
+    (``benchmarks/speed.py --parts paper``: VGG-16's conv1_1 at rank 5).
+    """
 
     def factor(unit: _Unit) -> tuple[Factors, float]:
         kind, r, _ = chosen[unit.key]
         assert kind is not None
         factors = unit.decomposition(kind).factors(r)
-        return factors, _stored_error(unit.sites[0], unit.kernel, factors)
+        error = _stored_error(unit.sites[0], unit.kernel, factors)
+        site = unit.sites[0]
+        width = -(-factors.rank // pad_to) * pad_to if pad_to else factors.rank
+        if width != factors.rank and site.groups == 1 and site.node.op_type == "Conv" and unit.rank_macs[kind] * width < unit.macs:
+            factors = padded(factors, width)
+        return factors, error
 
     todo = [unit for unit in units if chosen[unit.key][0] is not None]
     results = dict(zip([u.key for u in todo], _parallel_map(factor, todo, workers), strict=True))
@@ -1022,12 +1126,81 @@ def _plan(
                 layer.output_error = factors.relative_error
             else:
                 layer.optimal_error = factors.relative_error
-            layer.macs_after = site.cost.pair_macs(kind, factors.rank) if site.cost else 0
+            width = factors.first.shape[0] // site.groups  # intermediate channels per group as stored, zero filters included
+            layer.stored_rank = width if width != factors.rank else None
+            layer.macs_after = site.cost.pair_macs(kind, width) if site.cost else 0
     return plan
 
 
 MEASURE_STEP = 8  # timed ranks are multiples of this (or of --rank-multiple when larger): onnxruntime's kernels block by 8
-MEASURE_POINTS = 10  # at most this many timed ranks per layer and kind
+MEASURE_POINTS = 6  # at most this many timed ranks per layer and kind; the ranks between are interpolated
+# a layer taking less than this share of the model's time is left as it is without timing its splits: it could
+# save at most that share, and timing every small layer of a large network (DenseNet: 120 convs) costs seconds
+MEASURE_SCREEN = 0.002
+# a round's whole-model check: interleaved runs of the original and the candidate, as many as fit in
+# ROUND_BUDGET_MS between ROUND_MIN_RUNS and ROUND_RUNS (VGG-16 at 1 thread: 0.55 s a round, 7 runs; the medians
+# of runs that long vary by 1-2 %), twice when the target is met
+ROUND_RUNS = 10
+ROUND_MIN_RUNS = 3
+ROUND_BUDGET_MS = 4000.0
+MAX_ROUNDS = 4
+# when no round meets the target, the fastest is kept with a warning (as --measure always did) when it reaches this
+# share of it, else the target is refused: a plan measured far below what was asked is not what the user asked for
+# (and a sign that the layers, timed alone, promised more than the model gave)
+FAR_MISS = 0.8
+
+
+def _start_timing(proto: onnx.ModelProto, shapes: ModelShapes, threads: int, store: TimingStore | None) -> tuple[Timing | None, str | None]:
+    """A session of the model as it is now, for timing against; or None and the reason it cannot be made."""
+    if shapes.reference is None:
+        return None, untimeable_reason(shapes, [])
+    try:
+        return Timing.start(proto, shapes.reference, threads, store), None
+    except LowRankError as exc:
+        return None, str(exc)
+
+
+def _plan_by(
+    proto: onnx.ModelProto,
+    shapes: ModelShapes,
+    units: list[_Unit],
+    wanted: str | None,
+    budget_alone: bool,
+    threads: int,
+    timing_cache: bool | str | os.PathLike[str],
+) -> tuple[str, str | None, Timing | None]:
+    """What the plan is made by — ``"latency"`` or ``"macs"`` — why the model cannot be timed (None when it can,
+    or when no timing is wanted) and, for a plan by latency, what timing needs."""
+    if not budget_alone or wanted == "macs" or not units:
+        return "macs", None, None
+    why = untimeable_reason(shapes, [site for unit in units for site in unit.sites])
+    timing = None
+    if why is None:
+        timing, why = _start_timing(proto, shapes, threads, open_store(threads, timing_cache))
+    if why is not None:
+        if wanted == "latency":
+            raise LowRankError(f"--by latency times the model on this machine, and cannot: {why}; --by macs plans by MAC count")
+        return "macs", why, None
+    return "latency", None, timing
+
+
+def _check(
+    candidate: onnx.ModelProto, timing: Timing | None, runs: int, decomposes: bool, why_not: str | None, by: str | None
+) -> dict[str, Any]:
+    """The measured ratio of a plan not made by latency (``by``: "macs", or None for a per-layer policy), or why there is none."""
+    out: dict[str, Any] = {"by": by}
+    if why_not is not None:
+        out["why_macs"] = why_not
+    if not decomposes:
+        return {**out, "not_timed": "no layer was decomposed"}
+    if runs == 0:
+        return {**out, "not_timed": "not asked for (0 check runs)"}
+    if timing is None:
+        return {**out, "not_timed": why_not or "the model cannot be run"}
+    try:
+        return {**out, **check_candidate(timing, candidate, runs)}
+    except LowRankError as exc:
+        return {**out, "not_timed": str(exc)}
 
 
 def _measured_choice(
@@ -1035,101 +1208,175 @@ def _measured_choice(
     shapes: ModelShapes,
     units: list[_Unit],
     policy: _Policy,
-    threads: int,
+    timing: Timing,
     multiple: int,
 ) -> tuple[dict[str, tuple[Kind | None, int, str | None]], dict[str, Any]]:
     """Ranks from measured latency: each layer's options are timed in onnxruntime, the whole model checked.
 
     The allocator of :mod:`onnx_lowrank.ranks` runs on measured milliseconds instead of MACs; an option slower
-    than the original layer is never offered. The result is then timed as a whole model against the original
-    (interleaved runs); when it falls short of the target, the latency budget is tightened by the shortfall
-    and the allocation redone (at most four rounds). A round that meets the target is measured a second time
-    and keeps the lower ratio, so noise does not pass a candidate that is too slow.
+    than the original layer is never offered. Each layer's splits are timed at a few ranks and interpolated
+    between them (:mod:`onnx_lowrank.latency_plan`); a layer under ``MEASURE_SCREEN`` of the model's time is
+    left as it is. The result is then timed as a whole model against the original (interleaved runs); when
+    it falls short of the target, the latency budget is tightened by the shortfall and the allocation redone
+    (at most ``MAX_ROUNDS`` rounds). A round that meets the target is measured a second time and keeps the
+    lower ratio, so noise does not pass a candidate that is too slow.
+
+    An option's error is what the budget allocation by MACs would weigh (:meth:`_Unit.errors`: the kernel
+    error, or with calibration data the predicted damage to the outputs).
     """
     from .latency import LayerTimer
     from .verify import interleaved_latency, make_session
 
     target = float(policy.speedup)  # type: ignore[arg-type]
-    if shapes.reference is None:
-        raise LowRankError(f"--measure times the model on a concrete input: {needs_input_shape_message(shapes.missing_inputs)}")
-    timer = LayerTimer(proto.opset_import, threads=threads)
+    threads = timing.threads
+    timer = LayerTimer(proto.opset_import, threads=threads, store=timing.store)
     step = max(multiple, MEASURE_STEP)
-    original_session = make_session(proto, threads=threads)
-    feeds = dict(shapes.reference)
+    feeds = timing.feeds
+    warm = _timed_runs(timing.original, feeds, 1)[0]  # the warm-up run sets how many runs fit in ~2 s
+    before_ms = statistics.median(_timed_runs(timing.original, feeds, max(3, min(7, int(2000.0 / max(warm, 1e-3))))))
     choices: list[LayerChoices] = []
     unit_ms: dict[str, float] = {}
-    for unit in units:
-        times = [timer.original(site) for site in unit.sites]
-        if any(t is None for t in times):
-            continue  # unknown input shape: cannot be timed, left as is
-        # a layer that runs several times per inference (a Loop body) costs each run
-        base = float(sum(t * site.executions for t, site in zip(times, unit.sites, strict=True) if t is not None))
-        unit_ms[unit.key] = base
-        options = [Option(int(base * 1e6), 0.0, None, 0)]
-        for kind in unit.kinds:
-            errors = unit.errors(kind)
-            full = errors.size - 1
-            limit = min(full, unit.macs // max(unit.rank_macs[kind], 1))
-            grid = list(range(step, limit + 1, step)) or ([limit] if limit >= 1 else [])
-            if len(grid) > MEASURE_POINTS:
-                grid = sorted({grid[round(i * (len(grid) - 1) / (MEASURE_POINTS - 1))] for i in range(MEASURE_POINTS)})
-            for r in grid:
-                pair = sum((timer.pair(site, kind, r) or 0.0) * site.executions for site in unit.sites)
-                if pair < base:  # never offer a layer that gets slower
-                    options.append(Option(int(pair * 1e6), float(errors[r]), kind, r))
-        choices.append(LayerChoices(unit.key, options))
-    _timed_runs(original_session, feeds, 2)  # warm-up
-    before_ms = statistics.median(_timed_runs(original_session, feeds, 10))
-    fixed = max(before_ms - sum(unit_ms.values()), 0.0)
+    screened: set[str] = set()
+    try:
+        for unit in units:
+            times = [timer.original(site) for site in unit.sites]
+            if any(t is None for t in times):
+                continue  # unknown input shape: cannot be timed, left as is
+            # a layer that runs several times per inference (a Loop body) costs each run
+            base = float(sum(t * site.executions for t, site in zip(times, unit.sites, strict=True) if t is not None))
+            unit_ms[unit.key] = base
+            options = [Option(int(base * 1e6), 0.0, None, 0)]
+            if base < MEASURE_SCREEN * before_ms:
+                screened.add(unit.key)
+                choices.append(LayerChoices(unit.key, options))
+                continue
+            for kind in unit.kinds:
+                errors = unit.errors(kind)
+                full = errors.size - 1
+                limit = min(full, unit.macs // max(unit.rank_macs[kind], 1))
+                grid = list(range(step, limit + 1, step)) or ([limit] if limit >= 1 else [])
+                timed = {
+                    r: sum((timer.pair(site, kind, r) or 0.0) * site.executions for site in unit.sites)
+                    for r in timed_ranks(grid, MEASURE_POINTS)
+                }
+                for r in grid:
+                    pair = interpolate(timed, r)
+                    if pair < base:  # never offer a layer that gets slower
+                        error = float(errors[r])
+                        options.append(Option(int(pair * 1e6), error, kind, r))
+            choices.append(LayerChoices(unit.key, options))
+    except LowRankError as exc:  # a layer model onnxruntime cannot load (a dtype its CPU kernels lack, say)
+        raise TimingFailed(f"a layer could not be timed: {exc}; --by macs plans by MAC count") from None
+    except Exception as exc:  # onnxruntime raises its own exception types when a layer model fails to run
+        raise TimingFailed(f"a layer could not be timed in onnxruntime ({first_line(exc)}); --by macs plans by MAC count") from None
+    # the rest of the model, by difference: a layer timed alone also pays its own layout reorders and the
+    # session's call, which in the model it does not, so this can be negative; the allocation then works on
+    # what each split saves (the layer alone minus the pair alone), which is what carries over to the model
+    fixed = before_ms - sum(unit_ms.values())
     budget = before_ms / target
     history: list[dict[str, float]] = []
     rounds: list[tuple[float, float, dict[str, Option]]] = []  # measured ratio, total error, picks
-    for _ in range(4):
+    least = False  # the last round took every layer's fastest option
+    for _ in range(MAX_ROUNDS):
         try:
             picks = allocate(choices, budget * 1e6, fixed=fixed * 1e6)
         except Infeasible as exc:
-            if rounds:
+            if not rounds:
+                raise LowRankError(_unreachable(target, threads, before_ms, exc.best / 1e6)) from None
+            if least:
                 break
-            reachable = before_ms / (exc.best / 1e6) if exc.best else float("inf")
-            raise LowRankError(f"--speedup {target:g} --measure cannot be reached: timed layers allow at most {reachable:.3g}x") from None
-        predicted = before_ms / ((fixed * 1e6 + sum(o.macs for o in picks.values())) / 1e6)
+            # short of the target and the correction asks for more than the splits can give: one last round
+            # with every layer at its fastest option
+            budget, least = exc.best / 1e6 * (1 + 1e-9), True
+            picks = allocate(choices, budget * 1e6, fixed=fixed * 1e6)
+        predicted_ms = fixed + sum(o.macs for o in picks.values()) / 1e6
         candidate_session = make_session(_candidate(proto, shapes, units, picks), threads=threads)
-        orig_ms, cand_ms = interleaved_latency(original_session, candidate_session, feeds, runs=20)
+        orig_ms, cand_ms, runs = adaptive_interleaved(
+            timing.original, candidate_session, feeds, ROUND_RUNS, ROUND_MIN_RUNS, ROUND_BUDGET_MS, warmup=2
+        )
         ratio = orig_ms / cand_ms
         if ratio >= target:
-            # the median of 20 runs on a busy small machine can be several percent off: a round is accepted
+            # the median of a few runs on a busy small machine can be several percent off: a round is accepted
             # only when a second, independent measurement agrees, and the lower of the two is kept
-            again_orig, again_cand = interleaved_latency(original_session, candidate_session, feeds, runs=20, warmup=0)
+            again_orig, again_cand = interleaved_latency(timing.original, candidate_session, feeds, runs=runs, warmup=0)
             if again_orig / again_cand < ratio:
                 orig_ms, cand_ms, ratio = again_orig, again_cand, again_orig / again_cand
-        history.append({"predicted_speedup": predicted, "measured_speedup": ratio, "original_ms": orig_ms, "candidate_ms": cand_ms})
+        del candidate_session
+        history.append(
+            {
+                "predicted_speedup": before_ms / predicted_ms if predicted_ms > 0 else float("inf"),
+                "measured_speedup": ratio,
+                "original_ms": orig_ms,
+                "candidate_ms": cand_ms,
+                "runs": runs,
+            }
+        )
         rounds.append((ratio, sum(o.error for o in picks.values()), picks))
-        if ratio >= target:
+        if ratio >= target or least:
             break
-        budget *= ratio / target  # ask for the shortfall again
+        budget = _corrected_budget(before_ms, predicted_ms, ratio, target, budget)
     meeting = [r for r in rounds if r[0] >= target]
     # the least error among rounds that met the target, else the fastest round
     best = min(meeting, key=lambda r: r[1]) if meeting else max(rounds, key=lambda r: r[0])
+    if best[0] < FAR_MISS * target:
+        # the timed splits promised more than the model gave (layers of a few microseconds, timed alone, are
+        # mostly the session's own overhead): no plan came near the target, so none is written
+        raise LowRankError(
+            f"--speedup {target:g} cannot be reached by latency on this machine ({threads} thread(s)): the plans timed "
+            f"reached at most {best[0]:.3g}x in {len(rounds)} round(s); ask for less, or --by macs for a plan by MAC count"
+        )
     picks = best[2]
     chosen: dict[str, tuple[Kind | None, int, str | None]] = {}
+    what = f"--speedup {target:g} by latency ({threads} thread(s))"
     for unit in units:
         pick = picks.get(unit.key)
         if pick is None:
-            chosen[unit.key] = (None, 0, "input shape unknown: cannot be timed for --measure")
+            chosen[unit.key] = (None, 0, "input shape unknown: cannot be timed")
+        elif unit.key in screened:
+            chosen[unit.key] = (None, 0, f"left as is by {what}: takes under {MEASURE_SCREEN:.1%} of the model's time")
         elif pick.kind is None:
-            chosen[unit.key] = (None, 0, f"left as is by --speedup {target:g} --measure: slower or costlier in accuracy per ms saved")
+            chosen[unit.key] = (None, 0, f"left as is by {what}: slower, or costlier in accuracy per ms saved")
         else:
             chosen[unit.key] = (pick.kind, pick.rank, None)
     final = history[rounds.index(best)]
     info = {
+        "by": "latency",
         **final,
         "target": target,
         "met": final["measured_speedup"] >= target,
         "threads": threads,
         "rounds": history,
         "layers_timed": timer.timed,
+        "timing_cache": timing.store.summary() if timing.store is not None else None,
     }
     return chosen, info
+
+
+def _corrected_budget(before_ms: float, predicted_ms: float, ratio: float, target: float, budget_ms: float) -> float:
+    """The next round's latency budget after a round that measured ``ratio`` where ``predicted_ms`` was predicted.
+
+    The splits saved a share ``a`` of what their timings alone promised (layers timed alone pay layout reorders
+    and thread wake-ups the model shares, and at two threads a pair parallelises worse in the model than alone);
+    the next allocation is asked for the saving the target needs at that rate, ``before − (before − before/S)/a``
+    — never for less than the last budget times ``ratio/S`` would.
+    """
+    promised = before_ms - predicted_ms
+    measured_ms = before_ms / ratio
+    scaled = budget_ms * ratio / target
+    if promised <= 0:
+        return scaled
+    share = min(max((before_ms - measured_ms) / promised, 0.2), 1.5)
+    return min(scaled, before_ms - (before_ms - before_ms / target) / share)
+
+
+def _unreachable(target: float, threads: int, before_ms: float, best_ms: float) -> str:
+    """The refusal of a latency target the timed layers cannot reach: what the fastest splits save at most."""
+    reachable = before_ms / best_ms if best_ms > 0 else float("inf")
+    return (
+        f"--speedup {target:g} cannot be reached by latency on this machine ({threads} thread(s)): the timed splits allow "
+        f"at most {reachable:.3g}x (they save at most {before_ms - best_ms:.3g} of the model's {before_ms:.3g} ms; the rest is "
+        "work no split makes faster); ask for less, or --by macs for a plan by MAC count"
+    )
 
 
 def _timed_runs(session: Any, feeds: Mapping[str, Any], runs: int) -> list[float]:

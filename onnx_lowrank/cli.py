@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from ._threads import default_threads
 from .api import DEFAULT_KINDS, DEFAULT_RANK_MULTIPLE, DEFAULT_SPEEDUP, decompose, inspect
 from .data_io import model_input_specs
 from .errors import LowRankError
+from .latency_plan import BY_CHOICES, CHECK_RUNS
 from .mobile import EP_NAMES, MobileCoverage
 from .model_io import StagedOutputs, load_model_files, save_model
 from .report import InspectLayer, LayerReport, Report, unsized_warning
 from .sweep import DEFAULT_SPEEDUPS, SweepResult, parse_speedups
+from .timing_cache import CACHE_ENV
 from .verify import KernelTimes, VerifyResult, check_random_inputs, load_inputs, verify
 
 __all__ = ["main"]
@@ -53,6 +56,16 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
 
 _positive_int = _whole_number(1)
 _runs = _whole_number(0)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def _energy(text: str) -> float:
@@ -122,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     policy.add_argument(
         "--speedup",
         type=_speedup,
-        help=f"total MACs before/after at least this, least error (default when no policy is given: {DEFAULT_SPEEDUP:g})",
+        help=f"this much faster with the least error: by latency measured here, or by MACs (see --by) "
+        f"(default when no policy is given: {DEFAULT_SPEEDUP:g})",
     )
     policy.add_argument(
         "--params-ratio", type=_energy, metavar="R", help="parameters after/before at most R, in (0, 1]; combines with --speedup"
@@ -146,6 +160,12 @@ def _parser() -> argparse.ArgumentParser:
         "measured fastest in onnxruntime; 1 for --rank/--energy/--ranks)",
     )
     policy.add_argument("--no-fold-bn", action="store_true", help="keep BatchNormalization nodes (default: fold them into the Conv first)")
+    policy.add_argument(
+        "--pad-ranks",
+        action="store_true",
+        help="with --rank/--energy/--ranks: store a rank that does not fill whole channel blocks of onnxruntime's blocked "
+        "CPU convolution here (8, or 16 with AVX-512) with zero filters up to the next block: more MACs, faster here",
+    )
     _add_input_shape(
         policy,
         "the input size to plan by: MACs are those of one onnxruntime run on an input of this shape (and the --verify inputs)",
@@ -177,10 +197,37 @@ def _parser() -> argparse.ArgumentParser:
         "outputs, measured once on a few samples (default: on)",
     )
 
-    speed = d.add_argument_group("speed", "latency measured in onnxruntime on this machine")
-    speed.add_argument("--measure", action="store_true", help="with --speedup: choose ranks by latency timed in onnxruntime, not MACs")
+    speed = d.add_argument_group(
+        "speed",
+        "latency measured in onnxruntime on this machine; the result is always timed against the original "
+        "(both ratios, MACs and measured, are printed)",
+    )
     speed.add_argument(
-        "--threads", type=_positive_int, default=1, help="onnxruntime intra-op threads for --measure and --verify timing (default 1)"
+        "--by",
+        choices=BY_CHOICES,
+        help="what --speedup plans by: 'latency' times each layer's splits in onnxruntime on this machine and re-times "
+        "the whole model until it is S times faster here (default whenever every layer has a known size on the "
+        "reference input); 'macs' cuts the MAC count S times, a portable plan: use it to convert here and deploy "
+        "on other hardware (default when the model cannot be timed)",
+    )
+    speed.add_argument("--measure", action="store_true", help="the same as --by latency (kept for compatibility)")
+    speed.add_argument(
+        "--threads",
+        type=_positive_int,
+        help=f"onnxruntime intra-op threads to time and plan with, and for --verify (default: onnxruntime's default here, "
+        f"the physical cores: {default_threads()}); plans for 1 and for 2+ threads differ",
+    )
+    speed.add_argument(
+        "--no-timing-cache",
+        action="store_true",
+        help=f"time every layer afresh and keep no timings (default: layer timings are kept per CPU, onnxruntime "
+        f"version and thread count in ${CACHE_ENV}, else $XDG_CACHE_HOME/onnx-lowrank or ~/.cache/onnx-lowrank)",
+    )
+    speed.add_argument(
+        "--check-runs",
+        type=_non_negative_int,
+        metavar="N",
+        help=f"interleaved runs of the final timing of a plan not made by latency against the original (default {CHECK_RUNS}; 0 skips it)",
     )
 
     output = d.add_argument_group("output", "what is written besides the model")
@@ -361,17 +408,7 @@ def format_report(report: Report, quiet: bool = False) -> str:
             rows.append(cells)
         header = ["node", "op", "weight", "kind", "rank", "rel.err", "MACs", "MACs after", "ratio"]
         out.append(_table(rows, [*header, *(["int8"] if quantized else []), "note"]))
-    if report.latency:
-        lat = report.latency
-        out.append(
-            f"measured in onnxruntime ({lat['threads']} thread(s)): {lat['original_ms']:.3f} ms -> {lat['candidate_ms']:.3f} ms, "
-            f"{lat['measured_speedup']:.2f}x (predicted {lat['predicted_speedup']:.2f}x, target {lat['target']:g}x, "
-            f"{len(lat['rounds'])} round(s), {lat['layers_timed']} layer models timed)"
-        )
-        if not lat["met"]:
-            out.append(
-                f"warning: measured {lat['measured_speedup']:.2f}x is below the target {lat['target']:g}x; the fastest round is kept"
-            )
+    out += _latency_lines(report.latency)
     if report.calibration:
         cal = report.calibration
         line = f"calibration: {cal.get('samples', 0)} samples; ranks by {report.policy.get('allocation', 'kernel error')}"
@@ -430,12 +467,46 @@ def format_report(report: Report, quiet: bool = False) -> str:
     return "\n".join(out)
 
 
+def _latency_lines(lat: dict[str, Any]) -> list[str]:
+    """What the plan was made by and the measured ratio, with the thread count and the number of runs."""
+    if not lat:
+        return []
+    if lat.get("by") == "latency":
+        cache = lat.get("timing_cache") or {}
+        from_cache = f", {cache['hits']} from the timing cache" if cache.get("hits") else ""
+        lines = [
+            f"planned by latency measured here: {lat['original_ms']:.3f} ms -> {lat['candidate_ms']:.3f} ms, "
+            f"{lat['measured_speedup']:.2f}x faster in onnxruntime ({lat['threads']} thread(s), median of {lat['runs']} "
+            f"interleaved runs; predicted {lat['predicted_speedup']:.2f}x, target {lat['target']:g}x, {len(lat['rounds'])} "
+            f"round(s), {lat['layers_timed']} layer models timed{from_cache})"
+        ]
+        if not lat["met"]:
+            lines.append(
+                f"warning: measured {lat['measured_speedup']:.2f}x is below the target {lat['target']:g}x; the fastest round is kept"
+            )
+        return lines
+    lines = []
+    if lat.get("by") == "macs":
+        lines.append(
+            f"planned by MACs: {lat['why_macs']}" if lat.get("why_macs") else "planned by MACs (--by macs): a plan for any hardware"
+        )
+    if "measured_speedup" in lat:
+        lines.append(
+            f"measured in onnxruntime ({lat['threads']} thread(s), median of {lat['runs']} interleaved runs): "
+            f"{lat['original_ms']:.3f} ms -> {lat['candidate_ms']:.3f} ms, {lat['measured_speedup']:.2f}x faster"
+        )
+    elif lat.get("not_timed"):
+        lines.append(f"not timed: {lat['not_timed']}")
+    return lines
+
+
 def _layer_note(layer: LayerReport) -> str:
-    """Where a layer in a subgraph sits and how often it ran, for the table."""
+    """Where a layer in a subgraph sits and how often it ran, and a rank stored wider with zero filters, for the table."""
+    padded = f"stored as {layer.stored_rank} channels (zero filters fill the kernel block)" if layer.stored_rank else ""
     if layer.scope == "the main graph":
-        return ""
+        return padded
     runs = f", ran {layer.executions}x" if layer.shape_known and layer.executions > 1 else ""
-    return f"in {layer.scope}{runs}"
+    return f"in {layer.scope}{runs}" + (f"; {padded}" if padded else "")
 
 
 def _sizes_lines(report: Report) -> list[str]:
@@ -700,7 +771,11 @@ def _decompose_into(args: argparse.Namespace, outputs: StagedOutputs) -> int:
             fold_bn=not args.no_fold_bn,
             progress=bar,
             measure=args.measure,
+            by=args.by,
             threads=args.threads,
+            timing_cache=not args.no_timing_cache,
+            check_runs=args.check_runs,
+            pad_ranks=args.pad_ranks,
             calibration=args.calibration,
             refit=args.refit,
             sensitivity=args.sensitivity,

@@ -22,6 +22,12 @@ on the vertical output ``(*O, W_in)``: ``g·K·N_g·kw·|O|·W_in``.
 
 Fully connected, ``rows × in → out``: ``rows·in·out``; channel pair ``rows·K·(in + out)``.
 
+Activations: ``activations`` is the number of elements a layer writes (its
+output), ``rank_activations[kind] · K`` those of a pair's intermediate tensor —
+the vertical conv's output ``(g·K, *O, W_in)``, the channel split's ``(g·K, *O, W_out)``,
+a fully connected pair's ``rows × K``. They carry the memory traffic that MACs
+do not count (see :func:`effective_macs`).
+
 Layers the tool does not decompose still count in a model's totals, so that a
 speedup is the one of the whole model as it runs: a product of two
 activations (attention's ``Q·Kᵀ``), ``out_elements · inner``; a recurrent layer
@@ -38,7 +44,7 @@ from dataclasses import dataclass, field
 
 from .factorization import Kind
 
-__all__ = ["LayerCost", "conv_cost", "conv_transpose_cost", "fc_cost", "fixed_cost", "recurrent_cost", "total_cost"]
+__all__ = ["LayerCost", "conv_cost", "conv_transpose_cost", "effective_macs", "fc_cost", "fixed_cost", "recurrent_cost", "total_cost"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class LayerCost:
     bias: int
     rank_macs: Mapping[Kind, int] = field(default_factory=dict)
     rank_params: Mapping[Kind, int] = field(default_factory=dict)
+    activations: int = 0  # elements of the layer's output
+    rank_activations: Mapping[Kind, int] = field(default_factory=dict)  # a pair's intermediate elements per unit of rank
 
     @property
     def params(self) -> int:
@@ -83,6 +91,8 @@ def conv_cost(
             "spatial": groups * in_per_group * lead + out_channels * kernel[-1],
             "channel": groups * in_per_group * math.prod(kernel) + out_channels,
         },
+        activations=out_channels * out_pixels,
+        rank_activations={"spatial": groups * out_lead * in_spatial[-1], "channel": groups * out_pixels},
     )
 
 
@@ -105,6 +115,8 @@ def conv_transpose_cost(
         bias=groups * out_per_group if bias else 0,
         rank_macs={"spatial": vertical + horizontal},
         rank_params={"spatial": in_channels * lead + groups * out_per_group * kernel[-1]},
+        activations=groups * out_per_group * math.prod(out_spatial),
+        rank_activations={"spatial": groups * math.prod(out_spatial[:-1]) * in_spatial[-1]},
     )
 
 
@@ -115,6 +127,8 @@ def fc_cost(rows: int, in_features: int, out_features: int, bias: int) -> LayerC
         bias=bias,
         rank_macs={"channel": rows * (in_features + out_features)},
         rank_params={"channel": in_features + out_features},
+        activations=rows * out_features,
+        rank_activations={"channel": rows},
     )
 
 
@@ -131,4 +145,20 @@ def total_cost(costs: list[LayerCost]) -> LayerCost:
     """The cost of a layer run once per entry of ``costs`` (MACs add up; the weights are the same ones)."""
     first = costs[0]
     rank_macs = {kind: sum(c.rank_macs[kind] for c in costs) for kind in first.rank_macs}
-    return LayerCost(sum(c.macs for c in costs), first.weights, first.bias, rank_macs, dict(first.rank_params))
+    rank_activations = {kind: sum(c.rank_activations[kind] for c in costs) for kind in first.rank_activations}
+    return LayerCost(
+        sum(c.macs for c in costs),
+        first.weights,
+        first.bias,
+        rank_macs,
+        dict(first.rank_params),
+        sum(c.activations for c in costs),
+        rank_activations,
+    )
+
+
+def effective_macs(macs: float, nodes: int, written: float, per_node: float, per_element: float) -> float:
+    """A layer's cost in MAC equivalents: its MACs, ``per_node`` for each node it runs as, and ``per_element`` for
+    each activation element it writes (and the next node reads back). The constants are measured per machine
+    class by the caller; with both 0 this is the MAC count."""
+    return macs + per_node * nodes + per_element * written

@@ -50,6 +50,7 @@ __all__ = [
     "factorize",
     "full_rank",
     "kernel_matrices",
+    "padded",
     "reconstruct",
     "relative_error",
     "singular_values",
@@ -277,6 +278,22 @@ def assemble_factors(
         first = right.reshape(g * k, c, *spatial)
         second = left.reshape(n, k, *([1] * len(spatial)))
     return Factors(kind, k, np.ascontiguousarray(first), np.ascontiguousarray(second), singular_values)
+
+
+def padded(factors: Factors, width: int) -> Factors:
+    """``factors`` with zero filters added up to ``width`` intermediate channels (one group only).
+
+    The pair computes the same kernel — a zero vertical filter feeds a zero column of every horizontal filter —
+    and ``rank`` stays the rank of the approximation; only the stored tensors are wider.
+    """
+    k = factors.first.shape[0]
+    if width <= k:
+        return factors
+    first = np.zeros((width, *factors.first.shape[1:]), dtype=factors.first.dtype)
+    first[:k] = factors.first
+    second = np.zeros((factors.second.shape[0], width, *factors.second.shape[2:]), dtype=factors.second.dtype)
+    second[:, :k] = factors.second
+    return Factors(factors.kind, factors.rank, first, second, factors.singular_values)
 
 
 def decompose_kernel(weight: npt.NDArray[np.generic], groups: int, kind: Kind = "spatial", method: Method = "auto") -> Decomposition:

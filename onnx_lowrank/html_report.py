@@ -601,15 +601,14 @@ def decompose_html(
         ["layers decomposed", f"{len(report.decomposed)} of {len(report.layers)}", ""],
         ["conversion time", f"{report.seconds:.2f} s", ""],
     ]
-    if report.latency:
-        lat = report.latency
-        totals.append(
-            [
-                "--measure latency",
-                f"{lat['original_ms']:.3f} → {lat['candidate_ms']:.3f} ms",
-                f"{lat['measured_speedup']:.2f}× (target {lat['target']:g}×{'' if lat['met'] else ', not met'})",
-            ]
-        )
+    lat = report.latency
+    if lat and "measured_speedup" in lat:
+        runs = f"{lat['threads']} thread(s), median of {lat['runs']} interleaved runs"
+        if lat.get("by") == "latency":
+            label, note = "latency (planned by it)", f" (target {lat['target']:g}×{'' if lat['met'] else ', not met'}; {runs})"
+        else:
+            label, note = "latency (timed after planning)", f" ({runs})"
+        totals.append([label, f"{lat['original_ms']:.3f} → {lat['candidate_ms']:.3f} ms", f"{lat['measured_speedup']:.2f}×{note}"])
     if verify is not None and verify.latency_ratio is not None:
         totals.append(
             [

@@ -5,17 +5,19 @@ channel counts miss the blocked kernels of onnxruntime's CPU convolution, and
 small layers are bound by memory, not arithmetic. :class:`LayerTimer` builds a
 one-node model per layer (the original) and a two-node model per candidate
 (kind, rank), at the layer's real input shape, and times each in onnxruntime:
-warm-up runs, then the median of ``runs`` runs, thread spinning off. Timings are
-cached per (geometry, kind, rank, threads), so layers of the same shape — the
-repeated blocks of ResNets — are timed once.
+a warm-up run, then the median of at least ``runs`` runs and of as many more as
+make up 30 ms (a layer of 50 µs is timed 50 times, one of 50 ms 3 times), thread
+spinning off. Timings are cached per (geometry, kind, rank, threads), so layers
+of the same shape — the repeated blocks of ResNets — are timed once.
 
-Between timed ranks the latency is interpolated linearly: a pair's work grows
-linearly in K, and the steps of the kernel blocking are caught by timing at
-multiples of the blocking width.
+The timings outlive the run in a :class:`onnx_lowrank.timing_cache.TimingStore`
+(per CPU, onnxruntime version, threads and optimization level): a geometry timed
+once on a machine is not timed again there.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -30,15 +32,21 @@ from .data_io import check_allocation
 from .factorization import Factors, Kind
 from .passes._rewrite import Site
 from .runtime import make_session
+from .timing_cache import TimingStore
 
 __all__ = ["LayerTimer", "time_model"]
+
+# a timing is the median of at least ``runs`` runs, and of more (up to MAX_RUNS) until the timed runs add up to
+# TIMED_MS: a median of 3 runs of 50 ms is steady, one of 7 runs of 50 µs is mostly scheduler noise
+TIMED_MS = 30.0
+MAX_RUNS = 50
 
 
 def _median_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int, warmup: int) -> float:
     for _ in range(warmup):
         session.run(None, feeds)
-    times = []
-    for _ in range(runs):
+    times: list[float] = []
+    while len(times) < MAX_RUNS and (len(times) < runs or sum(times) < TIMED_MS):
         start = time.perf_counter()
         session.run(None, feeds)
         times.append((time.perf_counter() - start) * 1000.0)
@@ -53,14 +61,22 @@ def time_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], threads:
 class LayerTimer:
     """Times layers alone and their decomposed pairs, at the layer's real input shape."""
 
-    def __init__(self, opset_imports: Sequence[onnx.OperatorSetIdProto], threads: int = 1, runs: int = 7, warmup: int = 2) -> None:
+    def __init__(
+        self,
+        opset_imports: Sequence[onnx.OperatorSetIdProto],
+        threads: int = 1,
+        runs: int = 3,
+        warmup: int = 1,
+        store: TimingStore | None = None,
+    ) -> None:
         self.opset_imports = list(opset_imports)
         self.threads = threads
         self.runs = runs
         self.warmup = warmup
-        self.cache: dict[tuple[Any, ...], float] = {}
+        # timings of this run and of earlier ones on this machine; an in-memory store when none is given
+        self.store = store if store is not None else TimingStore(None, {"threads": threads})
         self.rng = np.random.default_rng(0)
-        self.timed = 0  # how many models were actually timed (the rest came from the cache)
+        self.timed = 0  # how many models were actually timed (the rest came from the store)
 
     def _input(self, site: Site) -> tuple[int, ...] | None:
         # the size the layer's input had on the reference input; a layer of unknown size is not timed
@@ -70,10 +86,16 @@ class LayerTimer:
         assert site.weight is not None
         return site.weight.cast_to or site.weight.data_type
 
-    def _key(self, site: Site, x_shape: tuple[int, ...], kind: Kind | None, rank: int) -> tuple[Any, ...]:
+    def _key(self, site: Site, x_shape: tuple[int, ...], kind: Kind | None, rank: int) -> str:
+        """The entry of the timing store: what the timed model is made of (the store's file holds the machine)."""
         assert site.weight is not None
-        node_attrs = tuple(sorted((a.name, str(helper.get_attribute_value(a))) for a in site.node.attribute))
-        return (site.node.op_type, node_attrs, x_shape, site.weight.shape, len(site.node.input) > 2, kind, rank, self.threads)
+        node_attrs = sorted((a.name, str(helper.get_attribute_value(a))) for a in site.node.attribute)
+        bias = len(site.node.input) > 2 and bool(site.node.input[2])
+        dtype = onnx.TensorProto.DataType.Name(self._dtype(site))
+        return json.dumps([site.node.op_type, node_attrs, list(x_shape), list(site.weight.shape), bias, dtype, kind, rank])
+
+    def _lookup(self, key: str) -> float | None:
+        return self.store.get(key)
 
     def _time(self, site: Site, x_shape: tuple[int, ...], nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> float:
         dtype = self._dtype(site)
@@ -109,13 +131,15 @@ class LayerTimer:
         if x_shape is None or site.weight is None:
             return None
         key = self._key(site, x_shape, None, 0)
-        if key not in self.cache:
+        found = self._lookup(key)
+        if found is None:
             np_dtype = helper.tensor_dtype_to_np_dtype(self._dtype(site))
             weight = numpy_helper.from_array(self.rng.standard_normal(site.weight.shape).astype(np_dtype), site.node.input[1])
             node = onnx.NodeProto()
             node.CopyFrom(site.node)
-            self.cache[key] = self._time(site, x_shape, [node], [weight, *self._bias(site)])
-        return self.cache[key]
+            found = self._time(site, x_shape, [node], [weight, *self._bias(site)])
+            self.store.put(key, found)
+        return found
 
     def pair(self, site: Site, kind: Kind, rank: int) -> float | None:
         """Milliseconds of one run of the decomposed pair at ``rank``, or None when the input shape is unknown."""
@@ -123,7 +147,8 @@ class LayerTimer:
         if x_shape is None or site.weight is None:
             return None
         key = self._key(site, x_shape, kind, rank)
-        if key not in self.cache:
+        found = self._lookup(key)
+        if found is None:
             kernel_shape = site.layout_shape()
             n, c, *spatial = kernel_shape
             g = site.groups
@@ -142,5 +167,6 @@ class LayerTimer:
                 *self._bias(site),
             ]
             nodes = list(site.emit(kind, "first.weight", "second.weight", "middle", ("first", "second")))
-            self.cache[key] = self._time(site, x_shape, nodes, inits)
-        return self.cache[key]
+            found = self._time(site, x_shape, nodes, inits)
+            self.store.put(key, found)
+        return found

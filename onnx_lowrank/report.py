@@ -40,6 +40,7 @@ class LayerReport:
     executions: int = 1  # runs per inference on the reference input (a Loop body's trip count)
     scope: str = "the main graph"  # where the node is: the main graph, a branch of an If, a Loop body, a function
     counted: bool = True  # its MACs are in the report's totals
+    stored_rank: int | None = None  # the pair's intermediate channels when zero filters pad the rank to a kernel block
     quantized: str | None = None  # with quantize: the form its node(s) run in ("int8 (QDQ)", "ConvInteger", "float")
     # with calibration data: the relative output error on it (||ΔW x|| / ||W x||, predicted from the input
     # statistics; after the refit, as measured on its inputs in the converted model), and the layer's gain
@@ -63,7 +64,7 @@ class Report:
     folded_batchnorms: list[str] = field(default_factory=list)  # BatchNormalization nodes folded into their Conv
     kept_batchnorms: dict[str, str] = field(default_factory=dict)  # BatchNormalization nodes not folded -> why
     warnings: list[str] = field(default_factory=list)  # what the user should know about the plan (one line each)
-    latency: dict[str, Any] = field(default_factory=dict)  # with --measure: predicted and measured speedup, per round
+    latency: dict[str, Any] = field(default_factory=dict)  # what the plan was made by, and the result timed: threads, runs, ms, ratio
     calibration: dict[str, Any] = field(default_factory=dict)  # with calibration data: samples, sensitivity cost, refit per layer
     mobile: dict[str, Any] = field(default_factory=dict)  # with mobile_safe: coverage before/after, layers kept whole
     quantization: dict[str, Any] = field(default_factory=dict)  # with quantize: mode, types, samples, nodes quantized

@@ -148,7 +148,7 @@ def zoo() -> object:
 @pytest.mark.parametrize("speedup", [2.0, 3.0])
 def test_resnet50_reaches_its_speedup_with_the_channel_split(zoo: object, speedup: float) -> None:
     path = zoo.cached("resnet50-bnfolded")  # type: ignore[attr-defined]
-    out, report = decompose(path, speedup=speedup)
+    out, report = decompose(path, speedup=speedup, by="macs")
     assert report.mac_ratio >= speedup
     assert "channel" in {layer.kind for layer in report.decomposed}  # the spatial split alone stops at 1.9x
     onnx.checker.check_model(out)
@@ -170,7 +170,7 @@ def test_vgg16_params_ratio_quarter(zoo: object) -> None:
 def test_unreachable_target_is_refused_in_one_line(zoo: object, tmp_path: Path) -> None:
     path = zoo.cached("mobilenetv2-bnfolded")  # type: ignore[attr-defined]
     done = subprocess.run(
-        [sys.executable, "-m", "onnx_lowrank", "decompose", str(path), str(tmp_path / "out.onnx"), "--speedup", "50"],
+        [sys.executable, "-m", "onnx_lowrank", "decompose", str(path), str(tmp_path / "out.onnx"), "--speedup", "50", "--by", "macs"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2

@@ -502,9 +502,9 @@ def _ranks_policy(tmp: Path) -> list[str]:
 POLICIES: dict[str, Callable[[Path], list[str]]] = {
     "rank": lambda tmp: ["--rank", "4"],
     "energy": lambda tmp: ["--energy", "0.5"],
-    "speedup": lambda tmp: ["--speedup", "2"],
+    "speedup": lambda tmp: ["--speedup", "2", "--by", "macs"],
     "ranks": _ranks_policy,
-    "default": lambda tmp: [],
+    "default-by-macs": lambda tmp: ["--by", "macs"],
 }
 
 
@@ -528,7 +528,7 @@ def test_decompose_policy(tmp_path: Path, policy: str) -> None:
         assert all(layer["rank"] == 4 for layer in decomposed.values())
     elif policy == "energy":  # kept energy >= 0.5: relative Frobenius error <= sqrt(0.5)
         assert all(layer["relative_error"] <= math.sqrt(0.5) + 1e-5 for layer in decomposed.values())
-    elif policy in ("speedup", "default"):
+    elif policy in ("speedup", "default-by-macs"):
         assert report["macs_before"] / report["macs_after"] >= 2.0 * (1 - 1e-9)
     else:
         assert {k: v["rank"] for k, v in decomposed.items()} == {"conv3_2": 8, "conv4_2": 16, "conv5_1": 32}
@@ -766,7 +766,7 @@ def test_sweep_table(tmp_path: Path) -> None:
 def test_decompose_html(tmp_path: Path) -> None:
     """`decompose --html` writes the page beside the model; without --verify it still shows the output error."""
     page = tmp_path / "report.html"
-    proc = cli("decompose", DIGITS, tmp_path / "out.onnx", "--html", page)
+    proc = cli("decompose", DIGITS, tmp_path / "out.onnx", "--by", "macs", "--html", page)
     assert_ok(proc)
     assert f"wrote {page}" in proc.stdout
     text = page.read_text()

@@ -68,7 +68,7 @@ def test_speedup_leaves_no_copy_of_the_original_weights(exported: tuple[Path, np
     """At --speedup 2 the parameters shrink as much as the optimized export's do: no original weight is kept
     alive by a Shape node reading it."""
     path, _, _ = exported
-    out, report = decompose(path, speedup=2)
+    out, report = decompose(path, speedup=2, by="macs")
     assert report.mac_ratio >= 2.0
     assert report.params_after < 0.6 * report.params_before
     decomposed_weights = {layer.weight for layer in report.decomposed}

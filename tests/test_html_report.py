@@ -96,7 +96,7 @@ def test_sweep_page_without_matplotlib(profiled_sweep: SweepResult, monkeypatch:
 @needs_plots
 def test_decompose_page(tmp_path: Path) -> None:
     """One conversion: spectra (with the kernel error in each title), MACs per layer, error statistics; kernel time when profiled."""
-    model, report = decompose(DIGITS, speedup=2)
+    model, report = decompose(DIGITS, speedup=2, by="macs")
     out = tmp_path / "out.onnx"
     onnx.save(model, out)
     with np.load(DIGITS_TEST) as data:  # a part of the test set keeps the profiled runs short
@@ -155,7 +155,7 @@ def test_pages_render_in_chromium(profiled_sweep: SweepResult, tmp_path: Path) -
     assert check.width <= 1280 and check.height > 1000
     assert check.screenshots and all(Path(p).stat().st_size > 10_000 for p in check.screenshots)
 
-    _, report = decompose(DIGITS, speedup=2)
+    _, report = decompose(DIGITS, speedup=2, by="macs")
     plain = tmp_path / "plain.html"
     plain.write_text(decompose_html("digits_cnn.onnx", report, report_spectra(DIGITS, report), None))
     check = check_page(plain)
@@ -193,7 +193,17 @@ def test_decompose_html_when_no_inputs_can_be_made(tmp_path: Path, capsys: pytes
     )
     onnx.save(model, tmp_path / "u16.onnx")
     code = onnx_lowrank.cli.main(
-        ["decompose", str(tmp_path / "u16.onnx"), str(tmp_path / "out.onnx"), "--speedup", "1.5", "--html", str(tmp_path / "r.html")]
+        [
+            "decompose",
+            str(tmp_path / "u16.onnx"),
+            str(tmp_path / "out.onnx"),
+            "--speedup",
+            "1.5",
+            "--by",
+            "macs",
+            "--html",
+            str(tmp_path / "r.html"),
+        ]
     )
     assert code == 0, capsys.readouterr().err
     page = (tmp_path / "r.html").read_text()

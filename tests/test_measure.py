@@ -1,4 +1,5 @@
-"""The latency-aware policy (``--speedup S --measure``): layers timed in onnxruntime, the whole model re-timed.
+"""The latency-aware policy (``--speedup S``, by default where the model can be timed; ``--by latency``/``--measure``):
+layers timed in onnxruntime, the whole model re-timed.
 
 No assertion here is on a duration — timings vary from run to run. What is checked is what the policy does
 with the timings it took: what it records in the report, that the model it writes is the one it measured,
@@ -8,7 +9,9 @@ once, and what it must refuse.
 
 from __future__ import annotations
 
+import importlib
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,10 @@ from builders import make_model, run
 from onnx import TensorProto, helper
 
 from onnx_lowrank import LowRankError, decompose
+from onnx_lowrank._threads import default_threads
 from onnx_lowrank.cli import main
 from onnx_lowrank.latency import LayerTimer
+from onnx_lowrank.latency_plan import adaptive_interleaved, interpolate, kernel_block, timed_ranks
 from onnx_lowrank.passes._rewrite import Site
 
 TARGET = 1.05  # low enough that rank-8 pairs of 3x3 48->48 convs (4.5x fewer MACs each) reach it with room to spare
@@ -51,8 +56,11 @@ def test_report_records_what_was_measured() -> None:
     model = wide_chain()
     out, report = decompose(model, speedup=TARGET, measure=True)
     latency = report.latency
-    assert {"predicted_speedup", "measured_speedup", "original_ms", "candidate_ms", "target", "met", "threads", "rounds"} <= set(latency)
-    assert latency["target"] == TARGET and latency["threads"] == 1
+    assert {"predicted_speedup", "measured_speedup", "original_ms", "candidate_ms", "target", "met", "threads", "rounds", "runs"} <= set(
+        latency
+    )
+    assert latency["by"] == "latency" and report.policy["by"] == "latency"
+    assert latency["target"] == TARGET and latency["threads"] == report.policy["threads"] == default_threads()
     assert latency["measured_speedup"] == pytest.approx(latency["original_ms"] / latency["candidate_ms"])
     assert latency["met"] == (latency["measured_speedup"] >= TARGET)
     assert 1 <= len(latency["rounds"]) <= 4
@@ -68,8 +76,9 @@ def test_report_records_what_was_measured() -> None:
 
 def test_one_geometry_is_timed_once() -> None:
     """Three layers of one geometry cost the layer timings of one: the timings are cached per shape and rank."""
-    _, one = decompose(wide_chain(layers=1), speedup=TARGET, measure=True)
-    _, three = decompose(wide_chain(layers=3), speedup=TARGET, measure=True)
+    # the timing cache across runs is off: it would serve the second conversion from the first one's timings
+    _, one = decompose(wide_chain(layers=1), speedup=TARGET, measure=True, timing_cache=False)
+    _, three = decompose(wide_chain(layers=3), speedup=TARGET, measure=True, timing_cache=False)
     assert three.latency["layers_timed"] == one.latency["layers_timed"] > 1
 
 
@@ -87,7 +96,7 @@ def test_slower_layer_never_decomposed(monkeypatch: pytest.MonkeyPatch) -> None:
     _, report = decompose(wide_chain(), speedup=TARGET, measure=True)
     by_node = {layer.node: layer for layer in report.layers}
     assert not by_node["conv1"].decomposed
-    assert "--measure" in (by_node["conv1"].reason or "")
+    assert "by latency" in (by_node["conv1"].reason or "")
     assert by_node["conv0"].decomposed or by_node["conv2"].decomposed
 
 
@@ -97,7 +106,7 @@ def test_unreachable_target_refused(layers: int) -> None:
 
     50x: rank 1 everywhere gives 72x fewer MACs, but the timed ranks are multiples of 8 (4.5x fewer MACs each).
     """
-    with pytest.raises(LowRankError, match=r"--speedup 50 --measure cannot be reached: timed layers allow at most [\d.]+x"):
+    with pytest.raises(LowRankError, match=r"--speedup 50 cannot be reached by latency on this machine .*allow at most [\d.]+x"):
         decompose(wide_chain(layers=layers), speedup=50, measure=True)
 
 
@@ -120,7 +129,7 @@ def test_cli_prints_predicted_and_measured(tmp_path: Path, capsys: pytest.Captur
     onnx.save(wide_chain(), src)
     code, out, err = cli(["decompose", src, dst, "--speedup", TARGET, "--measure", "--report", report], capsys)
     assert code == 0, err
-    assert "measured in onnxruntime (1 thread(s))" in out and "predicted" in out and dst.is_file()
+    assert f"faster in onnxruntime ({default_threads()} thread(s), median of" in out and "predicted" in out and dst.is_file()
 
     latency = json.loads(report.read_text())["latency"]
     assert latency["target"] == TARGET and latency["measured_speedup"] > 0
@@ -133,3 +142,190 @@ def test_measure_needs_speedup(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, _, err = cli(["decompose", src, dst, "--rank", "8", "--measure"], capsys)
     assert code == 2 and "--measure" in err and len(err.strip().splitlines()) == 1
     assert not dst.exists()
+
+
+# --------------------------------------------------------------------------- what the default plans by
+
+
+@pytest.fixture
+def fake_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic timings: layers in proportion to their weights and input pixels, the whole model always
+    2.5x faster than the original. What is tested is what the planner does with them, not the machine."""
+
+    def layer(self: LayerTimer, site: Site, x_shape: tuple[int, ...], nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> float:
+        self.timed += 1
+        return sum(int(np.prod(t.dims)) for t in inits if len(t.dims) > 1) * int(np.prod(x_shape[2:])) / 1e7
+
+    def whole(first: Any, second: Any, feed: Any, runs: int, warmup: int = 3) -> tuple[float, float]:
+        return 3.0, 1.2
+
+    verify_module = importlib.import_module("onnx_lowrank.verify")  # the package's `verify` is the function
+    monkeypatch.setattr(LayerTimer, "_time", layer)
+    monkeypatch.setattr(verify_module, "interleaved_latency", whole)
+    monkeypatch.setattr(importlib.import_module("onnx_lowrank.latency_plan"), "interleaved_latency", whole)
+    monkeypatch.setattr(importlib.import_module("onnx_lowrank.api"), "_timed_runs", lambda session, feeds, runs: [3.0] * runs)
+
+
+def test_default_plans_by_latency_where_it_can_time(fake_timing: None) -> None:
+    """No `by`: a model of known sizes is planned by latency at onnxruntime's default thread count."""
+    _, report = decompose(wide_chain(), speedup=2, timing_cache=False)  # the faked timings, not stored ones
+    assert report.policy["by"] == "latency" and report.latency["by"] == "latency"
+    assert report.latency["threads"] == default_threads() and report.latency["measured_speedup"] == pytest.approx(2.5)
+    assert report.latency["met"] and report.latency["runs"] > 0 and report.decomposed
+
+
+def test_default_plans_by_macs_where_it_cannot_time_and_says_why() -> None:
+    """A symbolic H/W planned by request at one output pixel cannot be timed: the plan is by MACs, the report says
+    why, and no ratio is claimed; asking for latency there is refused in one line."""
+    model = wide_chain()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "w"
+    _, report = decompose(model, speedup=2, allow_unknown_shapes=True)
+    assert report.policy["by"] == "macs" and "--input-shape" in report.latency["why_macs"]
+    assert "measured_speedup" not in report.latency and report.latency["not_timed"]
+    with pytest.raises(LowRankError, match=r"--by latency times the model on this machine, and cannot: .*--input-shape") as info:
+        decompose(model, speedup=2, allow_unknown_shapes=True, by="latency")
+    assert "\n" not in str(info.value)
+
+
+def test_failed_layer_timing_falls_back_to_macs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime failing on a layer model (a dtype its CPU kernels lack, say): the default plans by MACs and says
+    why; --by latency is refused instead."""
+
+    def fail(*args: Any) -> float:
+        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for Conv")
+
+    monkeypatch.setattr(LayerTimer, "_time", fail)
+    _, report = decompose(wide_chain(), speedup=1.5, timing_cache=False)
+    assert report.policy["by"] == "macs" and "NOT_IMPLEMENTED" in report.latency["why_macs"]
+    assert report.mac_ratio >= 1.5
+    with pytest.raises(LowRankError, match="a layer could not be timed"):
+        decompose(wide_chain(), speedup=1.5, by="latency", timing_cache=False)
+
+
+def test_by_macs_is_the_mac_plan_timed_once() -> None:
+    """--by macs: the MAC budget is met, and the result is timed against the original (no value asserted)."""
+    _, report = decompose(wide_chain(), speedup=2, by="macs", threads=1)
+    assert report.policy["by"] == "macs" and report.mac_ratio >= 2
+    latency = report.latency
+    assert latency["by"] == "macs" and latency["threads"] == 1 and 3 <= latency["runs"] <= 10
+    assert latency["measured_speedup"] == pytest.approx(latency["original_ms"] / latency["candidate_ms"])
+    _, quiet = decompose(wide_chain(), speedup=2, by="macs", check_runs=0)
+    assert "measured_speedup" not in quiet.latency and "0 check runs" in quiet.latency["not_timed"]
+
+
+def test_per_layer_policies_are_timed_too() -> None:
+    _, report = decompose(wide_chain(), rank=8, check_runs=3)
+    assert report.policy["by"] is None and report.latency["by"] is None and report.latency["runs"] == 3
+    assert report.latency["measured_speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"speedup": 2, "by": "macs", "measure": True}, "contradicts --by macs"),
+        ({"speedup": 2, "by": "fast"}, "--by must be one of latency, macs"),
+        ({"rank": 4, "by": "latency"}, "plans a --speedup budget alone"),
+        ({"speedup": 2, "params_ratio": 0.5, "by": "latency"}, "plans a --speedup budget alone"),
+        ({"speedup": 2, "threads": 0}, "--threads"),
+        ({"speedup": 2, "check_runs": -1}, "check runs"),
+    ],
+    ids=str,
+)
+def test_bad_by_and_threads(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(LowRankError, match=message):
+        decompose(wide_chain(layers=1), **kwargs)
+
+
+def test_cli_prints_both_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--by macs prints the MAC ratio and the measured one with its thread count and runs; the report holds both."""
+    src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(wide_chain(), src)
+    code, out, err = cli(["decompose", src, dst, "--by", "macs", "--threads", "1", "--report", report, "--quiet"], capsys)
+    assert code == 0, err
+    assert "planned by MACs (--by macs)" in out and "fewer" in out
+    assert "measured in onnxruntime (1 thread(s), median of 10 interleaved runs)" in out
+    data = json.loads(report.read_text())
+    assert data["mac_ratio"] >= 2 and data["latency"]["measured_speedup"] > 0 and data["policy"]["by"] == "macs"
+    code, out, err = cli(["decompose", src, dst, "--by", "macs", "--measure"], capsys)
+    assert code == 2 and "contradicts" in err and len(err.strip().splitlines()) == 1
+
+
+def test_calibration_plans_by_latency_with_predicted_damage(fake_timing: None) -> None:
+    """With calibration data the default still plans by latency, each option's error the damage predicted from the
+    data (output error times gain); --by macs plans the same errors by MACs."""
+    data = {"x": np.random.default_rng(0).standard_normal((4, 48, 24, 24)).astype(np.float32)}
+    _, report = decompose(wide_chain(), speedup=2, calibration=data, refit=False, timing_cache=False)
+    assert report.policy["by"] == "latency" and report.policy["allocation"].startswith("damage to the outputs")
+    assert report.decomposed and all(layer.output_error is not None for layer in report.decomposed)
+    assert all(layer.gain is not None for layer in report.decomposed)
+    _, by_macs = decompose(wide_chain(), speedup=2, calibration=data, refit=False, by="macs")
+    assert by_macs.policy["by"] == "macs" and by_macs.policy["allocation"].startswith("damage to the outputs")
+    assert by_macs.mac_ratio >= 2
+
+
+# --------------------------------------------------------------------------- the pieces, without onnxruntime
+
+
+def test_interpolation_between_timed_ranks() -> None:
+    timed = {16: 1.0, 48: 3.0, 96: 4.0}
+    assert interpolate(timed, 16) == 1.0 and interpolate(timed, 32) == pytest.approx(2.0)
+    assert interpolate(timed, 72) == pytest.approx(3.5) and interpolate(timed, 8) == 1.0 and interpolate(timed, 200) == 4.0
+    grid = list(range(16, 1537, 16))
+    picked = timed_ranks(grid, 6)
+    assert len(picked) == 6 and picked[0] == 16 and picked[-1] == 1536 and set(picked) <= set(grid)
+    assert timed_ranks([8, 16], 6) == [8, 16]
+
+
+class _Sleeper:
+    """A stand-in session whose run takes ``ms`` (counted, not slept: the clock is faked)."""
+
+    def __init__(self, ms: float, clock: list[float]) -> None:
+        self.ms, self.clock, self.calls = ms, clock, 0
+
+    def run(self, names: Any, feeds: Any) -> None:
+        self.calls += 1
+        self.clock[0] += self.ms / 1000.0
+
+
+@pytest.mark.parametrize(("ms", "runs"), [(1.0, 10), (300.0, 6), (5000.0, 3)])
+def test_adaptive_runs_fit_the_budget(monkeypatch: pytest.MonkeyPatch, ms: float, runs: int) -> None:
+    """Slow models get fewer interleaved runs (at least the minimum), fast ones the maximum."""
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    first, second = _Sleeper(ms, clock), _Sleeper(ms / 2, clock)
+    _, _, done = adaptive_interleaved(first, second, {}, max_runs=10, min_runs=3, budget_ms=3000.0, warmup=1)
+    assert done == runs and first.calls == second.calls == runs + 1
+
+
+def test_padded_ranks_compute_the_same_pair() -> None:
+    """pad_ranks: a rank that does not fill the kernel block here is stored with zero filters up to it; the pair
+    computes what the unpadded one does, the report keeps the rank and counts the stored channels' MACs."""
+    block = kernel_block()
+    if block is None:
+        pytest.skip("onnxruntime has no blocked conv kernels on this CPU: nothing to pad to")
+    model = wide_chain(layers=1)
+    plain, report = decompose(model, rank=5, check_runs=0)
+    wide, padded_report = decompose(model, rank=5, check_runs=0, pad_ranks=True)
+    (layer,), (padded_layer,) = report.decomposed, padded_report.decomposed
+    assert layer.rank == padded_layer.rank == 5 and layer.stored_rank is None and padded_layer.stored_rank == block
+    assert padded_layer.relative_error == pytest.approx(layer.relative_error)
+    assert padded_layer.macs_after == layer.macs_after // 5 * block
+    x = np.random.default_rng(2).standard_normal((1, 48, 24, 24)).astype(np.float32)
+    np.testing.assert_allclose(run(wide, {"x": x})[0], run(plain, {"x": x})[0], rtol=1e-4, atol=1e-4)
+    first = next(t for t in wide.graph.initializer if "vertical" in t.name)
+    assert first.dims[0] == block
+
+
+def test_corrected_budget_asks_for_the_saving_at_the_measured_rate() -> None:
+    """A round that saved 60 % of what its layer timings promised: the next asks for the target's saving at that
+    rate, and never for less than the last budget scaled by the shortfall."""
+    from onnx_lowrank.api import _corrected_budget
+
+    before, target = 100.0, 2.0
+    predicted = 100.0 / 3.0  # promised 66.7 ms saved
+    measured_ratio = 100.0 / (100.0 - 0.6 * (100.0 - predicted))  # saved 40 ms
+    budget = _corrected_budget(before, predicted, measured_ratio, target, predicted)
+    assert budget == pytest.approx(100.0 - 50.0 / 0.6)
+    # a round that saved more than promised is not loosened past the plain correction
+    assert _corrected_budget(before, 80.0, 1.9, target, 50.0) == pytest.approx(50.0 * 1.9 / 2.0)

@@ -308,7 +308,7 @@ def test_mobile_safe_leaves_safe_layers_decomposed() -> None:
 @pytest.fixture(scope="module")
 def refit_digits() -> onnx.ModelProto:
     """The digits CNN at a 1.5x MAC speedup with refit factors (calibration set): the float low-rank model."""
-    model, _ = decompose(onnx.load(DIGITS), speedup=1.5, calibration=DIGITS_CALIBRATION, sensitivity=False)
+    model, _ = decompose(onnx.load(DIGITS), speedup=1.5, calibration=DIGITS_CALIBRATION, sensitivity=False, by="macs")
     return model
 
 
@@ -336,7 +336,7 @@ def test_decompose_quantize_cli_table(tmp_path: Path, run: InProcess) -> None:
     """decompose --quantize static --ort: the per-layer table shows each pair's INT8 form; the files verify."""
     out, report = tmp_path / "q.onnx", tmp_path / "q.json"
     printed = run(
-        "decompose", DIGITS, out, "--speedup", "1.5", "--calibration", DIGITS_CALIBRATION, "--no-sensitivity",
+        "decompose", DIGITS, out, "--speedup", "1.5", "--by", "macs", "--calibration", DIGITS_CALIBRATION, "--no-sensitivity",
         "--quantize", "static", "--ort", "--report", report,
     )  # fmt: skip
     assert "int8" in printed.splitlines()[0] and "int8 (QDQ)" in printed

@@ -492,7 +492,7 @@ def test_repeated_node_names_are_reported_apart() -> None:
     assert len(set(names)) == len(names)
 
 
-@pytest.mark.parametrize("policy", [{"rank": 3}, {"speedup": 1.2}])
+@pytest.mark.parametrize("policy", [{"rank": 3}, {"speedup": 1.2, "by": "macs"}])
 def test_non_finite_weight_is_skipped_with_reason(policy: dict[str, float]) -> None:
     w = _weight()
     w[0, 0, 0, 0] = np.nan

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.api import decompose
 from onnx_lowrank.errors import LowRankError
+from onnx_lowrank.mac_plan import LayerOverhead, allocate_effective
 from onnx_lowrank.ranks import Infeasible, LayerChoices, Option, allocate, options_for, tail_errors
 
 FloatArray = npt.NDArray[np.float64]
@@ -278,7 +279,7 @@ def test_energy_policy_takes_the_least_rank_per_layer(energy: float) -> None:
 def test_speedup_policy_reaches_the_mac_ratio(target: float, kinds: list[str] | None) -> None:
     """``speedup=S`` brings the total MAC ratio to at least S (the 1x1 conv counts, split or not)."""
     model, _ = multi_conv_model()
-    _, report = decompose(model, speedup=target, kinds=kinds)
+    _, report = decompose(model, speedup=target, kinds=kinds, by="macs")
     assert report.mac_ratio >= target
     assert report.macs_before == sum(layer.macs_before for layer in report.layers)
     assert report.macs_after == sum(layer.macs_after for layer in report.layers)
@@ -296,4 +297,37 @@ def test_unreachable_speedup_is_an_error() -> None:
     """A target beyond every layer at rank 1 is refused with a message, not silently missed."""
     model, _ = multi_conv_model()
     with pytest.raises(LowRankError, match="speedup"):
-        decompose(model, speedup=1000.0)
+        decompose(model, speedup=1000.0, by="macs")
+
+
+# --------------------------------------------------------------------------- the MAC plan with overheads
+
+
+@SETTINGS
+@given(problems())
+def test_effective_allocation_meets_the_mac_budget(problem: tuple[list[LayerChoices], float, float]) -> None:
+    """Ranked by effective MACs, the allocation still meets the MAC budget whenever the plain one can."""
+    layers, budget, fixed = problem
+    overheads = [LayerOverhead(1, 1000, {"spatial": 7, "channel": 3}) for _ in layers]
+    try:
+        allocate(layers, budget, fixed)
+    except Infeasible:
+        with pytest.raises(Infeasible):
+            allocate_effective(layers, overheads, budget, fixed, per_node=50.0, per_element=0.1)
+        return
+    picks = allocate_effective(layers, overheads, budget, fixed, per_node=50.0, per_element=0.1)
+    assert fixed + sum(o.macs for o in picks.values()) <= budget * (1 + 1e-9)
+    assert set(picks) == {layer.key for layer in layers}
+
+
+def test_effective_allocation_skips_splits_that_cost_more_to_run() -> None:
+    """A small layer whose split saves MACs but adds more node overhead than it saves is left as it is, even
+    though its error per MAC saved is the lowest; with no overhead the plain MAC plan takes it."""
+    big = LayerChoices("big", [Option(10_000, 0.0), Option(4_000, 0.20, "spatial", 8), Option(6_000, 0.05, "spatial", 16)])
+    small = LayerChoices("small", [Option(1_000, 0.0), Option(400, 0.001, "spatial", 8)])
+    overheads = [LayerOverhead(1, 0, {"spatial": 0}), LayerOverhead(1, 0, {"spatial": 0})]
+    plain = allocate_effective([big, small], overheads, 6_500, 0.0, per_node=0.0, per_element=0.0)
+    assert plain["small"].kind == "spatial" and plain["big"].rank == 16
+    costed = allocate_effective([big, small], overheads, 6_500, 0.0, per_node=800.0, per_element=0.0)
+    assert costed["small"].kind is None and costed["big"].kind == "spatial"
+    assert sum(o.macs for o in costed.values()) <= 6_500

@@ -46,7 +46,7 @@ def test_report_macs_equal_the_macs_that_run(exported: Callable[[str], Path], na
     path = exported(name)
     model = onnx.load(path)
     input_name = MODELS[name][1]
-    new, report = decompose(model, speedup=2, input_shapes={input_name: shape})
+    new, report = decompose(model, speedup=2, input_shapes={input_name: shape}, by="macs")
     feeds = {input_name: random_input(shape)}
     before, after = profiled_macs(model, feeds), profiled_macs(new, feeds)
     assert report.shapes["source"] == "run" and report.macs_exact
@@ -71,7 +71,7 @@ def test_per_time_step_classifier_counts_every_step(exported: Callable[[str], Pa
 @pytest.mark.parametrize(("shape", "taken"), [((1, 3, 64, 64), "then_branch"), ((1, 3, 32, 32), "else_branch")])
 def test_if_counts_the_branch_that_runs(exported: Callable[[str], Path], shape: tuple[int, ...], taken: str) -> None:
     model = onnx.load(exported("branchy"))
-    new, report = decompose(model, speedup=2, input_shapes={"x": shape})
+    new, report = decompose(model, speedup=2, input_shapes={"x": shape}, by="macs")
     (flow,) = report.control_flow
     assert flow["op_type"] == "If" and flow["runs"][taken] == 1 and sum(flow["runs"].values()) == 1
     idle = next(label for label in flow["subgraphs"] if label != taken)
@@ -157,7 +157,7 @@ def test_calibration_sizes_the_plan_and_the_sensitivity(exported: Callable[[str]
     allocation and the report count the MACs that run at its size."""
     model = onnx.load(exported("crnn"))
     data = {"image": np.random.default_rng(0).random((4, 1, 32, 128), dtype=np.float32)}
-    new, report = decompose(model, speedup=2, calibration=data, refit=False)
+    new, report = decompose(model, speedup=2, calibration=data, refit=False, by="macs")
     assert report.policy["allocation"].startswith("damage to the outputs")
     feeds = {"image": data["image"][:1]}
     before, after = profiled_macs(model, feeds), profiled_macs(new, feeds)
@@ -209,7 +209,7 @@ def test_bad_input_shape(
 def test_cli_prints_sizes_and_branches(exported: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "report.json"
     code, out, err = _cli(
-        capsys, "decompose", exported("branchy"), tmp_path / "out.onnx", "--input-shape", "x=1,3,64,64", "--report", report
+        capsys, "decompose", exported("branchy"), tmp_path / "out.onnx", "--input-shape", "x=1,3,64,64", "--by", "macs", "--report", report
     )
     assert code == 0 and err == ""
     assert "sizes: from one onnxruntime run on a random input x=1x3x64x64" in out

@@ -57,7 +57,7 @@ def test_rows_are_what_decompose_gives(digits_sweep: SweepResult) -> None:
     """A sweep row's conversion is exactly ``decompose(model, speedup=S)``: the same layers, kinds and ranks."""
     for row in digits_sweep.rows:
         if row.reached:
-            _, report = decompose(DIGITS, speedup=row.target)
+            _, report = decompose(DIGITS, speedup=row.target, by="macs")  # a sweep plans by MACs unless --measure
             assert row.report is not None
             assert ranks_of(row.report) == ranks_of(report)
             assert row.mac_ratio == pytest.approx(report.mac_ratio)
@@ -108,7 +108,7 @@ def test_calibration_measured_once(monkeypatch: pytest.MonkeyPatch) -> None:
     for row in result.rows:
         assert row.reached and row.allocation is not None and row.allocation.startswith("damage to the outputs")
         assert row.report is not None and "refit" in row.report.calibration
-    _, report = decompose(DIGITS, speedup=3, calibration=DIGITS_CALIBRATION)
+    _, report = decompose(DIGITS, speedup=3, calibration=DIGITS_CALIBRATION, by="macs")
     assert ranks_of(result.rows[1].report) == ranks_of(report)
 
 

@@ -197,7 +197,7 @@ def test_speedup_2(zoo: Zoo, record_property: Callable[[str, Any], None]) -> Non
     if arch in SPATIAL_LIMIT:
         # expected refusal, not a skip: SPATIAL_LIMIT says why this architecture cannot reach 2x
         with pytest.raises(LowRankError, match=r"cannot be reached") as info:
-            decompose(zoo.path, speedup=2, kinds=SPATIAL)
+            decompose(zoo.path, speedup=2, kinds=SPATIAL, by="macs")
         stated = re.search(r"(\d+(?:\.\d+)?)x", str(info.value))
         assert stated is not None, f"the message does not state the best reachable speedup: {info.value}"
         best = float(stated.group(1))
@@ -208,7 +208,7 @@ def test_speedup_2(zoo: Zoo, record_property: Callable[[str, Any], None]) -> Non
         assert best == pytest.approx(at_rank_1.mac_ratio, rel=5e-3)  # the message rounds to 3 digits
         return
 
-    converted, report = decompose(zoo.path, speedup=2, kinds=SPATIAL)
+    converted, report = decompose(zoo.path, speedup=2, kinds=SPATIAL, by="macs")
     got = _run(converted, zoo.x)
     y = zoo.y.astype(np.float64)
     _record(record_property, report, relative_output_error=float(np.abs(got - y).max() / np.abs(y).max()))

@@ -1,0 +1,109 @@
+"""The plan by MAC count (``--by macs``): the MAC budget, with the splits chosen by what they cost to run.
+
+MACs are not time. A split adds a node (a kernel launch, its threads woken
+and joined) and an intermediate tensor written and read back; a thin pair of
+a small layer can cost more than the layer it replaces while it saves MACs on
+paper. The plan by MACs therefore ranks the options by their *effective* MACs
+(:func:`onnx_lowrank.cost.effective_macs`: MACs plus a fixed cost per node and
+per activation element written) and still meets the MAC budget:
+
+1. every layer offers its options at their effective cost; an option whose
+   effective cost is not below the original layer's is never taken (the
+   allocation only takes steps that save);
+2. the allocator of :mod:`onnx_lowrank.ranks` runs on effective MACs with a
+   budget ``B``; a bisection finds the largest ``B`` whose allocation meets
+   the *MAC* budget ``total / S`` — the least error among the allocations that
+   avoid overhead-heavy splits. When no ``B`` does, the plain MAC allocation
+   is used.
+
+A split always adds overhead (one more node and one more tensor), so an
+allocation within an effective budget of ``effective_total / S`` also has a
+MAC ratio of at least S; the bisection loosens the budget from there.
+
+The constants are measured, not guessed: ``benchmarks/layer_costs.py`` times
+every layer geometry of the benchmark models alone and split, and fits
+``ms ≈ a·MACs + b·activations + c·nodes``; ``PER_NODE_MACS = c/a`` and
+``PER_ELEMENT_MACS = b/a`` at one intra-op thread (a plan by MACs is for
+hardware it was not measured on, and one core is the common case there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .cost import effective_macs
+from .factorization import Kind
+from .ranks import Infeasible, LayerChoices, Option, allocate
+
+__all__ = ["PER_ELEMENT_MACS", "PER_NODE_MACS", "LayerOverhead", "allocate_effective"]
+
+# fitted by benchmarks/layer_costs.py to 1516 timings of the layers of 9 models at 1 thread (2-core AMD EPYC, AVX2,
+# onnxruntime 1.32; benchmarks/results/layer_costs.json, "fits"): 22.0 ms per GMAC, 9.7 µs per node, 0.35 ms per
+# million activation elements written, i.e. a node costs 438k MACs and an element 15.7 (a first run of the same
+# benchmark: 402k and 16.7); at 2 threads a node costs more (887k MACs, 25.6 per element), but a plan by MACs is
+# for other hardware, and one core is the common case there
+PER_NODE_MACS = 400_000
+PER_ELEMENT_MACS = 17.0
+BISECTION_STEPS = 40
+
+
+@dataclass(frozen=True)
+class LayerOverhead:
+    """What a layer writes and runs as: ``nodes`` original nodes (a shared weight's layers), ``activations``
+    elements of output, and a pair's intermediate elements per unit of rank, by kind."""
+
+    nodes: int
+    activations: int
+    rank_activations: Mapping[Kind, int]
+
+    def effective(self, option: Option, per_node: float, per_element: float) -> int:
+        if option.kind is None:
+            return int(effective_macs(option.macs, self.nodes, self.activations, per_node, per_element))
+        written = self.activations + self.rank_activations[option.kind] * option.rank
+        return int(effective_macs(option.macs, 2 * self.nodes, written, per_node, per_element))
+
+
+def allocate_effective(
+    layers: Sequence[LayerChoices],
+    overheads: Sequence[LayerOverhead],
+    mac_budget: float,
+    fixed_macs: float,
+    per_node: float = PER_NODE_MACS,
+    per_element: float = PER_ELEMENT_MACS,
+) -> dict[str, Option]:
+    """Least total error with ``fixed_macs + Σ MACs ≤ mac_budget``, the splits ranked by effective MACs (see the
+    module docstring). Raises :class:`Infeasible` when the MAC budget cannot be met at all."""
+    plain = allocate(layers, mac_budget, fixed=fixed_macs)  # the MAC plan: feasibility, and the fall-back
+    if per_node == 0 and per_element == 0:
+        return plain
+    real = {layer.key: {(o.kind, o.rank): o for o in layer.options} for layer in layers}
+    effective = []
+    for layer, overhead in zip(layers, overheads, strict=True):
+        original = overhead.effective(layer.original, per_node, per_element)
+        options = [Option(overhead.effective(o, per_node, per_element), o.error, o.kind, o.rank, o.params) for o in layer.options]
+        # a split that costs more to run than the layer is never an option
+        effective.append(LayerChoices(layer.key, [o for o in options if o.kind is None or o.macs < original]))
+
+    def macs_of(picks: Mapping[str, Option]) -> float:
+        return fixed_macs + sum(real[key][(o.kind, o.rank)].macs for key, o in picks.items())
+
+    lo = float(sum(min(o.macs for o in layer.options) for layer in effective))
+    hi = float(sum(layer.original.macs for layer in effective))
+    best: dict[str, Option] | None = None
+    for _ in range(BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        try:
+            picks = allocate(effective, mid)
+        except Infeasible:
+            lo = mid
+            continue
+        if macs_of(picks) <= mac_budget:
+            best, lo = picks, mid
+        else:
+            hi = mid
+        if hi - lo < 1e-6 * hi:
+            break
+    if best is None:
+        return plain
+    return {key: real[key][(o.kind, o.rank)] for key, o in best.items()}
