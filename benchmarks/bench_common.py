@@ -58,6 +58,14 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("densenet121", "densenet121-bnfolded", 224, 64, "DenseNet-121 (zoo)"),
         # trained models shipped in models/: their own input size
         ModelSpec("digits", "file:models/digits_cnn.onnx", 32, 32, "digits CNN, trained (models/digits_cnn.onnx)"),
+        ModelSpec(
+            "textline",
+            "file:models/textline_crnn.onnx",
+            32,
+            32,
+            "CRNN text-line recogniser, trained (models/textline_crnn.onnx), lines of 32x256",
+            {"input": (1, 1, 32, 256)},
+        ),
     ]
 }
 # the models speed.py runs by default (the others through --models): the published speed tables

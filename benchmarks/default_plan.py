@@ -59,7 +59,7 @@ from onnx_lowrank.runtime import make_session
 from onnx_lowrank.timing_cache import CACHE_ENV
 from onnx_lowrank.verify import kernel_times, random_inputs
 
-DEFAULT_MODELS = ("vgg16", "resnet50", "googlenet", "alexnet", "nin", "resnet18", "mobilenetv2", "densenet121", "digits")
+DEFAULT_MODELS = ("vgg16", "resnet50", "googlenet", "alexnet", "nin", "resnet18", "mobilenetv2", "densenet121", "digits", "textline")
 THREADS = (1, 2)
 SPEEDUP = 2.0
 TARGET = {1: 1.9, 2: 1.8}  # the default's measured ratio at --speedup 2, per thread count

@@ -1287,7 +1287,8 @@ def _measured_choice(
                 break
             # short of the target and the correction asks for more than the splits can give: one last round
             # with every layer at its fastest option
-            budget, least = exc.best / 1e6 * (1 + 1e-9), True
+            # (costs are whole nanoseconds, and the best can be negative: it counts what the splits save)
+            budget, least = (exc.best + 1) / 1e6, True
             picks = allocate(choices, budget * 1e6, fixed=fixed * 1e6)
         predicted_ms = fixed + sum(o.macs for o in picks.values()) / 1e6
         candidate_session = make_session(_candidate(proto, shapes, units, picks), threads=threads)

@@ -612,8 +612,8 @@ def test_data_aware_conversion_beats_data_free_at_every_budget() -> None:
     test = {"input": smooth_inputs((32, 3, 12, 12), seed=20)}
     (reference,) = run(model, test)
     for speedup in (1.5, 2.0, 3.0):
-        free, _ = decompose(model, speedup=speedup, rank_multiple=1)
-        aware, report = decompose(model, speedup=speedup, rank_multiple=1, calibration=data)
+        free, _ = decompose(model, speedup=speedup, rank_multiple=1, by="macs")
+        aware, report = decompose(model, speedup=speedup, rank_multiple=1, calibration=data, by="macs")
         assert report.mac_ratio >= speedup - 1e-9
         assert rel_error(run(aware, test)[0], reference) < rel_error(run(free, test)[0], reference)
         assert "damage to the outputs" in report.policy["allocation"]
@@ -672,7 +672,11 @@ def test_calibration_gives_the_cost_model_the_input_size() -> None:
     """A model with symbolic height and width is planned at the calibration samples' size."""
     model = conv_model(input_shape=("n", 6, "h", "w"))
     _, report = decompose(
-        model, speedup=2, calibration={"x": smooth_inputs((4, 6, 10, 10))}, calibration_options=CalibrationOptions(refit=False)
+        model,
+        speedup=2,
+        calibration={"x": smooth_inputs((4, 6, 10, 10))},
+        calibration_options=CalibrationOptions(refit=False),
+        by="macs",
     )
     assert report.layers[0].shape_known and report.layers[0].macs_before == 8 * 6 * 9 * 8 * 8  # 10x10 input, no padding
 
