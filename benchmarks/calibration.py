@@ -7,7 +7,7 @@ Parts (``--parts``, default all; run the timed ones alone on a quiet machine)::
     objectives   the data-free budget allocation under each objective of onnx_lowrank.ranks.weigh_errors
     ablation     the data-aware pipeline with parts switched off (no gains, no refit, refit stages)
     kronecker    how close the Kronecker model of the patch covariance comes to the exact one (small layers)
-    cost         ``onnx-lowrank decompose --speedup 2 --calibration`` in a fresh process (wall time, peak RSS,
+    cost         ``onnx-lowrank decompose --speedup 2 --by macs --calibration`` in a fresh process (wall time, peak RSS,
                  the report's time per pass) against one plain onnxruntime pass of the original model over the
                  same calibration set (same process, batches of 32), at 64 and 512 samples (``--samples``):
                  the CRNN (its calibration lines, repeated to 512) and ResNet-50 of the zoo at 224x224
@@ -97,10 +97,18 @@ class Trained:
             self.evaluate = evaluate
 
     def free(self, speedup: float, objective: str | None = None) -> tuple[onnx.ModelProto, Any]:
-        return decompose(str(self.path), speedup=speedup, input_shapes=self.input_shapes, objective=objective)
+        return decompose(str(self.path), speedup=speedup, input_shapes=self.input_shapes, objective=objective, by="macs", check_runs=0)
 
-    def aware(self, speedup: float, **options: Any) -> tuple[onnx.ModelProto, Any]:
-        return decompose(str(self.path), speedup=speedup, calibration=self.calibration, calibration_options=CalibrationOptions(**options))
+    def aware(self, speedup: float, rank_multiple: int | None = None, **options: Any) -> tuple[onnx.ModelProto, Any]:
+        return decompose(
+            str(self.path),
+            speedup=speedup,
+            calibration=self.calibration,
+            calibration_options=CalibrationOptions(**options),
+            rank_multiple=rank_multiple,
+            by="macs",
+            check_runs=0,
+        )
 
 
 def _row(model: Trained, label: str, speedup: float, converted: onnx.ModelProto, report: Any, seconds: float) -> dict[str, Any]:
@@ -155,6 +163,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "all, 5 stages": {"stages": 5},
     "all, damping 1e-3": {"damping": 1e-3},
     "all, damping 1e-1": {"damping": 1e-1},
+    "all, 1024 positions": {"positions": 1024},
+    "all, ranks in multiples of 8": {"rank_multiple": 8},
 }
 
 
@@ -294,7 +304,19 @@ def part_cost(models: list[str], samples_list: list[int], repeat: int) -> dict[s
                         [sys.executable, "-c", _PLAIN, str(model), str(data)], capture_output=True, text=True, check=True
                     )
                     report_path = folder / "report.json"
-                    command = ["-m", "onnx_lowrank", "decompose", str(model), str(folder / "out.onnx"), "--speedup", "2"]
+                    command = [
+                        "-m",
+                        "onnx_lowrank",
+                        "decompose",
+                        str(model),
+                        str(folder / "out.onnx"),
+                        "--speedup",
+                        "2",
+                        "--by",
+                        "macs",
+                        "--check-runs",
+                        "0",
+                    ]
                     command += ["--calibration", str(data), "--report", str(report_path), "--quiet"]
                     wrapped = [str(TIME), "-v", sys.executable, *command] if TIME.exists() else [sys.executable, *command]
                     start = time.perf_counter()
@@ -328,7 +350,9 @@ def part_cost(models: list[str], samples_list: list[int], repeat: int) -> dict[s
                     best = min(row["runs"], key=lambda r: r["ratio_passes_to_plain"])
                     row.update({k: v for k, v in best.items()})
                     row["rss_budget_mib"] = 2048 + 3 * row["file_mib"]
-                    row["command"] = "onnx-lowrank decompose MODEL OUT --speedup 2 --calibration DATA --report R.json --quiet"
+                    row["command"] = (
+                        "onnx-lowrank decompose MODEL OUT --speedup 2 --by macs --check-runs 0 --calibration DATA --report R.json --quiet"
+                    )
                 rows.append(row)
                 for path in data.iterdir():
                     path.unlink()

@@ -86,19 +86,27 @@ def remove_model(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+# run in a child: loaded here, the 528 MB model would stay in this process's memory, and every later child
+# would start with that resident set (Linux carries the peak RSS across fork and exec into ru_maxrss)
+SYMBOLIC_COPY = """
+import json, sys, onnx
+model = onnx.load(sys.argv[1])
+value = model.graph.input[0]
+dims = value.type.tensor_type.shape.dim
+shape = [d.dim_value or 1 for d in dims]
+for axis, name in ((2, "height"), (3, "width")):
+    dims[axis].Clear()
+    dims[axis].dim_param = name
+onnx.save(model, sys.argv[2])
+print(json.dumps([value.name, shape]))
+"""
+
+
 def _symbolic_copy(source: Path, target: Path) -> tuple[str, list[int]]:
     """A copy of the model whose input height and width are symbolic; the input's name and its real shape."""
-    import onnx
-
-    model = onnx.load(str(source))
-    value = model.graph.input[0]
-    dims = value.type.tensor_type.shape.dim
-    shape = [d.dim_value or 1 for d in dims]
-    for axis, name in ((2, "height"), (3, "width")):
-        dims[axis].Clear()
-        dims[axis].dim_param = name
-    onnx.save(model, str(target))
-    return value.name, shape
+    out = subprocess.run([sys.executable, "-c", SYMBOLIC_COPY, str(source), str(target)], capture_output=True, text=True, check=True)
+    name, shape = json.loads(out.stdout.strip().splitlines()[-1])
+    return str(name), [int(d) for d in shape]
 
 
 def exactness(report_path: Path) -> dict[str, Any]:

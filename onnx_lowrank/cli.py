@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -56,6 +57,37 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
 
 _positive_int = _whole_number(1)
 _runs = _whole_number(0)
+
+
+def _add_calibration_tuning(group: Any) -> None:
+    """The calibration passes' knobs, shared by decompose and sweep."""
+    group.add_argument(
+        "--positions",
+        type=_whole_number(0),
+        metavar="N",
+        help="with --calibration: output positions per sample and layer, drawn at random, that the statistics and the "
+        "refit use (default 256; 0: all of them, slower on large inputs)",
+    )
+    group.add_argument(
+        "--calibration-batch",
+        type=_whole_number(1),
+        metavar="N",
+        help="with --calibration: samples per onnxruntime run at most (default 64; a pass sizes its batches to its memory budget)",
+    )
+
+
+def _calibration_options(args: argparse.Namespace) -> Any:
+    """The :class:`~onnx_lowrank.calibration.CalibrationOptions` the flags ask for (None: the defaults)."""
+    if args.positions is None and args.calibration_batch is None:
+        return None
+    from .calibration import CalibrationOptions
+
+    options = CalibrationOptions()
+    if args.positions is not None:
+        options = replace(options, positions=args.positions or None)
+    if args.calibration_batch is not None:
+        options = replace(options, batch_size=args.calibration_batch)
+    return options
 
 
 def _non_negative_int(text: str) -> int:
@@ -196,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
         help="with --calibration and --speedup/--params-ratio: weigh each layer's output error by its gain to the model's "
         "outputs, measured once on a few samples (default: on)",
     )
+    _add_calibration_tuning(calibration)
 
     speed = d.add_argument_group(
         "speed",
@@ -343,6 +376,7 @@ def _add_sweep(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         help="with --calibration: weigh each layer's output error by its gain to the outputs (default: on)",
     )
+    _add_calibration_tuning(calibration)
     speed = s.add_argument_group("speed", "latency measured in onnxruntime on this machine, original and converted interleaved")
     speed.add_argument(
         "--measure", action="store_true", help="choose ranks by latency timed in onnxruntime, not MACs (as decompose --measure)"
@@ -779,6 +813,7 @@ def _decompose_into(args: argparse.Namespace, outputs: StagedOutputs) -> int:
             calibration=args.calibration,
             refit=args.refit,
             sensitivity=args.sensitivity,
+            calibration_options=_calibration_options(args),
             inplace=True,  # the loaded copy is ours: rewriting it saves a copy of the weights
             mobile_safe=args.mobile_safe,
             quantize=args.quantize,
@@ -926,6 +961,8 @@ def _sweep_into(args: argparse.Namespace, src: Path, outputs: StagedOutputs) -> 
         raise LowRankError(f"{args.eval_inputs}: no such eval inputs file")
     if args.profile and args.runs == 0:
         raise LowRankError("--profile times the models: it needs --runs > 0")
+    if args.calibration is None and (args.positions is not None or args.calibration_batch is not None):
+        raise LowRankError(f"--{'positions' if args.positions is not None else 'calibration-batch'} needs --calibration")
     bar = _ProgressBar(True, "converting and measuring targets", "target")
     try:
         result = sweep(
@@ -935,6 +972,7 @@ def _sweep_into(args: argparse.Namespace, src: Path, outputs: StagedOutputs) -> 
             calibration=args.calibration,
             refit=args.refit,
             sensitivity=args.sensitivity,
+            calibration_options=_calibration_options(args),
             measure=args.measure,
             threads=args.threads,
             runs=args.runs,
@@ -966,8 +1004,9 @@ def _sweep_into(args: argparse.Namespace, src: Path, outputs: StagedOutputs) -> 
 def _check_calibration_flags(args: argparse.Namespace) -> None:
     """What calibration cannot do with these flags, said before the model is even read."""
     if args.calibration is None:
-        if args.refit or args.sensitivity:
-            raise LowRankError(f"--{'refit' if args.refit else 'sensitivity'} needs --calibration")
+        for flag in ("refit", "sensitivity", "positions", "calibration_batch"):
+            if getattr(args, flag) not in (None, False):
+                raise LowRankError(f"--{flag.replace('_', '-')} needs --calibration")
         return
     if not Path(args.calibration).exists():
         raise LowRankError(f"{args.calibration}: no such calibration file or folder")

@@ -261,6 +261,9 @@ BAD: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
     ("calibration-not-npz", lambda ws: _dec(ws, "--calibration", str(ws.write("c.npz", "not an archive"))), "not a readable .npz"),
     ("sensitivity-without-budget", lambda ws: _dec(ws, "--rank", "2", "--sensitivity", "--calibration", str(ws.model)), "needs --speedup"),
     ("refit-without-calibration", lambda ws: _dec(ws, "--refit"), "--refit needs --calibration"),
+    ("positions-without-calibration", lambda ws: _dec(ws, "--positions", "64"), "--positions needs --calibration"),
+    ("positions-negative", lambda ws: _dec(ws, "--positions", "-1", "--calibration", str(ws.model)), "whole number >= 0"),
+    ("calibration-batch-zero", lambda ws: _dec(ws, "--calibration-batch", "0", "--calibration", str(ws.model)), "whole number >= 1"),
     (
         "calibration-and-input-shape-differ",
         lambda ws: [*_cal(ws, input=np.zeros((4, 3, 64, 64), np.float32)), "--input-shape", "input=1,3,32,32"],
@@ -772,3 +775,23 @@ def test_decompose_html(tmp_path: Path) -> None:
     text = page.read_text()
     assert "Output error statistics" in text and "Spectra and chosen ranks" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "report.html"]
+
+
+def test_calibration_tuning_flags_reach_the_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--positions and --calibration-batch are what the statistics pass is given (0 positions: all of them)."""
+    import onnx_lowrank.calibration as calibration
+
+    seen: list[Any] = []
+    plan = calibration.data_aware_plan
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(args[3])
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "data_aware_plan", recording)
+    digits = ROOT / "models" / "digits_cnn.onnx"
+    data = ROOT / "models" / "digits_calibration.npz"
+    for flags, positions, batch in ((["--positions", "32", "--calibration-batch", "16"], 32, 16), (["--positions", "0"], None, 64)):
+        argv = ["decompose", str(digits), str(tmp_path / "out.onnx"), "--speedup", "2", "--by", "macs", "--calibration", str(data)]
+        assert onnx_lowrank.cli.main([*argv, "--check-runs", "0", "--quiet", *flags]) == 0
+        assert seen[-1].positions == positions and seen[-1].batch_size == batch
