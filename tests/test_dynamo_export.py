@@ -56,7 +56,7 @@ def test_full_rank_is_exact_and_batchnorm_folds(exported: tuple[Path, np.ndarray
     original = _run(path, x)
     scale = float(np.abs(original).max())
     assert np.abs(original - expected).max() <= 1e-4 * scale  # the export itself
-    out, report = decompose(path, rank=100_000, force=True, kinds=[kind])
+    out, report = decompose(path, rank=100_000, force=True, kinds=[kind], check_runs=0)
     assert report.decomposed and not any(layer.reason and "constant" in layer.reason for layer in report.layers)
     assert len(report.folded_batchnorms) == 20 or (not report.folded_batchnorms and "BatchNormalization" not in _ops(path))
     assert not report.kept_batchnorms
@@ -68,7 +68,7 @@ def test_speedup_leaves_no_copy_of_the_original_weights(exported: tuple[Path, np
     """At --speedup 2 the parameters shrink as much as the optimized export's do: no original weight is kept
     alive by a Shape node reading it."""
     path, _, _ = exported
-    out, report = decompose(path, speedup=2, by="macs")
+    out, report = decompose(path, speedup=2, by="macs", check_runs=0)
     assert report.mac_ratio >= 2.0
     assert report.params_after < 0.6 * report.params_before
     decomposed_weights = {layer.weight for layer in report.decomposed}

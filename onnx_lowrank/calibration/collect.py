@@ -99,7 +99,8 @@ class Collection:
         """The onnxruntime session of the collection model (None when it has no outputs); the model itself is
         let go once the session holds it, so its weights are not kept twice."""
         outputs = self.outputs
-        session = make_session(self.model, threads=threads) if outputs else None
+        # no arena: a pass feeds batches of changing sizes, and the arena would keep the largest of each
+        session = make_session(self.model, threads=threads, arena=False) if outputs else None
         self._outputs = outputs
         self.model = onnx.ModelProto()
         return session
@@ -399,7 +400,7 @@ def session_with_inputs(
                 names.setdefault(request.key, []).append(fresh)
             if request.key not in names and request.key not in refused:
                 refused[request.key] = "its node was not found"
-        session = make_session(target, threads=threads)
+        session = make_session(target, threads=threads, arena=False)
     finally:
         if target is model:
             for node, index, name in undo:
