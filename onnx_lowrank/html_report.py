@@ -337,6 +337,17 @@ def _kernel_classes(by_op: dict[str, float]) -> list[float]:
     return [conv, fc, reorder, sum(by_op.values()) - conv - fc - reorder]
 
 
+def _kernels_section(series: list[tuple[str, str, Any]], note: str) -> str:
+    """The kernel-time figure of a page: one stacked bar per model of ``series`` (label, colour, kernel times)."""
+    return "<h2>Kernel time per operator type</h2>" + _figure(
+        _kernels_figure(series),
+        "kernel time per operator type",
+        "Where each model's kernel time goes, in milliseconds per run (onnxruntime profiler, median per node): "
+        "convolutions, fully connected layers, the NCHWc layout reorders onnxruntime inserts around its blocked "
+        f"convolutions, and everything else. {note}",
+    )
+
+
 def _kernels_figure(series: Sequence[tuple[str, Any, dict[str, float]]]) -> str:
     """One stacked bar per model (``series``: label, colour, operator type → ms): where its kernel time goes."""
     fig = _new_figure(11.5, 1.6 + 0.45 * len(series))
@@ -515,16 +526,7 @@ def sweep_html(result: SweepResult, plots: bool | None = None) -> str:
         if profiled:
             series = [("original", "#9aa3ad", profiled[0].kernels["original"])]  # type: ignore[index]
             series += [(f"{r.target:g}×", colors[r.target], r.kernels["candidate"]) for r in profiled]  # type: ignore[index]
-            sections.append(
-                "<h2>Kernel time per operator type</h2>"
-                + _figure(
-                    _kernels_figure(series),
-                    "kernel time per operator type",
-                    "Where each model's kernel time goes, in milliseconds per run (onnxruntime profiler, median per node): "
-                    "convolutions, fully connected layers, the NCHWc layout reorders onnxruntime inserts around its blocked "
-                    "convolutions, and everything else. The table below has every operator type.",
-                )
-            )
+            sections.append(_kernels_section(series, "The table below has every operator type."))
     if reached:
         sections.append(_sweep_layer_table(reached, refit=bool(result.calibration.get("refit"))))
         error_rows = []
@@ -649,16 +651,7 @@ def decompose_html(
         )
     if plots and verify is not None and verify.kernels:
         series = [("original", "#9aa3ad", verify.kernels["original"]), ("converted", "#3b6ea8", verify.kernels["candidate"])]
-        sections.append(
-            "<h2>Kernel time per operator type</h2>"
-            + _figure(
-                _kernels_figure(series),
-                "kernel time per operator type",
-                "Where each model's kernel time goes, in milliseconds per run (onnxruntime profiler, median per node): "
-                "convolutions, fully connected layers, the NCHWc layout reorders onnxruntime inserts, and everything else; "
-                "timed on the first batch of the verify inputs.",
-            )
-        )
+        sections.append(_kernels_section(series, "Timed on the first batch of the verify inputs."))
     if verify is not None and verify.kernels:
         sections.append(_kernel_table([("original", verify.kernels["original"]), ("converted", verify.kernels["candidate"])]))
     header = ["layer", "op", "weight", "kind", "rank", "kernel error", "MACs", "MACs after", "ratio", "note"]
