@@ -1155,9 +1155,14 @@ def _start_timing(proto: onnx.ModelProto, shapes: ModelShapes, threads: int, sto
     if shapes.reference is None:
         return None, untimeable_reason(shapes, [])
     try:
-        return Timing.start(proto, shapes.reference, threads, store), None
+        timing = Timing.start(proto, shapes.reference, threads, store)
     except LowRankError as exc:
         return None, str(exc)
+    try:  # a model onnxruntime loads but cannot run (no output, an attribute its kernel refuses) is not timed
+        timing.original.run(None, timing.feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        return None, f"onnxruntime cannot run the model on the reference input ({first_line(exc)})"
+    return timing, None
 
 
 def _plan_by(

@@ -38,3 +38,13 @@ def test_fuzz_fast_slice() -> None:
 def test_fuzz_long_slice() -> None:
     """3000 seeded cases, the shipped digits and VGG models among the bases."""
     check([run_case(make_case(seed, [*BUILDERS, "digits", "vgg"])) for seed in LONG_SEEDS])
+
+
+@pytest.mark.parametrize("seed", [101_465, 102_194])
+def test_models_onnxruntime_loads_but_cannot_run(seed: int) -> None:
+    """Cases of the long slice that once ended in an internal error: a model without graph outputs, and a
+    ConvTranspose whose output_padding its kernel refuses at run time. The plan by latency cannot time them,
+    so they are planned by MACs and say why."""
+    result = run_case(make_case(seed, [*BUILDERS, "digits", "vgg"]))
+    assert not result.problems, result.problems
+    assert result.outcome.code == 0 and "onnxruntime cannot run the model" in result.outcome.stdout
