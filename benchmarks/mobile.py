@@ -33,8 +33,8 @@ CPU-heavy but untimed) writes the variants to ``--work`` and ``latency`` times
 them. Results: ``benchmarks/results/mobile.json`` (updated by each part), and
 the Markdown tables for the README on stdout::
 
-    flock -s /work/team/cpu.lock python benchmarks/mobile.py --parts prepare
-    flock -x /work/team/cpu.lock python benchmarks/mobile.py --parts latency
+    python benchmarks/mobile.py --parts prepare
+    python benchmarks/mobile.py --parts latency     # alone on the machine
     python benchmarks/mobile.py --parts tables
     python benchmarks/mobile.py --parts coverage    # the coverage again, on the variants prepare wrote
 """
