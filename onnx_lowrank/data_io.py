@@ -38,6 +38,7 @@ __all__ = [
     "check_allocation",
     "check_samples",
     "format_bytes",
+    "format_dims",
     "load_npy",
     "load_npz",
     "memory_budget",
@@ -58,7 +59,7 @@ class InputSpec(NamedTuple):
     type_name: str = ""  # the element type as declared (for messages about a dtype the tool cannot handle)
 
     def show(self) -> str:
-        return "(rank unknown)" if self.dims is None else _show(self.dims)
+        return "(rank unknown)" if self.dims is None else format_dims(self.dims)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -171,7 +172,8 @@ def load_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> Array:
         raise LowRankError(f"{p}: not a readable .npy ({_first_line(exc)})") from None
 
 
-def _show(dims: Sequence[int | str | None]) -> str:
+def format_dims(dims: Sequence[int | str | None]) -> str:
+    """Declared dims as ``(n, 3, ?, 224)``: a symbolic dim by its name, an unknown one as ``?``."""
     return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
 
 
@@ -191,7 +193,7 @@ def check_samples(arrays: Mapping[str, Array], inputs: Sequence[InputSpec], labe
         if dims is not None:
             fixed = [(d, n) for d, n in zip(dims[1:], data.shape[1:], strict=False) if isinstance(d, int) and d > 0]
             if data.ndim != len(dims) or any(d != n for d, n in fixed):
-                raise LowRankError(f"{label} {name!r} has shape {tuple(data.shape)}; the model expects {_show(dims)}")
+                raise LowRankError(f"{label} {name!r} has shape {tuple(data.shape)}; the model expects {format_dims(dims)}")
         if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
             raise LowRankError(f"{label} {name!r} has non-numeric dtype {data.dtype}")
         if np.issubdtype(data.dtype, np.complexfloating) and not (dtype is not None and np.issubdtype(dtype, np.complexfloating)):

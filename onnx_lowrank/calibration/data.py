@@ -19,49 +19,25 @@ Checked against the model (:func:`load_calibration` with ``model``), each failur
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnx
-from onnx import helper
 
-from ..data_io import load_npy, load_npz
+from ..data_io import InputSpec, format_dims, load_npy, load_npz, model_input_specs
 from ..errors import LowRankError
 from ..model_io import load_model
 
-__all__ = ["Batches", "CalibrationSource", "batch_size_of", "iter_batches", "load_calibration", "model_inputs", "sample_count"]
+__all__ = ["Batches", "CalibrationSource", "batch_size_of", "iter_batches", "load_calibration", "sample_count"]
 
 Array = npt.NDArray[Any]
 CalibrationSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | Iterable[Mapping[str, npt.ArrayLike]]
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
 _CHECK_ELEMENTS = 8_000_000  # elements checked for finiteness at a time
-
-
-def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """Graph inputs that must be fed (initializers listed as inputs, as IR 3 requires, are not)."""
-    constants = {t.name for t in model.graph.initializer} | {t.values.name for t in model.graph.sparse_initializer}
-    return [v for v in model.graph.input if v.name not in constants]
-
-
-def _declared(value: onnx.ValueInfoProto) -> tuple[int | None, list[int | str | None] | None]:
-    """Element type and dims (int, symbolic name or None) of a graph input."""
-    t = value.type.tensor_type if value.type.HasField("tensor_type") else None
-    if t is None:
-        return None, None
-    if not t.HasField("shape"):
-        return t.elem_type, None
-    dims: list[int | str | None] = []
-    for d in t.shape.dim:
-        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-    return t.elem_type, dims
-
-
-def _show(dims: Sequence[int | str | None]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
 
 
 def _read_folder(path: Path) -> dict[str, Array]:
@@ -94,18 +70,14 @@ def _concat_batches(batches: Iterable[Mapping[str, npt.ArrayLike]]) -> dict[str,
     return out
 
 
-def _convert(name: str, data: Array, elem: int | None) -> Array:
+def _convert(name: str, data: Array, spec: InputSpec) -> Array:
     """``data`` as the input's element type, or a one-line refusal when the conversion would change its meaning."""
     kind = data.dtype.kind
     if kind not in "biuf":
         raise LowRankError(f"calibration input {name!r} has dtype {data.dtype}; the model reads numbers")
-    if not elem:
+    if spec.dtype is None:
         return data
-    try:
-        target = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-    except (KeyError, TypeError, ValueError):
-        return data
-    wanted = onnx.TensorProto.DataType.Name(elem).lower()
+    target, wanted = spec.dtype, spec.type_name
     if target.kind in "iu" and kind == "f":
         raise LowRankError(f"calibration input {name!r} has floating dtype {data.dtype}; the model's input is {wanted} (integers)")
     if target.kind == "b" and kind != "b":
@@ -135,7 +107,7 @@ def _check_finite(name: str, data: Array) -> None:
 
 def batch_size_of(model: onnx.ModelProto) -> int | None:
     """The model's batch size when every input fixes its first dim (the smallest of them), else None."""
-    fixed = {d[0] for v in model_inputs(model) if (d := _declared(v)[1]) and isinstance(d[0], int) and d[0] > 0}
+    fixed = {d[0] for spec in model_input_specs(model) if (d := spec.dims) and isinstance(d[0], int) and d[0] > 0}
     return min(fixed) if fixed else None
 
 
@@ -177,18 +149,18 @@ def load_calibration(source: CalibrationSource, model: ModelLike | None = None) 
         return arrays
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     out: dict[str, Array] = {}
-    for value in model_inputs(proto):
-        if value.name not in arrays:
-            raise LowRankError(f"calibration data lacks model input {value.name!r} (has: {', '.join(sorted(arrays)) or 'nothing'})")
-        data = arrays[value.name]
-        elem, dims = _declared(value)
+    for spec in model_input_specs(proto):
+        name, dims = spec.name, spec.dims
+        if name not in arrays:
+            raise LowRankError(f"calibration data lacks model input {name!r} (has: {', '.join(sorted(arrays)) or 'nothing'})")
+        data = arrays[name]
         pairs = zip(dims[1:], data.shape[1:], strict=False) if dims is not None else ()
         fixed_dims = [(d, n) for d, n in pairs if isinstance(d, int) and d > 0]
         if dims is not None and (data.ndim != len(dims) or any(d != n for d, n in fixed_dims)):
-            raise LowRankError(f"calibration input {value.name!r} has shape {tuple(data.shape)}; the model expects {_show(dims)}")
-        data = _convert(value.name, data, elem)
-        _check_finite(value.name, data)
-        out[value.name] = data
+            raise LowRankError(f"calibration input {name!r} has shape {tuple(data.shape)}; the model expects {format_dims(dims)}")
+        data = _convert(name, data, spec)
+        _check_finite(name, data)
+        out[name] = data
     counts = {name: len(v) for name, v in out.items()}
     if len(set(counts.values())) > 1:
         raise LowRankError(f"calibration inputs differ in sample count: {counts}")
@@ -210,7 +182,7 @@ class Batches:
     """
 
     def __init__(self, model: onnx.ModelProto, data: Mapping[str, Array], size: int, limit: int | None = None) -> None:
-        self.inputs = [v.name for v in model_inputs(model)]
+        self.inputs = [spec.name for spec in model_input_specs(model)]
         self.data = data
         count = min(len(data[name]) for name in self.inputs) if self.inputs else 0
         if limit is not None:
