@@ -22,7 +22,8 @@ Outputs carry their element type and no shape, so onnxruntime checks nothing it 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -248,6 +249,28 @@ def _hoist(name: str, elem: int, chain: list[tuple[onnx.NodeProto, str]], used: 
     return name
 
 
+@contextlib.contextmanager
+def _tagged(requests: Sequence[TensorRequest]) -> Iterator[None]:
+    """Each request's node carries the request's key in its metadata (copied with it, so an inlined copy still
+    says which node is which) for the time of the ``with`` block; the model is left as it was."""
+    tagged: list[onnx.NodeProto] = []
+    try:
+        for request in requests:
+            prop = next((p for p in request.node.metadata_props if p.key == _TAG), None)
+            if prop is None:
+                request.node.metadata_props.add(key=_TAG, value=request.key)
+                tagged.append(request.node)
+            else:
+                prop.value += "\n" + request.key
+        yield
+    finally:
+        for node in tagged:
+            for i, prop in enumerate(node.metadata_props):
+                if prop.key == _TAG:
+                    del node.metadata_props[i]
+                    break
+
+
 def prepare(model: onnx.ModelProto, requests: Sequence[TensorRequest], names: Sequence[str] = ()) -> Collection:
     """The collection model for ``requests`` (tensors of nodes anywhere in the model) and ``names`` (tensors
     of the main graph). ``model`` is not changed."""
@@ -264,15 +287,7 @@ def prepare(model: onnx.ModelProto, requests: Sequence[TensorRequest], names: Se
             refused[request.key] = where
     functions = any(_location(r.scope) == "function" for r in inner)
     source = model
-    tagged: list[onnx.NodeProto] = []
-    try:
-        for request in inner:
-            prop = next((p for p in request.node.metadata_props if p.key == _TAG), None)
-            if prop is None:
-                prop = request.node.metadata_props.add(key=_TAG, value=request.key)
-                tagged.append(request.node)
-            else:
-                prop.value += "\n" + request.key
+    with _tagged(inner):
         if functions:
             from onnx import inliner
 
@@ -290,12 +305,6 @@ def prepare(model: onnx.ModelProto, requests: Sequence[TensorRequest], names: Se
             for node, chain in found.get(request.key, []):
                 anchors.update(chain[0][0].output if chain else node.input if request.port == "input" else node.output)
         pruned = _prune(source, anchors)
-    finally:
-        for node in tagged:
-            for i, prop in enumerate(node.metadata_props):
-                if prop.key == _TAG:
-                    del node.metadata_props[i]
-                    break
     graph_inputs = {v.name for v in pruned.graph.input}
     collection = Collection(pruned, refused=refused)
     outputs: dict[str, int] = {}
@@ -354,64 +363,52 @@ def session_with_inputs(
         else:
             refused[request.key] = where
     functions = any(_location(r.scope) == "function" for r in served)
-    tagged: list[onnx.NodeProto] = []
     undo: list[tuple[onnx.NodeProto, int, str]] = []
     added = 0
     target = model
-    try:
-        for request in served:
-            prop = next((p for p in request.node.metadata_props if p.key == _TAG), None)
-            if prop is None:
-                request.node.metadata_props.add(key=_TAG, value=request.key)
-                tagged.append(request.node)
-            else:
-                prop.value += "\n" + request.key
-        if functions:
-            from onnx import inliner
+    with _tagged(served):
+        try:
+            if functions:
+                from onnx import inliner
 
-            try:
-                target = inliner.inline_local_functions(model)
-            except Exception as exc:  # onnx's inliner raises its own exception types
-                for request in served:
-                    if _location(request.scope) == "function":
-                        refused[request.key] = f"functions could not be inlined ({type(exc).__name__})"
-        found: dict[str, list[Any]] = {}
-        _find_tagged(target.graph, [], found)
-        used: set[str] = set()
-        _all_names(target.graph, used)
-        names: dict[str, list[str]] = {}
-        for request in served:
-            if request.key in refused:
-                continue
-            for node, chain in found.get(request.key, []):
-                if any(owner.op_type != "If" for owner, _ in chain):
-                    refused[request.key] = "inside a loop body"
-                    names.pop(request.key, None)
-                    break
-                base, i = f"{node.input[request.index]}/as_input", 1
-                fresh = base
-                while fresh in used:
-                    fresh, i = f"{base}_{i}", i + 1
-                used.add(fresh)
-                undo.append((node, request.index, node.input[request.index]))
-                node.input[request.index] = fresh
-                target.graph.input.append(helper.make_tensor_value_info(fresh, request.elem_type, None))
-                added += 1
-                names.setdefault(request.key, []).append(fresh)
-            if request.key not in names and request.key not in refused:
-                refused[request.key] = "its node was not found"
-        session = make_session(target, threads=threads, arena=False)
-    finally:
-        if target is model:
-            for node, index, name in undo:
-                node.input[index] = name
-            for _ in range(added):
-                del model.graph.input[-1]
-        for node in tagged:
-            for i, prop in enumerate(node.metadata_props):
-                if prop.key == _TAG:
-                    del node.metadata_props[i]
-                    break
+                try:
+                    target = inliner.inline_local_functions(model)
+                except Exception as exc:  # onnx's inliner raises its own exception types
+                    for request in served:
+                        if _location(request.scope) == "function":
+                            refused[request.key] = f"functions could not be inlined ({type(exc).__name__})"
+            found: dict[str, list[Any]] = {}
+            _find_tagged(target.graph, [], found)
+            used: set[str] = set()
+            _all_names(target.graph, used)
+            names: dict[str, list[str]] = {}
+            for request in served:
+                if request.key in refused:
+                    continue
+                for node, chain in found.get(request.key, []):
+                    if any(owner.op_type != "If" for owner, _ in chain):
+                        refused[request.key] = "inside a loop body"
+                        names.pop(request.key, None)
+                        break
+                    base, i = f"{node.input[request.index]}/as_input", 1
+                    fresh = base
+                    while fresh in used:
+                        fresh, i = f"{base}_{i}", i + 1
+                    used.add(fresh)
+                    undo.append((node, request.index, node.input[request.index]))
+                    node.input[request.index] = fresh
+                    target.graph.input.append(helper.make_tensor_value_info(fresh, request.elem_type, None))
+                    added += 1
+                    names.setdefault(request.key, []).append(fresh)
+                if request.key not in names and request.key not in refused:
+                    refused[request.key] = "its node was not found"
+            session = make_session(target, threads=threads, arena=False)
+        finally:
+            if target is model:
+                for node, index, name in undo:
+                    node.input[index] = name
+                for _ in range(added):
+                    del model.graph.input[-1]
     return session, names, refused
 
 
