@@ -961,8 +961,8 @@ def _sweep_into(args: argparse.Namespace, src: Path, outputs: StagedOutputs) -> 
         raise LowRankError(f"{args.eval_inputs}: no such eval inputs file")
     if args.profile and args.runs == 0:
         raise LowRankError("--profile times the models: it needs --runs > 0")
-    if args.calibration is None and (args.positions is not None or args.calibration_batch is not None):
-        raise LowRankError(f"--{'positions' if args.positions is not None else 'calibration-batch'} needs --calibration")
+    if args.calibration is None:
+        _refuse_calibration_flags(args)
     bar = _ProgressBar(True, "converting and measuring targets", "target")
     try:
         result = sweep(
@@ -1001,12 +1001,17 @@ def _sweep_into(args: argparse.Namespace, src: Path, outputs: StagedOutputs) -> 
     return 0
 
 
+def _refuse_calibration_flags(args: argparse.Namespace) -> None:
+    """Without --calibration, the flags that tune it are a mistake: one line naming the first given."""
+    for flag in ("refit", "sensitivity", "positions", "calibration_batch"):
+        if getattr(args, flag) not in (None, False):
+            raise LowRankError(f"--{flag.replace('_', '-')} needs --calibration")
+
+
 def _check_calibration_flags(args: argparse.Namespace) -> None:
     """What calibration cannot do with these flags, said before the model is even read."""
     if args.calibration is None:
-        for flag in ("refit", "sensitivity", "positions", "calibration_batch"):
-            if getattr(args, flag) not in (None, False):
-                raise LowRankError(f"--{flag.replace('_', '-')} needs --calibration")
+        _refuse_calibration_flags(args)
         return
     if not Path(args.calibration).exists():
         raise LowRankError(f"{args.calibration}: no such calibration file or folder")
