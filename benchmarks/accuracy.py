@@ -36,7 +36,7 @@ import onnxruntime as ort
 from onnx_lowrank import decompose
 from onnx_lowrank.calibration import load_calibration, refit_layers
 from onnx_lowrank.report import Report
-from onnx_lowrank.verify import make_session
+from onnx_lowrank.runtime import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("data-free", "data-free + refit", "data-aware", "data-aware + refit")

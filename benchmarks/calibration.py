@@ -43,7 +43,7 @@ from bench_common import ROOT, fmt, log, machine_info, markdown_table, results_p
 from onnx_lowrank import decompose
 from onnx_lowrank.calibration import CalibrationOptions, load_calibration
 from onnx_lowrank.ranks import OBJECTIVES
-from onnx_lowrank.verify import make_session
+from onnx_lowrank.runtime import make_session
 
 TEXTLINE = ROOT / "models" / "textline_crnn.onnx"
 TEXTLINE_TEST = ROOT / "models" / "textline_test.npz"
@@ -183,11 +183,11 @@ def part_ablation(models: list[Trained], speedups: tuple[float, ...]) -> dict[st
 def part_kronecker(models: list[Trained]) -> dict[str, Any]:
     """Relative output error on the calibration data (exact patch covariance) at a few ranks: data-free SVD, the
     Kronecker closed form, and that closed form with its horizontal factor re-solved on the exact covariance."""
-    from onnx_lowrank.api import find_sites
     from onnx_lowrank.calibration.data import Batches
     from onnx_lowrank.calibration.data_aware import WhitenedDecomposition, output_error
     from onnx_lowrank.calibration.layers import collect_moments, layer_of
     from onnx_lowrank.factorization import decompose_kernel, reconstruct
+    from onnx_lowrank.passes import find_sites
     from onnx_lowrank.passes.fold_batchnorm import fold_batchnorm
     from onnx_lowrank.run_shapes import resolve_shapes
 
@@ -279,7 +279,7 @@ def _calibration_folder(model: str, samples: int, folder: Path) -> tuple[Path, P
 
 _PLAIN = """
 import json, sys, time, numpy as np
-from onnx_lowrank.verify import make_session
+from onnx_lowrank.runtime import make_session
 model, data = sys.argv[1], sys.argv[2]
 x = np.load(data + "/input.npy", mmap_mode="r")
 session = make_session(model)

@@ -56,8 +56,9 @@ from speed import breakdown, mac_ratio_of
 
 from onnx_lowrank.report import Report
 from onnx_lowrank.runtime import make_session
+from onnx_lowrank.timing import kernel_times
 from onnx_lowrank.timing_cache import CACHE_ENV
-from onnx_lowrank.verify import kernel_times, random_inputs
+from onnx_lowrank.verify import random_inputs
 
 DEFAULT_MODELS = ("vgg16", "resnet50", "googlenet", "alexnet", "nin", "resnet18", "mobilenetv2", "densenet121", "digits", "textline")
 THREADS = (1, 2)
@@ -134,7 +135,8 @@ def summary(run: Mapping[str, Any]) -> dict[str, Any]:
 
 def plain_mac_plan(source: Path, out: Path, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, Any]:
     """The plan by MACs without the overhead model (the allocation of the previous release), converted in-process."""
-    from onnx_lowrank import decompose, mac_plan
+    from onnx_lowrank import decompose
+    from onnx_lowrank.planning import mac_budget as mac_plan
 
     saved = mac_plan.PER_NODE_MACS, mac_plan.PER_ELEMENT_MACS
     mac_plan.PER_NODE_MACS, mac_plan.PER_ELEMENT_MACS = 0, 0.0

@@ -3,7 +3,7 @@ per-node and per-activation overhead fitted to the timings.
 
 For every distinct decomposable layer of the models (at their published input size) the layer alone and its
 pairs at up to six ranks per kind (multiples of 16 up to the rank where the pair's MACs reach the layer's) are
-timed in onnxruntime by :class:`onnx_lowrank.latency.LayerTimer` — warm-up, then the median of at least 7 runs,
+timed in onnxruntime by :class:`onnx_lowrank.layer_timing.LayerTimer` — warm-up, then the median of at least 7 runs,
 each a one- or two-node model at the layer's real input size — at 1 and 2 intra-op threads.
 
 The fit, per thread count: ``ms ≈ a·MACs + b·activations + c·nodes`` by least squares on the relative error
@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import MODELS, load, log, machine_info, results_path
 
-from onnx_lowrank.api import find_sites
-from onnx_lowrank.latency import LayerTimer
-from onnx_lowrank.latency_plan import timed_ranks
+from onnx_lowrank.layer_timing import LayerTimer
+from onnx_lowrank.passes import find_sites
 from onnx_lowrank.passes.fold_batchnorm import fold_batchnorm
+from onnx_lowrank.planning.latency import timed_ranks
 from onnx_lowrank.run_shapes import resolve_shapes
 from onnx_lowrank.timing_cache import TimingStore
 

@@ -66,7 +66,7 @@ from onnx_lowrank import LowRankError, decompose
 from onnx_lowrank.mobile import EP_NAMES, coverage, save_ort
 from onnx_lowrank.model_io import save_model
 from onnx_lowrank.quantize import quantize_model
-from onnx_lowrank.verify import make_session
+from onnx_lowrank.runtime import make_session
 
 VARIANTS = ("float", "low-rank", "int8 dynamic", "int8 static", "low-rank + int8 dynamic", "low-rank + int8 static")
 ORT_VARIANTS = ("float", "low-rank", "low-rank + int8 static")

@@ -11,7 +11,7 @@ the original:
   intra-op threads, at onnxruntime's default graph optimization
   (``ORT_ENABLE_ALL``) and at ``ORT_ENABLE_EXTENDED``: both sessions warmed up,
   then run alternately with the order flipped every round, thread spinning off
-  (:func:`onnx_lowrank.verify.interleaved_latency`);
+  (:func:`onnx_lowrank.timing.interleaved_latency`);
 * efficiency: measured ratio / MAC ratio;
 * where the time goes, from onnxruntime's profiler (each node's kernel time,
   median over the same number of runs, original and candidate interleaved,
@@ -27,7 +27,7 @@ the original:
 
 Two studies at speedup 2 on VGG-16 and ResNet-50 choose the defaults:
 ``rank_multiple`` 1 / 8 / 16 / 32 / 64, and ``kinds`` spatial / spatial+channel / channel.
-Then the latency-aware policy: ``decompose(speedup=S, measure=True,
+Then the latency-aware policy: ``decompose(speedup=S, by="latency",
 threads=T)`` for T = 1, 2 at each reachable target, with its predicted and
 measured speedup and an independent interleaved re-measurement; the target is
 a re-measured ratio of at least 0.95·S.
@@ -76,9 +76,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, beside
 from bench_common import MODELS, SPEED_MODELS, fmt, load, log, machine_info, markdown_table, results_path, write_json
 
 from onnx_lowrank import LowRankError, decompose
-from onnx_lowrank.api import DEFAULT_KINDS
+from onnx_lowrank.config import DEFAULT_KINDS
 from onnx_lowrank.report import Report
-from onnx_lowrank.verify import KernelTimes, compare_outputs, interleaved_latency, kernel_times, make_session, random_inputs
+from onnx_lowrank.runtime import make_session
+from onnx_lowrank.timing import KernelTimes, interleaved_latency, kernel_times
+from onnx_lowrank.verify import compare_outputs, random_inputs
 
 SPEEDUPS = (1.5, 2.0, 3.0)
 # Tai et al. (ICLR 2016), their VGG-16 ranks: 2.94x fewer conv MACs with the spatial split alone
@@ -313,7 +315,7 @@ def run_measured(bench: Bench, speedup: float, threads: int) -> dict[str, Any]:
     entry: dict[str, Any] = {"model": bench.name, "speedup": speedup, "threads": threads, "status": "ok"}
     start = time.perf_counter()
     try:
-        candidate, report = decompose(bench.model, speedup=speedup, measure=True, threads=threads)
+        candidate, report = decompose(bench.model, speedup=speedup, by="latency", threads=threads)
     except LowRankError as exc:
         entry.update(
             status="unreachable" if "cannot be reached" in str(exc) else "error", message=str(exc), best_reachable=best_reachable(str(exc))

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import count_params, decompose, inspect
+from .api import decompose, inspect
+from .config import CalibrationConfig, DecomposeConfig, MobileConfig, PolicyConfig, ShapeConfig, SpeedConfig
 from .errors import LowRankError
 from .mobile import save_ort
-from .model_io import load_model, save_model
+from .model_io import count_params, load_model, save_model
 from .quantize import quantize_model
 from .report import InspectLayer, LayerReport, Report
 from .verify import OutputStats, VerifyResult, verify
 
 __all__ = [
+    "CalibrationConfig",
+    "DecomposeConfig",
     "InspectLayer",
     "LayerReport",
     "LowRankError",
+    "MobileConfig",
     "OutputStats",
+    "PolicyConfig",
     "Report",
+    "ShapeConfig",
+    "SpeedConfig",
     "VerifyResult",
     "__version__",
     "count_params",

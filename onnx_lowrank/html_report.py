@@ -226,7 +226,7 @@ def _tradeoff_figure(result: SweepResult) -> tuple[str, str] | None:
         Line2D([], [], color="#3b6ea8", marker="o", label="converted at each --speedup target"),
     ]
     if any(r.target == result.default_target for r in rows):
-        star = f"default --speedup {result.default_target:g}"
+        star = f"what decompose --speedup {result.default_target:g} writes"
         handles.append(Line2D([], [], color="#d62728", marker="*", markersize=13, linestyle="none", label=star))
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=10, frameon=False, bbox_to_anchor=(0.5, 0.93))
     fig.suptitle("Accuracy against speed" if labelled else "Output error against speed", fontsize=12.5)
@@ -329,7 +329,7 @@ KERNEL_CLASSES: tuple[tuple[str, str], ...] = (
 
 def _kernel_classes(by_op: dict[str, float]) -> list[float]:
     """Milliseconds in convolutions, fully connected layers, NCHWc layout reorders and the rest."""
-    from .verify import CONV_OPS, FC_OPS
+    from .timing import CONV_OPS, FC_OPS
 
     conv = sum(ms for op, ms in by_op.items() if op in CONV_OPS)
     fc = sum(ms for op, ms in by_op.items() if op in FC_OPS)
@@ -441,8 +441,8 @@ def sweep_html(result: SweepResult, plots: bool | None = None) -> str:
         f"shared preparation {result.prepare_seconds:.2f} s. {_generated()}"
     )
     sections = []
-    header = ["target", "MAC ratio", "measured speedup", "latency ms<br>original → converted", "output rel. L2", "top-1 agreement"]
-    numeric = [True] * 6
+    header = ["target", "plan", "MAC ratio", "measured speedup", "latency ms<br>original → converted", "output rel. L2", "top-1 agreement"]
+    numeric = [True, False, *[True] * 5]
     if result.labelled:
         header.append("accuracy")
         numeric.append(True)
@@ -456,7 +456,12 @@ def sweep_html(result: SweepResult, plots: bool | None = None) -> str:
             rows.append(cells)
             continue
         ms = f"{row.original_ms:.3f} → {row.candidate_ms:.3f}" if row.original_ms and row.candidate_ms else "not timed"
-        cells += [_num(row.mac_ratio, ".2f") + "×", _num(row.latency_ratio, ".2f") + ("×" if row.latency_ratio else ""), ms]
+        cells += [
+            _e(row.planned_by or "–"),
+            _num(row.mac_ratio, ".2f") + "×",
+            _num(row.latency_ratio, ".2f") + ("×" if row.latency_ratio else ""),
+            ms,
+        ]
         cells += [_num(row.relative_l2, ".3g"), _pct(row.top1_agreement)]
         if result.labelled:
             cells.append(_pct(row.accuracy))
@@ -468,7 +473,9 @@ def sweep_html(result: SweepResult, plots: bool | None = None) -> str:
     accuracy = next((r.accuracy_original for r in result.rows if r.accuracy_original is not None), None)
     default_note = (
         (f"<p>The original model's accuracy: {_pct(accuracy)}.</p>" if accuracy is not None else "")
-        + f"<p>The default <code>--speedup</code> is {result.default_target:g}. "
+        + f"<p>The default <code>--speedup</code> is {result.default_target:g}; each target is planned as "
+        "<code>decompose --speedup S</code> plans it with the same options (the plan column says by what), so the starred "
+        f"target is the model <code>decompose --speedup {result.default_target:g}</code> writes. "
         "MAC ratio: MACs of the decomposable layers (Conv, ConvTranspose, Gemm, MatMul) before / after. "
         "Measured speedup: original / converted latency in onnxruntime on this machine.</p>"
     )

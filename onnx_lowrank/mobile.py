@@ -57,7 +57,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Container, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from typing import Any
 import onnx
 
 from .errors import LowRankError
+from .report import Report
 
 __all__ = [
     "MOBILE_EPS",
@@ -75,6 +76,7 @@ __all__ = [
     "captured_logs",
     "coverage",
     "is_ort_format",
+    "keep_partitions_whole",
     "layers_adding_partitions",
     "ort_config_path",
     "ort_path_for",
@@ -577,3 +579,39 @@ def partitions_added(original: MobileCoverage, candidate: MobileCoverage) -> dic
         if after > before:
             out[key] = (before, after)
     return out
+
+
+def keep_partitions_whole(
+    source: onnx.ModelProto,
+    convert: Callable[[str | None], tuple[onnx.ModelProto, Report]],
+    exclude: str | None,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+) -> tuple[onnx.ModelProto, Report]:
+    """``decompose(mobile_safe=True)``: convert, find the layers whose pair adds a partition on a mobile EP, keep
+    them whole, and convert again until none does (a few rounds settle it).
+
+    ``convert(exclude)`` converts ``source`` with ``exclude`` as the ``--exclude`` pattern (the user's own,
+    ``exclude``, widened by the layers kept whole); the report names each kept layer's EP and node."""
+    import re
+
+    before = coverage(source, input_shapes=input_shapes)
+    kept: dict[str, str] = {}
+    for _ in range(len(MOBILE_EPS) + 2):  # each round keeps more layers whole
+        pattern = exclude
+        if kept:
+            names = "|".join(re.escape(k) for k in kept)
+            pattern = f"(?:{exclude})|^(?:{names})$" if exclude else f"^(?:{names})$"
+        new, report = convert(pattern)
+        after = coverage(new, input_shapes=input_shapes)
+        pairs = {layer.node: [layer.vertical_node or "", layer.horizontal_node or ""] for layer in report.decomposed}
+        found = layers_adding_partitions(before, after, pairs)
+        if not found:
+            break
+        kept.update(found)
+    for layer in report.layers:
+        if layer.node in kept:
+            layer.reason = f"kept whole by --mobile-safe: {kept[layer.node]}"
+    for key, (was, now) in partitions_added(before, after).items():
+        report.warnings.append(f"{EP_NAMES[key]}: {was} -> {now} partitions after decomposition, and no single layer's pair is to blame")
+    report.mobile = {"original": before.to_dict(), "candidate": after.to_dict(), "kept_whole": dict(kept)}
+    return new, report

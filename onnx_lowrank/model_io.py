@@ -36,6 +36,7 @@ __all__ = [
     "PROTOBUF_LIMIT",
     "StagedOutputs",
     "copy_fields",
+    "count_params",
     "estimated_size",
     "load_model",
     "load_model_files",
@@ -45,6 +46,12 @@ __all__ = [
     "uses_external_data",
     "write_model",
 ]
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of every initializer and Constant tensor, in all graphs and functions."""
+    return sum(math.prod(t.dims) for t in external_data_helper._get_all_tensors(model))
+
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto cannot exceed 2 GiB
 

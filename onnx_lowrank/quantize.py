@@ -37,8 +37,9 @@ from typing import Any, Literal
 import onnx
 
 from .errors import LowRankError
+from .report import Report
 
-__all__ = ["MODES", "QuantizeResult", "quantize_model", "quantized_forms"]
+__all__ = ["MODES", "QuantizeResult", "quantize_conversion", "quantize_model", "quantized_forms"]
 
 MODES = ("dynamic", "static")
 Mode = Literal["dynamic", "static"]
@@ -235,3 +236,15 @@ def layer_forms(forms: Mapping[str, str], nodes: Sequence[str]) -> str:
     """One cell for a layer made of ``nodes``: their common form, or the forms joined by ``/``."""
     found = [forms.get(n, "float") for n in nodes]
     return found[0] if len(set(found)) == 1 else "/".join(found)
+
+
+def quantize_conversion(model: onnx.ModelProto, report: Report, mode: str, calibration: Any = None) -> onnx.ModelProto:
+    """``decompose(quantize=...)``: the converted ``model`` quantized to INT8; ``report`` gains each layer's form,
+    the quantization's settings and its warnings."""
+    result = quantize_model(model, mode, calibration=calibration)
+    for layer in report.layers:
+        nodes = [layer.vertical_node or "", layer.horizontal_node or ""] if layer.decomposed else [layer.node]
+        layer.quantized = layer_forms(result.forms, nodes)
+    report.quantization = result.to_dict()
+    report.warnings.extend(result.warnings)
+    return result.model

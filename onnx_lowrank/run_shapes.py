@@ -53,8 +53,8 @@ from onnx import helper, numpy_helper
 
 from .data_io import model_input_specs
 from .errors import LowRankError
+from .graph import GraphPath, Names, namespace_names, subgraphs
 from .model_io import PROTOBUF_LIMIT, copy_fields, estimated_size, write_model
-from .passes._graph import GraphPath, Names, namespace_names, subgraphs
 from .runtime import first_line, make_session
 from .shapes import Shape, concrete_input_shapes, infer_shapes, random_feed
 

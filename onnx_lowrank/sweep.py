@@ -36,32 +36,27 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 
-from ._threads import single_threaded_blas
-from .api import (
-    DEFAULT_SPEEDUP,
-    CalibrationSource,
-    ModelLike,
-    _as_model,
-    _calibrated_target,
-    _CalibrationRun,
-    _check_options,
-    _decompose_prepared,
-    _prepare,
-    _Prepared,
-)
+from .api import ModelLike, as_model, calibrated_conversion, convert_prepared
+from .config import DEFAULT_SPEEDUP, DecomposeConfig, DecomposeKeywords
 from .errors import LowRankError
 from .factorization import Kind, decompose_kernel
-from .model_io import load_model, save_model
+from .layers import Prepared, prepare
+from .model_io import save_model
+from .planning import CalibrationRun
+from .ranks import tail_errors
 from .report import Report
 from .run_shapes import resolve_shapes
+from .runtime import make_session
 from .shapes import session_input_specs
-from .verify import OutputStats, compare_outputs, interleaved_latency, kernel_times, load_inputs, make_session, random_inputs
+from .threads import single_threaded_blas
+from .timing import interleaved_latency, kernel_times
+from .verify import OutputStats, compare_outputs, load_inputs, random_inputs
 
 __all__ = ["DEFAULT_SPEEDUPS", "LayerSpectrum", "SweepResult", "SweepRow", "layer_spectra", "parse_speedups", "report_spectra", "sweep"]
 
@@ -106,6 +101,7 @@ class SweepRow:
     decomposed: int = 0
     layers: int = 0
     allocation: str | None = None  # with calibration: "sensitivity" or "kernel error (...)"
+    planned_by: str | None = None  # what the plan was made by: "latency" (measured here) or "macs"
     notes: list[str] = field(default_factory=list)  # what the user should know about this row
     saved: str | None = None
     kernels: dict[str, dict[str, float]] | None = None  # with profile: kernel ms per operator type, original and candidate
@@ -158,6 +154,7 @@ class SweepResult:
     calibration: dict[str, Any] = field(default_factory=dict)
     spectra: list[LayerSpectrum] = field(default_factory=list)
     default_target: float = DEFAULT_SPEEDUP
+    by: str | None = None  # what the targets were asked to plan by (None: latency wherever the model can be timed, as decompose)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,6 +167,7 @@ class SweepResult:
             "prepare_seconds": self.prepare_seconds,
             "calibration": self.calibration,
             "default_target": self.default_target,
+            "by": self.by,
             "rows": [row.to_dict() for row in self.rows],
         }
 
@@ -279,10 +277,8 @@ def _compare(
 # --------------------------------------------------------------------------- spectra
 
 
-def _curves(prepared: _Prepared, node: str, kind: Kind) -> LayerSpectrum | None:
+def _curves(prepared: Prepared, node: str, kind: Kind) -> LayerSpectrum | None:
     """The normalised spectrum of one layer for one kind, from the prepared model's cache (computed if missing)."""
-    from .ranks import tail_errors
-
     site = next((s for s in prepared.sites if s.key == node), None)
     if site is None or site.weight is None:
         return None
@@ -299,7 +295,7 @@ def _curves(prepared: _Prepared, node: str, kind: Kind) -> LayerSpectrum | None:
     return LayerSpectrum(node, kind, curve, np.sqrt(tail_errors(s)).tolist())
 
 
-def layer_spectra(prepared: _Prepared, reports: Sequence[Report]) -> list[LayerSpectrum]:
+def layer_spectra(prepared: Prepared, reports: Sequence[Report]) -> list[LayerSpectrum]:
     """The spectra of every layer decomposed in any of ``reports``, for each kind it was decomposed with, in graph order."""
     wanted: dict[str, list[Kind]] = {}
     for report in reports:
@@ -319,7 +315,8 @@ def layer_spectra(prepared: _Prepared, reports: Sequence[Report]) -> list[LayerS
 
 def report_spectra(model: ModelLike, report: Report, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[LayerSpectrum]:
     """:func:`layer_spectra` of one finished conversion of ``model`` (the model is prepared again, as the conversion did)."""
-    prepared = _prepare(model, input_shapes=input_shapes, fold_bn=bool(report.policy.get("fold_bn", True)))
+    config = DecomposeConfig.from_keywords(input_shapes=input_shapes)
+    prepared = prepare(as_model(model), shapes=config.shapes, fold_bn=bool(report.policy.get("fold_bn", True)))
     return layer_spectra(prepared, [report])
 
 
@@ -345,42 +342,38 @@ def _timed(fn: Callable[[], tuple[onnx.ModelProto, Report]]) -> tuple[onnx.Model
 
 
 def _conversions(
-    proto: onnx.ModelProto,
-    targets: list[float],
-    options: dict[str, Any],
-    calibration: CalibrationSource | None,
-    refit: bool | None,
-    sensitivity: bool | None,
-    calibration_options: Any,
-    info: dict[str, Any],
+    proto: onnx.ModelProto, targets: list[float], config: DecomposeConfig, workers: int | None, info: dict[str, Any]
 ) -> Iterator[tuple[float, tuple[onnx.ModelProto, Report, float] | LowRankError]]:
     """Each target's converted model, report and seconds (or the error that stopped it), sharing one preparation.
 
     ``info`` receives ``prepared``, ``prepare_seconds`` and, with calibration data, ``calibration``.
     """
     start = time.perf_counter()
-    convert: Callable[[float], tuple[onnx.ModelProto, Report]]
     data = None
     reference = None
-    if calibration is not None:
+    if config.calibration.given:
         from .calibration import load_calibration
 
-        data = load_calibration(calibration, proto)
+        data = load_calibration(config.calibration.source, proto)
         reference = {name: values[:1] for name, values in data.items()}  # the sizes of a real input, for every target
-    shapes = resolve_shapes(proto, options["input_shapes"], reference)
-    options = {**options, "shapes": shapes}
-    prepared = _prepare(proto, input_shapes=options["input_shapes"], fold_bn=options["fold_bn"], shapes=shapes)
+    sizes = resolve_shapes(proto, config.shapes.input_shapes, reference)
+    prepared = prepare(as_model(proto), shapes=config.shapes, fold_bn=config.policy.fold_bn, sizes=sizes)
+
+    def at(target: float) -> DecomposeConfig:
+        return DecomposeConfig.from_keywords(config, speedup=target)
+
+    convert: Callable[[float], tuple[onnx.ModelProto, Report]]
     if data is None:
 
         def convert(target: float) -> tuple[onnx.ModelProto, Report]:
-            return _decompose_prepared(prepared, **{**options, "speedup": target})
+            return convert_prepared(prepared, at(target), workers=workers)
 
     else:
-        run = _CalibrationRun(data, options, refit, sensitivity, calibration_options)
+        run = CalibrationRun(data, config.calibration, config.policy)
         info["calibration"] = {"samples": len(next(iter(data.values()))) if data else 0, "refit": run.refit}
 
         def convert(target: float) -> tuple[onnx.ModelProto, Report]:
-            new, report = _calibrated_target(proto, run, {**options, "speedup": target}, prepared)
+            new, report = calibrated_conversion(proto, run, at(target), prepared, None, workers)
             if run.plan is not None and "statistics_seconds" not in info["calibration"]:
                 info["calibration"].update(run.plan.to_dict())  # measured by the first target, shared by the rest
             return new, report
@@ -397,82 +390,52 @@ def _conversions(
 def sweep(
     model: ModelLike,
     speedups: Sequence[float] = DEFAULT_SPEEDUPS,
+    config: DecomposeConfig | None = None,
+    /,
     *,
     eval_inputs: str | os.PathLike[str] | Mapping[str, Array] | None = None,
-    calibration: CalibrationSource | None = None,
-    refit: bool | None = None,
-    sensitivity: bool | None = None,
-    calibration_options: Any = None,
-    measure: bool = False,
-    threads: int = 1,
     runs: int = 20,
     profile: bool = False,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    allow_unknown_shapes: bool = False,
-    kinds: Sequence[str] | None = None,
-    include: str | None = None,
-    exclude: str | None = None,
-    rank_multiple: int | None = None,
-    fold_bn: bool = True,
     save_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    **options: Unpack[DecomposeKeywords],
 ) -> SweepResult:
     """Convert ``model`` at each of ``speedups`` (``--speedup`` targets) and compare each result with it.
 
-    The conversion options are those of :func:`onnx_lowrank.decompose`.
-    ``eval_inputs``: an ``.npz`` (or mapping) keyed by input name with samples on
-    axis 0, and optionally ``labels`` (one class index per sample) for accuracy;
-    default: seeded random inputs. ``runs``: interleaved timed runs of each model
-    per target (0: not timed); ``threads``: onnxruntime intra-op threads for the
-    timing and for ``measure``. ``profile``: also time each operator type
-    (onnxruntime's profiler). ``save_dir``: write each converted model there as
-    ``<model>-x<target>.onnx``; nothing is written otherwise. ``progress(done,
-    total, name)`` is called as targets finish.
+    Each target is planned exactly as :func:`onnx_lowrank.decompose` plans ``--speedup S`` with the same
+    options (``config`` and the keyword arguments, as for :func:`~onnx_lowrank.decompose`; by default by
+    latency measured here at onnxruntime's default threads wherever the model can be timed), so the row of
+    the default target is the model ``decompose`` writes. ``eval_inputs``: an ``.npz`` (or mapping) keyed by
+    input name with samples on axis 0, and optionally ``labels`` (one class index per sample) for accuracy;
+    default: seeded random inputs. ``runs``: interleaved timed runs of each model per target (0: not timed),
+    at the plan's threads. ``profile``: also time each operator type (onnxruntime's profiler).
+    ``save_dir``: write each converted model there as ``<model>-x<target>.onnx``; nothing is written
+    otherwise. ``progress(done, total, name)`` is called as targets finish.
     """
     targets = _targets(speedups)
+    config = DecomposeConfig.from_keywords(config, **options)
+    if config.policy.name != "budget" or config.policy.params_ratio is not None:
+        raise LowRankError("sweep converts at --speedup targets: --rank, --energy, --ranks and --params-ratio are decompose's")
+    # the sweep times every result itself: the conversions' own check is not run
+    config = DecomposeConfig.from_keywords(config, speedup=targets[0], check_runs=0)
+    if config.mobile.wanted:
+        raise LowRankError("sweep does not quantize or keep mobile partitions: --mobile-safe and --quantize are decompose's")
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
         raise LowRankError(f"--runs must be a whole number >= 0, got {runs!r}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise LowRankError(f"--threads must be a whole number >= 1, got {threads!r}")
     if profile and runs == 0:
         raise LowRankError("--profile times the models: it needs --runs > 0")
-    if calibration is None and (refit or sensitivity):
-        raise LowRankError("refit and sensitivity allocation need calibration data")
-    options: dict[str, Any] = dict(
-        rank=None,
-        energy=None,
-        speedup=targets[0],
-        params_ratio=None,
-        ranks=None,
-        include=include,
-        exclude=exclude,
-        force=False,
-        kinds=kinds,
-        input_shapes=input_shapes,
-        rank_multiple=rank_multiple,
-        fold_bn=fold_bn,
-        progress=None,
-        workers=workers,
-        measure=measure,
-        threads=threads,
-        inplace=False,
-        allow_unknown_shapes=allow_unknown_shapes,
-        # each target by MAC count unless --measure: the sweep times every result itself
-        by=None if measure else "macs",
-        check_runs=0,
-    )
-    _check_options(**options)  # bad options are refused before any work, not once per target
+    threads = config.speed.resolved_threads
     out_dir = Path(save_dir) if save_dir is not None else None
     if out_dir is not None and not out_dir.is_dir():
         raise LowRankError(f"{out_dir}: --save-dir folder does not exist")
     name = Path(model).name if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _as_model(model)
+    proto = as_model(model)
     session = make_session(proto, threads=threads)
-    evaluation = _evaluation(session, eval_inputs, input_shapes)
+    evaluation = _evaluation(session, eval_inputs, config.shapes.input_shapes)
     info: dict[str, Any] = {}
     rows: list[SweepRow] = []
-    conversions = _conversions(proto, targets, options, calibration, refit, sensitivity, calibration_options, info)
+    conversions = _conversions(proto, targets, config, workers, info)
     for done, (target, outcome) in enumerate(conversions, 1):
         row = SweepRow(target=target, reached=not isinstance(outcome, LowRankError))
         if isinstance(outcome, LowRankError):
@@ -504,6 +467,7 @@ def sweep(
         prepare_seconds=info.get("prepare_seconds", 0.0),
         calibration=info.get("calibration", {}),
         spectra=spectra,
+        by=config.speed.by,
     )
 
 
@@ -515,8 +479,9 @@ def _fill(row: SweepRow, report: Report, seconds: float) -> None:
     row.decomposed = len(report.decomposed)
     row.layers = len(report.layers)
     row.allocation = report.policy.get("allocation")
+    row.planned_by = report.policy.get("by")
     if row.allocation and row.allocation.startswith("kernel error ("):
         row.notes.append(f"ranks by kernel error: {row.allocation[len('kernel error (') : -1]}")
     if report.latency.get("by") == "latency" and not report.latency.get("met", True):
-        row.notes.append(f"--measure reached {report.latency['measured_speedup']:.2f}x, below the target; the fastest round is kept")
+        row.notes.append(f"by latency reached {report.latency['measured_speedup']:.2f}x, below the target; the fastest round is kept")
     row.notes += report.warnings

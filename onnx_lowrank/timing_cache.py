@@ -1,7 +1,7 @@
 """Layer timings kept across conversions, per machine: a second conversion of a similar model is nearly free.
 
 Planning by latency times every candidate split of every layer in onnxruntime
-(:class:`onnx_lowrank.latency.LayerTimer`); that costs seconds per model, and the
+(:class:`onnx_lowrank.layer_timing.LayerTimer`); that costs seconds per model, and the
 same geometries come back in every conversion (a model converted twice, at two
 targets; the 3×3 256→256 conv at 14×14 of every ResNet). A timing depends on
 the layer and on what runs it, so a store holds the timings of one *machine
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CACHE_ENV", "FORMAT", "TimingStore", "cache_folder", "cpu_description", "machine_key"]
+__all__ = ["CACHE_ENV", "FORMAT", "TimingStore", "cache_folder", "cpu_description", "machine_key", "open_store"]
 
 CACHE_ENV = "ONNX_LOWRANK_CACHE_DIR"
 FORMAT = 1
@@ -208,3 +208,12 @@ class TimingStore:
     def summary(self) -> dict[str, Any]:
         """For the report: where the store is, and this run's hits and misses."""
         return {"path": str(self.path) if self.path else None, "hits": self.hits, "misses": self.misses}
+
+
+def open_store(threads: int, timing_cache: bool | str | os.PathLike[str]) -> TimingStore:
+    """The timing store of this machine and thread count: in the user's cache folder, a given folder, or memory only."""
+    machine = machine_key(threads)
+    if timing_cache is False:
+        return TimingStore.open(machine, None)
+    folder = cache_folder() if timing_cache is True else Path(timing_cache)
+    return TimingStore.open(machine, folder)

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
-import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,19 +34,14 @@ from .errors import LowRankError
 from .model_io import load_model
 from .runtime import make_session
 from .shapes import concrete_input_shapes, needs_input_shape_message, random_feed, session_input_specs
+from .timing import interleaved_latency, kernel_times
 
 __all__ = [
-    "CONV_OPS",
-    "FC_OPS",
-    "KernelTimes",
     "OutputStats",
     "VerifyResult",
     "check_random_inputs",
     "compare_outputs",
-    "interleaved_latency",
-    "kernel_times",
     "load_inputs",
-    "make_session",
     "random_inputs",
     "verify",
 ]
@@ -308,98 +300,3 @@ def _check_readable(path: str | os.PathLike[str]) -> None:
         return
     if not os.access(p, os.R_OK):
         raise LowRankError(f"{p}: permission denied")
-
-
-def interleaved_latency(first: Any, second: Any, feed: Mapping[str, Any], runs: int, warmup: int = 3) -> tuple[float, float]:
-    """Median milliseconds of each session over interleaved runs (order flipped every round)."""
-    for _ in range(warmup):
-        first.run(None, feed)
-        second.run(None, feed)
-    times: tuple[list[float], list[float]] = ([], [])
-    sessions = (first, second)
-    for i in range(runs):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for j in order:
-            t0 = time.perf_counter()
-            sessions[j].run(None, feed)
-            times[j].append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
-# operator types of onnxruntime's optimized CPU graphs that carry a model's MACs (after its fusions and NCHWc rewrite)
-CONV_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "NhwcConv", "NhwcFusedConv"})
-FC_OPS = frozenset({"Gemm", "FusedGemm", "MatMul", "FusedMatMul"})
-
-
-@dataclass
-class KernelTimes:
-    """Milliseconds per run spent in each operator type, from onnxruntime's profiler (median per node, summed)."""
-
-    by_op: dict[str, float]
-
-    @property
-    def conv_ms(self) -> float:
-        return sum(ms for op, ms in self.by_op.items() if op in CONV_OPS)
-
-    @property
-    def fc_ms(self) -> float:
-        return sum(ms for op, ms in self.by_op.items() if op in FC_OPS)
-
-    @property
-    def other_ms(self) -> float:
-        """Everything that carries no MACs: pooling, elementwise, layout reorders, concatenation …"""
-        return sum(ms for op, ms in self.by_op.items() if op not in CONV_OPS and op not in FC_OPS)
-
-    @property
-    def total_ms(self) -> float:
-        return sum(self.by_op.values())
-
-
-def kernel_times(
-    models: Sequence[ModelLike],
-    feed: Mapping[str, Any],
-    threads: int | None = None,
-    optimization: str = "default",
-    runs: int = 10,
-    warmup: int = 3,
-    providers: Sequence[str] | None = None,
-) -> list[KernelTimes]:
-    """Where each model's time goes: each node's median kernel time over ``runs`` profiled runs, by operator type.
-
-    The models run alternately (order flipped every round, as :func:`interleaved_latency` does), so their
-    profiles come from the same moments of a busy machine and their ratios are fair. The profiler's per-node
-    timer sees only the kernels, not the session's own overhead; a profiled session is a little slower than
-    a plain one, so whole-model latency is timed without it.
-    """
-    import json
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sessions = [
-            make_session(model, providers, threads, optimization, profile_prefix=str(Path(tmp) / f"profile{i}"))
-            for i, model in enumerate(models)
-        ]
-        for _ in range(warmup):
-            for session in sessions:
-                session.run(None, feed)
-        for i in range(runs):
-            for session in sessions if i % 2 == 0 else sessions[::-1]:
-                session.run(None, feed)
-        traces = [json.loads(Path(session.end_profiling()).read_text()) for session in sessions]
-    return [_by_op(events, warmup) for events in traces]
-
-
-def _by_op(events: list[dict[str, Any]], warmup: int) -> KernelTimes:
-    """Median kernel milliseconds of each node after its first ``warmup`` runs, summed by operator type."""
-    durations: dict[str, list[float]] = {}
-    op_of: dict[str, str] = {}
-    for event in events:
-        name = event.get("name", "")
-        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
-            continue
-        durations.setdefault(name, []).append(event["dur"] / 1000.0)
-        op_of[name] = event.get("args", {}).get("op_name", "?")
-    by_op: dict[str, float] = {}
-    for name, times in durations.items():
-        timed = times[warmup:] or times
-        by_op[op_of[name]] = by_op.get(op_of[name], 0.0) + statistics.median(timed)
-    return KernelTimes(by_op)

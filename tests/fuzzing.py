@@ -583,7 +583,7 @@ def decompose_flags(rng: random.Random, model_bytes: bytes, files: dict[str, byt
     elif policy == "speedup":
         flags += ["--speedup", pick(["1", "1.2", "2", "4"], ["1000", "0.5"])]
         if measure and rng.random() < 0.1:  # timed in onnxruntime: small models only
-            flags += ["--measure", "--threads", pick(["1"], ["0"])]
+            flags += ["--by", "latency", "--threads", pick(["1"], ["0"])]
     elif policy == "params":
         flags += ["--params-ratio", pick(["0.3", "0.8", "1"], ["0", "2"])]
     elif policy == "speedup-params":

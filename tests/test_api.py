@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
 from onnx_lowrank import InspectLayer, LayerReport, LowRankError, OutputStats, Report, VerifyResult, decompose, inspect, verify
-from onnx_lowrank.verify import CONV_OPS, FC_OPS, kernel_times
+from onnx_lowrank.timing import CONV_OPS, FC_OPS, kernel_times
 
 FULL = 10_000  # a rank above every full rank here: clipped to the full rank
 

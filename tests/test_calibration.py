@@ -17,7 +17,7 @@ import pytest
 from builders import conv_model, make_model, run
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank.api import decompose, find_sites
+from onnx_lowrank.api import decompose
 from onnx_lowrank.calibration import CalibrationOptions, load_calibration, refit, refit_layers
 from onnx_lowrank.calibration.collect import TensorRequest, prepare, session_with_inputs, stream
 from onnx_lowrank.calibration.data import Batches, iter_batches
@@ -25,6 +25,7 @@ from onnx_lowrank.calibration.data_aware import WhitenedDecomposition, output_er
 from onnx_lowrank.calibration.statistics import MomentAccumulator, PatchGeometry, PatchMoments, gather_patches, output_size
 from onnx_lowrank.errors import LowRankError
 from onnx_lowrank.factorization import Kind, decompose_kernel, reconstruct
+from onnx_lowrank.passes import find_sites
 from onnx_lowrank.ranks import tail_errors
 from onnx_lowrank.run_shapes import resolve_shapes
 

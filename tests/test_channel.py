@@ -180,7 +180,7 @@ def test_unreachable_target_is_refused_in_one_line(zoo: object, tmp_path: Path) 
 
 
 def test_layout_shape_matches_the_kernel_without_reading_it() -> None:
-    from onnx_lowrank.api import find_sites
+    from onnx_lowrank.passes import find_sites
     from onnx_lowrank.run_shapes import resolve_shapes
 
     models = [_fc_model("Gemm")[0], _fc_model("Gemm", trans_b=1)[0], _fc_model("MatMul")[0], conv_model(group=2)]

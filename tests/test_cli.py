@@ -731,6 +731,8 @@ def test_sweep_json_html_and_models(tmp_path: Path) -> None:
         DIGITS_TEST,
         "--runs",
         "2",
+        "--by",
+        "macs",
         "--json",
         "--html",
         page,
@@ -758,10 +760,10 @@ def test_sweep_json_html_and_models(tmp_path: Path) -> None:
 
 def test_sweep_table(tmp_path: Path) -> None:
     """The printed table: one row per target with its MAC ratio, measured speedup and accuracy; no file written."""
-    proc = cli("sweep", DIGITS, "--speedups", "1.5,3", "--eval-inputs", DIGITS_TEST, "--runs", "2")
+    proc = cli("sweep", DIGITS, "--speedups", "1.5,3", "--eval-inputs", DIGITS_TEST, "--runs", "2", "--by", "macs")
     assert_ok(proc)
     for target in ("1.5x", "3x"):
-        assert re.search(rf"^{re.escape(target)}\s+[\d.]+x\s+[\d.]+x\s+[\d.]+ -> [\d.]+\s", proc.stdout, re.MULTILINE), proc.stdout
+        assert re.search(rf"^{re.escape(target)}\s+macs\s+[\d.]+x\s+[\d.]+x\s+[\d.]+ -> [\d.]+\s", proc.stdout, re.MULTILINE), proc.stdout
     assert "original accuracy" in proc.stdout and "accuracy" in proc.stdout.splitlines()[0]
     assert "wrote" not in proc.stdout
 

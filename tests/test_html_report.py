@@ -39,7 +39,7 @@ IMG = re.compile(r'<img src="([^"]*)"')
 @pytest.fixture(scope="module")
 def profiled_sweep() -> SweepResult:
     """A sweep of the digits model on its labelled test set, kernel times profiled, one target unreachable."""
-    return sweep(DIGITS, [1.5, 2, 3, 1000], eval_inputs=DIGITS_TEST, runs=3, profile=True)
+    return sweep(DIGITS, [1.5, 2, 3, 1000], eval_inputs=DIGITS_TEST, runs=3, by="macs", profile=True)
 
 
 def assert_self_contained(page: str) -> None:
@@ -74,7 +74,7 @@ def test_sweep_page_has_every_figure(profiled_sweep: SweepResult) -> None:
 @needs_plots
 def test_sweep_page_without_timing_or_labels() -> None:
     """Without labels the trade-off plots the output error; without profiling there is no kernel figure."""
-    result = sweep(DIGITS, [2, 3], runs=0)
+    result = sweep(DIGITS, [2, 3], runs=0, by="macs")
     page = sweep_html(result)
     assert_self_contained(page)
     assert len(IMG.findall(page)) == 3
@@ -166,7 +166,7 @@ def test_pages_render_in_chromium(profiled_sweep: SweepResult, tmp_path: Path) -
 def test_browser_check_sees_broken_pages(tmp_path: Path) -> None:
     """The check can fail: a broken image and a blocked network load are seen."""
     page = tmp_path / "bad.html"
-    good = sweep_html(sweep(DIGITS, [2], runs=0), plots=False)
+    good = sweep_html(sweep(DIGITS, [2], runs=0, by="macs"), plots=False)
     page.write_text(good.replace("<h1>", '<img src="data:image/png;base64,AAAA"><img src="https://example.invalid/x.png"><h1>', 1))
     check = check_page(page)
     assert check.images == 2 and check.decoded == 0

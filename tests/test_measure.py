@@ -1,4 +1,4 @@
-"""The latency-aware policy (``--speedup S``, by default where the model can be timed; ``--by latency``/``--measure``):
+"""The latency-aware policy (``--speedup S``, by default where the model can be timed; ``--by latency``):
 layers timed in onnxruntime, the whole model re-timed.
 
 No assertion here is on a duration — timings vary from run to run. What is checked is what the policy does
@@ -23,11 +23,12 @@ from builders import make_model, run
 from onnx import TensorProto, helper
 
 from onnx_lowrank import LowRankError, decompose
-from onnx_lowrank._threads import default_threads
 from onnx_lowrank.cli import main
-from onnx_lowrank.latency import LayerTimer
-from onnx_lowrank.latency_plan import adaptive_interleaved, interpolate, kernel_block, timed_ranks
+from onnx_lowrank.layer_timing import LayerTimer
 from onnx_lowrank.passes._rewrite import Site
+from onnx_lowrank.planning.latency import interpolate, timed_ranks
+from onnx_lowrank.threads import default_threads
+from onnx_lowrank.timing import adaptive_interleaved, kernel_block
 
 TARGET = 1.05  # low enough that rank-8 pairs of 3x3 48->48 convs (4.5x fewer MACs each) reach it with room to spare
 
@@ -54,7 +55,7 @@ def wide_chain(layers: int = 3, channels: int = 48, size: int = 24) -> onnx.Mode
 def test_report_records_what_was_measured() -> None:
     """The report holds the target, the rounds and the chosen round's timing, and they agree with each other."""
     model = wide_chain()
-    out, report = decompose(model, speedup=TARGET, measure=True)
+    out, report = decompose(model, speedup=TARGET, by="latency")
     latency = report.latency
     assert {"predicted_speedup", "measured_speedup", "original_ms", "candidate_ms", "target", "met", "threads", "rounds", "runs"} <= set(
         latency
@@ -65,7 +66,7 @@ def test_report_records_what_was_measured() -> None:
     assert latency["met"] == (latency["measured_speedup"] >= TARGET)
     assert 1 <= len(latency["rounds"]) <= 4
     assert any(r["measured_speedup"] == latency["measured_speedup"] for r in latency["rounds"])
-    assert report.policy.get("measure") or "measure" in str(report.policy)
+    assert report.policy["by"] == "latency"
     # the written model is a decomposed one that still runs, with ranks on the timing grid (multiples of 8)
     assert report.decomposed and all(layer.rank % 8 == 0 for layer in report.decomposed)
     x = np.random.default_rng(1).standard_normal((1, 48, 24, 24)).astype(np.float32)
@@ -77,8 +78,8 @@ def test_report_records_what_was_measured() -> None:
 def test_one_geometry_is_timed_once() -> None:
     """Three layers of one geometry cost the layer timings of one: the timings are cached per shape and rank."""
     # the timing cache across runs is off: it would serve the second conversion from the first one's timings
-    _, one = decompose(wide_chain(layers=1), speedup=TARGET, measure=True, timing_cache=False)
-    _, three = decompose(wide_chain(layers=3), speedup=TARGET, measure=True, timing_cache=False)
+    _, one = decompose(wide_chain(layers=1), speedup=TARGET, by="latency", timing_cache=False)
+    _, three = decompose(wide_chain(layers=3), speedup=TARGET, by="latency", timing_cache=False)
     assert three.latency["layers_timed"] == one.latency["layers_timed"] > 1
 
 
@@ -93,7 +94,7 @@ def test_slower_layer_never_decomposed(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_pair(self, site, kind, rank)
 
     monkeypatch.setattr(LayerTimer, "pair", pair)
-    _, report = decompose(wide_chain(), speedup=TARGET, measure=True)
+    _, report = decompose(wide_chain(), speedup=TARGET, by="latency")
     by_node = {layer.node: layer for layer in report.layers}
     assert not by_node["conv1"].decomposed
     assert "by latency" in (by_node["conv1"].reason or "")
@@ -107,14 +108,14 @@ def test_unreachable_target_refused(layers: int) -> None:
     50x: rank 1 everywhere gives 72x fewer MACs, but the timed ranks are multiples of 8 (4.5x fewer MACs each).
     """
     with pytest.raises(LowRankError, match=r"--speedup 50 cannot be reached by latency on this machine .*allow at most [\d.]+x"):
-        decompose(wide_chain(layers=layers), speedup=50, measure=True)
+        decompose(wide_chain(layers=layers), speedup=50, by="latency")
 
 
 def test_layers_that_never_pay_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """When no layer gets faster, nothing can reach the target: refused, not a model that is no faster."""
     monkeypatch.setattr(LayerTimer, "pair", lambda self, site, kind, rank: 1e9)
     with pytest.raises(LowRankError, match="cannot be reached"):
-        decompose(wide_chain(), speedup=TARGET, measure=True)
+        decompose(wide_chain(), speedup=TARGET, by="latency")
 
 
 def cli(args: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -124,10 +125,10 @@ def cli(args: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 
 def test_cli_prints_predicted_and_measured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`decompose --speedup S --measure` prints the predicted and measured speedup; --report holds them."""
+    """`decompose --speedup S --by latency` prints the predicted and measured speedup; --report holds them."""
     src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
     onnx.save(wide_chain(), src)
-    code, out, err = cli(["decompose", src, dst, "--speedup", TARGET, "--measure", "--report", report], capsys)
+    code, out, err = cli(["decompose", src, dst, "--speedup", TARGET, "--by", "latency", "--report", report], capsys)
     assert code == 0, err
     assert f"faster in onnxruntime ({default_threads()} thread(s), median of" in out and "predicted" in out and dst.is_file()
 
@@ -135,13 +136,26 @@ def test_cli_prints_predicted_and_measured(tmp_path: Path, capsys: pytest.Captur
     assert latency["target"] == TARGET and latency["measured_speedup"] > 0
 
 
-def test_measure_needs_speedup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--measure without --speedup is a one-line error (exit 2), and nothing is written."""
+def test_by_latency_needs_speedup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--by latency without --speedup is a one-line error (exit 2), and nothing is written."""
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(wide_chain(layers=1), src)
-    code, _, err = cli(["decompose", src, dst, "--rank", "8", "--measure"], capsys)
-    assert code == 2 and "--measure" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli(["decompose", src, dst, "--rank", "8", "--by", "latency"], capsys)
+    assert code == 2 and "--by latency" in err and len(err.strip().splitlines()) == 1
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("command", ["decompose", "sweep"])
+def test_measure_is_gone_and_names_by_latency(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """The --measure alias is removed from both commands: one line that names --by latency, nothing written."""
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(wide_chain(layers=1), src)
+    args = [command, src, *([dst] if command == "decompose" else []), "--speedup" if command == "decompose" else "--speedups", "2"]
+    code, _, err = cli([*args, "--measure"], capsys)
+    assert code == 2 and "--measure was removed: use --by latency" in err and len(err.strip().splitlines()) == 1
+    assert not dst.exists()
+    with pytest.raises(LowRankError, match="by='latency'"):
+        decompose(wide_chain(layers=1), speedup=2, measure=True)  # type: ignore[call-arg]
 
 
 # --------------------------------------------------------------------------- what the default plans by
@@ -159,11 +173,10 @@ def fake_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     def whole(first: Any, second: Any, feed: Any, runs: int, warmup: int = 3) -> tuple[float, float]:
         return 3.0, 1.2
 
-    verify_module = importlib.import_module("onnx_lowrank.verify")  # the package's `verify` is the function
     monkeypatch.setattr(LayerTimer, "_time", layer)
-    monkeypatch.setattr(verify_module, "interleaved_latency", whole)
-    monkeypatch.setattr(importlib.import_module("onnx_lowrank.latency_plan"), "interleaved_latency", whole)
-    monkeypatch.setattr(importlib.import_module("onnx_lowrank.api"), "_timed_runs", lambda session, feeds, runs: [3.0] * runs)
+    for module in ("onnx_lowrank.timing", "onnx_lowrank.planning.latency"):
+        monkeypatch.setattr(importlib.import_module(module), "interleaved_latency", whole)
+    monkeypatch.setattr(importlib.import_module("onnx_lowrank.planning.latency"), "timed_runs", lambda session, feeds, runs: [3.0] * runs)
 
 
 def test_default_plans_by_latency_where_it_can_time(fake_timing: None) -> None:
@@ -223,7 +236,7 @@ def test_per_layer_policies_are_timed_too() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"speedup": 2, "by": "macs", "measure": True}, "contradicts --by macs"),
+        ({"speedup": 2, "by": "macs", "measure": True}, "measure was removed"),
         ({"speedup": 2, "by": "fast"}, "--by must be one of latency, macs"),
         ({"rank": 4, "by": "latency"}, "plans a --speedup budget alone"),
         ({"speedup": 2, "params_ratio": 0.5, "by": "latency"}, "plans a --speedup budget alone"),
@@ -248,7 +261,7 @@ def test_cli_prints_both_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[st
     data = json.loads(report.read_text())
     assert data["mac_ratio"] >= 2 and data["latency"]["measured_speedup"] > 0 and data["policy"]["by"] == "macs"
     code, out, err = cli(["decompose", src, dst, "--by", "macs", "--measure"], capsys)
-    assert code == 2 and "contradicts" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--by latency" in err and len(err.strip().splitlines()) == 1
 
 
 def test_calibration_plans_by_latency_with_predicted_damage(fake_timing: None) -> None:
@@ -320,7 +333,7 @@ def test_padded_ranks_compute_the_same_pair() -> None:
 def test_corrected_budget_asks_for_the_saving_at_the_measured_rate() -> None:
     """A round that saved 60 % of what its layer timings promised: the next asks for the target's saving at that
     rate, and never for less than the last budget scaled by the shortfall."""
-    from onnx_lowrank.api import _corrected_budget
+    from onnx_lowrank.planning.latency import corrected_budget as _corrected_budget
 
     before, target = 100.0, 2.0
     predicted = 100.0 / 3.0  # promised 66.7 ms saved

@@ -5,6 +5,7 @@ Bad input follows tests/test_cli.py: exit 2, one line on stderr, nothing written
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable
@@ -178,8 +179,9 @@ def test_failed_onnx_save_leaves_no_ort(ws: Workspace, monkeypatch: pytest.Monke
             raise LowRankError(f"{path}: cannot write (No space left on device)")
         real_save(model, path, **kwargs)
 
-    real_save = onnx_lowrank.cli.save_model
-    monkeypatch.setattr(onnx_lowrank.cli, "save_model", full)
+    command = importlib.import_module("onnx_lowrank.cli.decompose")  # the package's `decompose` is the function
+    real_save = command.save_model
+    monkeypatch.setattr(command, "save_model", full)
     code = onnx_lowrank.cli.main(["decompose", str(ws.model), str(ws.target), "--rank", "2", "--ort"])
     err = capsys.readouterr().err
     assert code == 2 and "No space left" in err

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.api import decompose
 from onnx_lowrank.errors import LowRankError
-from onnx_lowrank.mac_plan import LayerOverhead, allocate_effective
+from onnx_lowrank.planning.mac_budget import allocate_effective
+from onnx_lowrank.planning.units import LayerOverhead
 from onnx_lowrank.ranks import Infeasible, LayerChoices, Option, allocate, options_for, tail_errors
 
 FloatArray = npt.NDArray[np.float64]

@@ -10,11 +10,13 @@ import numpy as np
 import onnx
 import pytest
 from builders import run
+from test_measure import fake_timing, wide_chain  # noqa: F401 - the fixture is used by name
 
 import onnx_lowrank.calibration
 import onnx_lowrank.factorization
-from onnx_lowrank import LowRankError, decompose
+from onnx_lowrank import DecomposeConfig, LowRankError, PolicyConfig, SpeedConfig, decompose
 from onnx_lowrank.sweep import SweepResult, parse_speedups, sweep
+from onnx_lowrank.threads import default_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
@@ -30,7 +32,7 @@ def ranks_of(report: Any) -> dict[str, tuple[str, int]]:
 @pytest.fixture(scope="module")
 def digits_sweep() -> SweepResult:
     """A data-free sweep of the digits model on its labelled test set, with one unreachable target."""
-    return sweep(DIGITS, [1.5, 2, 3, 1000], eval_inputs=DIGITS_TEST, runs=3)
+    return sweep(DIGITS, [1.5, 2, 3, 1000], eval_inputs=DIGITS_TEST, runs=3, by="macs")
 
 
 def test_rows_reach_their_targets(digits_sweep: SweepResult) -> None:
@@ -57,7 +59,7 @@ def test_rows_are_what_decompose_gives(digits_sweep: SweepResult) -> None:
     """A sweep row's conversion is exactly ``decompose(model, speedup=S)``: the same layers, kinds and ranks."""
     for row in digits_sweep.rows:
         if row.reached:
-            _, report = decompose(DIGITS, speedup=row.target, by="macs")  # a sweep plans by MACs unless --measure
+            _, report = decompose(DIGITS, speedup=row.target, by="macs")  # the sweep below plans by MACs too
             assert row.report is not None
             assert ranks_of(row.report) == ranks_of(report)
             assert row.mac_ratio == pytest.approx(report.mac_ratio)
@@ -83,10 +85,10 @@ def test_spectra_computed_once_for_all_targets(monkeypatch: pytest.MonkeyPatch) 
         original_init(self, weight, *args, **kwargs)
 
     monkeypatch.setattr(onnx_lowrank.factorization.Decomposition, "__init__", counting_init)
-    sweep(DIGITS, [2], runs=0)
+    sweep(DIGITS, [2], runs=0, by="macs")
     one = len(made)
     made.clear()
-    sweep(DIGITS, [1.25, 1.5, 2, 3, 4], runs=0)
+    sweep(DIGITS, [1.25, 1.5, 2, 3, 4], runs=0, by="macs")
     assert one > 0 and len(made) == one
 
 
@@ -101,7 +103,7 @@ def test_calibration_measured_once(monkeypatch: pytest.MonkeyPatch) -> None:
         return plan(*args, **kwargs)
 
     monkeypatch.setattr(onnx_lowrank.calibration, "data_aware_plan", counting)
-    result = sweep(DIGITS, [2, 3], eval_inputs=DIGITS_TEST, calibration=DIGITS_CALIBRATION, runs=0)
+    result = sweep(DIGITS, [2, 3], eval_inputs=DIGITS_TEST, calibration=DIGITS_CALIBRATION, runs=0, by="macs")
     assert len(calls) == 1
     assert "sensitivity" in result.calibration and "statistics_seconds" in result.calibration
     assert result.calibration["refit"] is True
@@ -114,7 +116,7 @@ def test_calibration_measured_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_save_dir_writes_each_model(tmp_path: Path) -> None:
     """--save-dir writes one runnable model per reached target; without it nothing is written."""
-    result = sweep(DIGITS, [2, 1000], runs=0, save_dir=tmp_path)
+    result = sweep(DIGITS, [2, 1000], runs=0, by="macs", save_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_cnn-x2.onnx"]
     assert result.rows[0].saved == str(tmp_path / "digits_cnn-x2.onnx")
     (logits,) = run(onnx.load(tmp_path / "digits_cnn-x2.onnx"), {"input": np.zeros((2, 1, 32, 32), np.float32)})
@@ -123,7 +125,7 @@ def test_save_dir_writes_each_model(tmp_path: Path) -> None:
 
 def test_random_inputs_and_no_timing() -> None:
     """Without eval inputs the comparison runs on random inputs; runs=0 leaves the latency out, not zero."""
-    result = sweep(DIGITS, [2], runs=0)
+    result = sweep(DIGITS, [2], runs=0, by="macs")
     row = result.rows[0]
     assert result.inputs == "random" and not result.labelled
     assert row.latency_ratio is None and row.original_ms is None
@@ -134,7 +136,7 @@ def test_given_model_not_changed() -> None:
     """A ModelProto given to the sweep is not modified."""
     model = onnx.load(DIGITS)
     before = model.SerializeToString()
-    sweep(model, [2], runs=0)
+    sweep(model, [2], runs=0, by="macs")
     assert model.SerializeToString() == before
 
 
@@ -182,6 +184,31 @@ def test_bad_options_refused_before_work() -> None:
     with pytest.raises(LowRankError, match="regular expression"):
         sweep(DIGITS, [2, 3], include="conv(", runs=0)
     with pytest.raises(LowRankError, match="--speedups"):
-        sweep(DIGITS, [0.5], runs=0)
+        sweep(DIGITS, [0.5], runs=0, by="macs")
     with pytest.raises(LowRankError, match="--runs"):
         sweep(DIGITS, [2], runs=-1)
+
+
+@pytest.mark.usefixtures("fake_timing")
+def test_default_plan_is_decompose_default() -> None:
+    """Without --by the sweep plans each target as decompose plans --speedup S: by latency where the model can be
+    timed, at onnxruntime's default threads; the row of the default target is decompose's model (the timings are
+    faked, so the plan is the same in both)."""
+    model = wide_chain()
+    result = sweep(model, [2], runs=0, timing_cache=False)
+    _, report = decompose(model, speedup=2, timing_cache=False)
+    row = result.rows[0]
+    assert row.reached and row.report is not None and row.planned_by == report.policy["by"] == "latency"
+    assert result.threads == report.policy["threads"] == default_threads()
+    assert result.by is None and result.default_target == 2
+    assert ranks_of(row.report) == ranks_of(report)
+
+
+def test_sweep_takes_decompose_config() -> None:
+    """A DecomposeConfig given to the sweep is what each target is planned with; per-layer policies are decompose's."""
+    config = DecomposeConfig(policy=PolicyConfig(speedup=2, kinds=["spatial"]), speed=SpeedConfig(by="macs", threads=1))
+    result = sweep(DIGITS, [2], config, runs=0)
+    assert result.rows[0].report is not None and {layer.kind for layer in result.rows[0].report.decomposed} == {"spatial"}
+    assert result.threads == 1 and result.rows[0].planned_by == "macs"
+    with pytest.raises(LowRankError, match="sweep converts at --speedup targets"):
+        sweep(DIGITS, [2], rank=4, runs=0)

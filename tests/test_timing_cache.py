@@ -18,7 +18,7 @@ import pytest
 from test_measure import wide_chain
 
 from onnx_lowrank import decompose
-from onnx_lowrank.latency import LayerTimer
+from onnx_lowrank.layer_timing import LayerTimer
 from onnx_lowrank.passes._rewrite import Site
 from onnx_lowrank.timing_cache import CACHE_ENV, TimingStore, cache_folder, machine_key
 

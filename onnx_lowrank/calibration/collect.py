@@ -33,8 +33,8 @@ import onnx
 from onnx import helper
 
 from ..errors import LowRankError
-from ..passes._graph import Scope
-from ..verify import make_session
+from ..graph import Scope
+from ..runtime import make_session
 from .data import Batches
 
 __all__ = [

@@ -26,7 +26,7 @@ import numpy.typing as npt
 import onnx
 from onnx import helper
 
-from ..passes._rewrite import Site
+from ..passes import Site
 from .collect import DEFAULT_MEMORY, TensorRequest, prepare, stream
 from .statistics import FULL_ROWS_MAX, MomentAccumulator, PatchGeometry, PatchMoments, gather_patches, output_size, sample_grid, sample_rows
 

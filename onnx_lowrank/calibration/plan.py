@@ -28,7 +28,7 @@ import onnx
 from onnx import helper
 
 from ..factorization import Kind, reconstruct
-from ..passes._rewrite import Site
+from ..passes import Site
 from ..ranks import tail_errors
 from .data import Batches, batch_size_of, iter_batches, sample_count
 from .data_aware import DEFAULT_DAMPING, WhitenedDecomposition

@@ -61,7 +61,8 @@ import scipy.linalg
 from onnx import helper, numpy_helper
 
 from ..errors import LowRankError
-from ..passes._graph import Scope, add_constant, attrs, iter_scopes, namespace_names, resolve_weight
+from ..graph import Scope, attrs, iter_scopes, namespace_names
+from ..passes import add_constant, resolve_weight
 from ..report import Report
 from .collect import TensorRequest, prepare, stream_together, subgraph_reads
 from .data import Batches, CalibrationSource, batch_size_of, load_calibration, sample_count

@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from ..passes._rewrite import Site
+from ..passes import Site
 from .collect import TensorRequest, run_session, session_with_inputs
 
 __all__ = ["DEFAULT_PROBE_SAMPLES", "PROBE_ERROR", "GainResult", "Probe", "measure_gains", "probe_rank", "probe_samples"]

@@ -18,8 +18,9 @@ from onnx import helper
 
 from ..cost import LayerCost, total_cost
 from ..factorization import Factors, Kind
+from ..graph import Names, Scope, namespace_names
 from ..run_shapes import ModelShapes
-from ._graph import Names, Scope, WeightSource, add_constant, namespace_names, remove_unused, resolve_weight
+from ._graph import WeightSource, add_constant, remove_unused, resolve_weight
 
 __all__ = ["FLOAT_TYPES", "NewNodes", "Rewriter", "Site", "apply_factors", "node_key", "scope_label"]
 

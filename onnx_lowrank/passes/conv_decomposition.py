@@ -65,9 +65,10 @@ from onnx import helper
 
 from ..cost import conv_cost, conv_transpose_cost
 from ..factorization import Factors, Kind
+from ..graph import InvalidAttribute, Scope, attr_int, attr_ints, attr_string, iter_scopes, type_name
 from ..run_shapes import ModelShapes
 from ..shapes import Shape
-from ._graph import InvalidAttribute, Scope, attr_int, attr_ints, attr_string, iter_scopes, resolve_weight, stored_dims, type_name
+from ._graph import resolve_weight, stored_dims
 from ._rewrite import FLOAT_TYPES, Site, node_key
 
 __all__ = ["ConvGeometry", "ConvSite", "ConvTransposeSite", "conv_geometry", "find_conv_sites"]

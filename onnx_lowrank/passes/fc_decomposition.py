@@ -34,8 +34,9 @@ from onnx import helper
 
 from ..cost import LayerCost, fc_cost, fixed_cost
 from ..factorization import Factors, Kind
+from ..graph import InvalidAttribute, Scope, attr_float, attr_int, iter_scopes, type_name
 from ..run_shapes import ModelShapes
-from ._graph import InvalidAttribute, Scope, attr_float, attr_int, iter_scopes, resolve_weight, type_name
+from ._graph import resolve_weight
 from ._rewrite import FLOAT_TYPES, Site, node_key
 
 __all__ = ["FCSite", "find_fc_sites", "product_cost", "product_macs"]

@@ -18,8 +18,8 @@ from __future__ import annotations
 import onnx
 
 from ..cost import recurrent_cost
+from ..graph import Scope, attrs, iter_scopes
 from ..run_shapes import ModelShapes
-from ._graph import Scope, attrs, iter_scopes
 from ._rewrite import Site, node_key
 from .fc_decomposition import product_cost
 

@@ -41,19 +41,8 @@ import numpy.typing as npt
 import onnx
 from onnx import helper
 
-from ._graph import (
-    InvalidAttribute,
-    Names,
-    Scope,
-    WeightSource,
-    add_constant,
-    attr_float,
-    attr_int,
-    iter_scopes,
-    namespace_names,
-    remove_unused,
-    resolve_weight,
-)
+from ..graph import InvalidAttribute, Names, Scope, attr_float, attr_int, iter_scopes, namespace_names
+from ._graph import WeightSource, add_constant, remove_unused, resolve_weight
 
 __all__ = ["FoldResult", "fold_batchnorm"]
 

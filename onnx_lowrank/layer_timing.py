@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from .data_io import check_allocation
 from .factorization import Factors, Kind
-from .passes._rewrite import Site
+from .passes import Site
 from .runtime import make_session
 from .timing_cache import TimingStore
 

@@ -1,4 +1,9 @@
-"""The plan by MAC count (``--by macs``): the MAC budget, with the splits chosen by what they cost to run.
+"""The budgets by count: ``--speedup S --by macs`` (the MAC budget) and ``--params-ratio R`` (with or without S).
+
+The MAC budget alone is met with the splits chosen by what they cost to run
+(below); a parameter budget by the Lagrangian allocation of
+:func:`onnx_lowrank.ranks.allocate_two`. Both minimise the total error the
+units weigh (:meth:`onnx_lowrank.planning.units.Unit.choices`).
 
 MACs are not time. A split adds a node (a kernel launch, its threads woken
 and joined) and an intermediate tensor written and read back; a thin pair of
@@ -30,13 +35,14 @@ hardware it was not measured on, and one core is the common case there).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-from .cost import effective_macs
-from .factorization import Kind
-from .ranks import Infeasible, LayerChoices, Option, allocate
+from ..config import PolicyConfig
+from ..errors import LowRankError
+from ..ranks import Infeasible, LayerChoices, Option, allocate, allocate_two
+from .interface import LayerChoice, Plan, PlanInputs, Planner
+from .units import LayerOverhead, Unit
 
-__all__ = ["PER_ELEMENT_MACS", "PER_NODE_MACS", "LayerOverhead", "allocate_effective"]
+__all__ = ["PER_ELEMENT_MACS", "PER_NODE_MACS", "LayerOverhead", "MacBudgetPlanner", "allocate_effective"]
 
 # fitted by benchmarks/layer_costs.py to 1516 timings of the layers of 9 models at 1 thread (2-core AMD EPYC, AVX2,
 # onnxruntime 1.32; benchmarks/results/layer_costs.json, "fits"): 22.0 ms per GMAC, 9.7 µs per node, 0.35 ms per
@@ -46,22 +52,6 @@ __all__ = ["PER_ELEMENT_MACS", "PER_NODE_MACS", "LayerOverhead", "allocate_effec
 PER_NODE_MACS = 400_000
 PER_ELEMENT_MACS = 17.0
 BISECTION_STEPS = 40
-
-
-@dataclass(frozen=True)
-class LayerOverhead:
-    """What a layer writes and runs as: ``nodes`` original nodes (a shared weight's layers), ``activations``
-    elements of output, and a pair's intermediate elements per unit of rank, by kind."""
-
-    nodes: int
-    activations: int
-    rank_activations: Mapping[Kind, int]
-
-    def effective(self, option: Option, per_node: float, per_element: float) -> int:
-        if option.kind is None:
-            return int(effective_macs(option.macs, self.nodes, self.activations, per_node, per_element))
-        written = self.activations + self.rank_activations[option.kind] * option.rank
-        return int(effective_macs(option.macs, 2 * self.nodes, written, per_node, per_element))
 
 
 def allocate_effective(
@@ -107,3 +97,49 @@ def allocate_effective(
     if best is None:
         return plain
     return {key: real[key][(o.kind, o.rank)] for key, o in best.items()}
+
+
+class MacBudgetPlanner(Planner):
+    """``--speedup S`` by MACs and/or ``--params-ratio R``: the least total error within the budgets."""
+
+    def __init__(self, policy: PolicyConfig) -> None:
+        assert policy.name == "budget"
+        self.policy = policy
+
+    def plan(self, inputs: PlanInputs) -> Plan:
+        policy, units = self.policy, inputs.units
+        layers = [u.choices(policy.multiple, policy.objective) for u in units]
+        before = inputs.macs_before
+        try:
+            if policy.params_ratio is None:
+                # the MAC budget, the splits ranked by what they cost to run
+                budget = before / float(policy.speedup or 1.0)
+                # the constants are read at the call: benchmarks/default_plan.py sets them to 0 for the plain MAC plan
+                picks = allocate_effective(layers, [u.overhead for u in units], budget, inputs.fixed_macs, PER_NODE_MACS, PER_ELEMENT_MACS)
+            else:
+                mac_budget = before / float(policy.speedup) if policy.speedup else float("inf")
+                param_budget = policy.params_ratio * inputs.params_before
+                picks = allocate_two(layers, mac_budget, param_budget, inputs.fixed_macs, inputs.fixed_params)
+        except Infeasible as exc:
+            raise LowRankError(self._unreachable(exc, before, inputs.params_before)) from None
+        what = " and ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in policy.describe().items() if k in ("speedup", "params_ratio"))
+        return Plan({unit.key: self._choice(unit, picks[unit.key], what) for unit in units}, by="macs")
+
+    def _choice(self, unit: Unit, pick: Option, what: str) -> LayerChoice:
+        if pick.kind is not None:
+            return LayerChoice(pick.kind, pick.rank)
+        if self.policy.force:
+            kind = unit.kinds[0]
+            return LayerChoice(kind, unit.decomposition(kind).full_rank)
+        return LayerChoice.keep(f"left as is by {what}: other layers lose less per MAC/parameter saved")
+
+    def _unreachable(self, exc: Infeasible, before: int, params_total: int) -> str:
+        policy = self.policy
+        if policy.params_ratio is not None and "parameter" in str(exc):
+            best = exc.best / params_total if params_total else 1.0
+            return f"--params-ratio {policy.params_ratio:g} cannot be reached: the least reachable is {best:.3g} (all at rank 1)"
+        best_speedup = before / exc.best if exc.best else float("inf")
+        return (
+            f"--speedup {policy.speedup:g} cannot be reached: the most any allocation gives is {best_speedup:.3g}x "
+            "(every eligible layer at its smallest rank)"
+        )

@@ -1,0 +1,191 @@
+"""``onnx-lowrank decompose``: write a decomposed copy of a model, and print what was done."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..api import decompose
+from ..config import DecomposeConfig
+from ..data_io import model_input_specs
+from ..errors import LowRankError
+from ..model_io import StagedOutputs, load_model_files, save_model
+from ..report import Report
+from ..verify import VerifyResult, check_random_inputs, load_inputs, verify
+from .args import ArgGroup, CalibrationArgs, MobileArgs, PolicyArgs, ShapeArgs, SpeedArgs
+from .command import Command
+from .format import format_report, format_verify
+from .progress import ProgressBar
+
+__all__ = ["Decompose"]
+
+
+class OutputArgs(ArgGroup):
+    title = "output"
+    description = "what is written besides the model"
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data beside the model")
+        group.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
+        group.add_argument("--quiet", action="store_true", help="print only the totals")
+        group.add_argument(
+            "--ort",
+            action="store_true",
+            help="also write OUTPUT as NAME.ort (onnxruntime's ORT format, which minimal and mobile builds load) and "
+            "NAME.required_operators.config for a reduced build, with onnxruntime's converter",
+        )
+        group.add_argument(
+            "--html",
+            metavar="FILE.html",
+            help="also write a self-contained HTML report: spectra and chosen ranks, MACs per layer, output error "
+            "(with --verify: latency and kernel time per operator type); plots need onnx-lowrank[plots]",
+        )
+
+
+class CheckArgs(ArgGroup):
+    title = "checks"
+    description = "compare the result with the original in onnxruntime"
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--verify", action="store_true", help="run `verify` on the result")
+        group.add_argument("--verify-inputs", metavar="FILE.npz", help="inputs (and `labels`) for --verify, which it implies")
+
+
+class Decompose(Command):
+    name = "decompose"
+    help = "write a decomposed copy of a model"
+    description = "Replace each Conv by a vertical and a horizontal conv."
+
+    def __init__(self) -> None:
+        self.policy = PolicyArgs()
+        self.shapes = ShapeArgs(
+            "the input size to plan by: MACs are those of one onnxruntime run on an input of this shape (and the --verify inputs)"
+        )
+        self.calibration = CalibrationArgs()
+        self.speed = SpeedArgs()
+        self.mobile = MobileArgs()
+
+    def groups(self) -> list[ArgGroup]:
+        return [self.policy, self.shapes, self.calibration, self.speed, OutputArgs(), self.mobile, CheckArgs()]
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("input", help="the ONNX model to read (never modified)")
+        parser.add_argument("output", help="where to write the decomposed model (written atomically)")
+
+    def config(self, args: argparse.Namespace) -> DecomposeConfig:
+        return DecomposeConfig(
+            policy=self.policy.parse(args),
+            shapes=self.shapes.parse(args),
+            calibration=self.calibration.parse(args),
+            speed=self.speed.parse(args),
+            mobile=self.mobile.parse(args),
+        )
+
+    def run(self, args: argparse.Namespace) -> int:
+        # what this run reads must not be replaced by what it writes
+        protected: dict[str | os.PathLike[str], str] = {args.input: "input model"}
+        for flag, what in ((args.ranks, "ranks file"), (args.verify_inputs, "inputs file"), (args.calibration, "calibration data")):
+            if flag:
+                protected.setdefault(flag, what)
+        with StagedOutputs(protected) as outputs:  # on any failure, everything staged is removed
+            return self._into(args, outputs)
+
+    def _into(self, args: argparse.Namespace, outputs: StagedOutputs) -> int:
+        """The conversion; its files are staged in ``outputs`` and appear together at the commit, before anything is printed."""
+        src, dst = Path(args.input), Path(args.output)
+        outputs.stage(dst, "output model")  # every destination is checked (and its staging folder made) before any work
+        if args.report:
+            outputs.stage(args.report, "report")
+        ort_dst: Path | None = None
+        if args.ort:
+            from ..mobile import ort_config_path, ort_path_for
+
+            ort_dst = ort_path_for(dst)
+            outputs.stage(ort_dst, "ORT model")
+            outputs.stage(ort_config_path(ort_dst), "ORT required-operators config")
+        if args.html:
+            outputs.stage(args.html, "HTML report")
+        config = self.config(args)  # every flag checked before the model is read
+        start = time.perf_counter()
+        model, data_files = load_model_files(src)
+        for data_file in data_files:
+            outputs.protect(data_file, "external data of the input model")
+        external = args.external_data or bool(data_files)
+        if not args.quiet and sys.stderr.isatty():
+            print(f"loaded {src} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+        verify_data: dict[str, Any] | None = None
+        if args.verify_inputs:  # read and checked against the model now, not after the conversion
+            arrays, labels = load_inputs(args.verify_inputs, model_input_specs(model))
+            verify_data = {**arrays, **({"labels": labels} if labels is not None else {})}
+        elif args.verify:
+            check_random_inputs(model, config.shapes.input_shapes)
+        bar = ProgressBar(not args.quiet)
+        try:
+            # the loaded copy is ours: rewriting it in place saves a copy of the weights
+            new, report = decompose(model, config, progress=bar, inplace=True)
+        finally:
+            bar.close()
+        del model
+        save_model(new, dst, external_data=external, outputs=outputs)
+        ort_files = _stage_ort(new, ort_dst, outputs) if ort_dst is not None else None
+        report.seconds = time.perf_counter() - start
+        if args.report:
+            outputs.write_text(args.report, report.to_json() + "\n", "report")
+        result = None
+        if args.verify or args.verify_inputs:
+            del new
+            # on the staged files: a model that fails to load or run is never committed
+            shapes = config.shapes.input_shapes
+            result = verify(
+                src, outputs.staged(dst), inputs=verify_data, threads=args.threads, input_shapes=shapes, profile=bool(args.html)
+            )
+        html_note = None
+        if args.html:
+            page, html_note = _decompose_html(args, src, outputs.staged(dst), report, result)
+            outputs.write_text(args.html, page, "HTML report")
+        outputs.commit()
+        print(format_report(report, args.quiet))
+        print(f"wrote {dst}" + (f" (+ {dst.name}.data)" if external else ""))
+        if ort_files is not None:
+            print(f"wrote {ort_files.model} and {ort_files.config.name} (onnxruntime's ORT format, optimization {ort_files.optimization})")
+        if result is not None:
+            # a low-rank model approximates by design: report the error, leave gating to `verify --rtol/--atol`
+            print(format_verify(result, gate=False))
+        if html_note is not None:
+            print(html_note)
+        return 0
+
+
+def _stage_ort(model: Any, ort_dst: Path, outputs: StagedOutputs) -> Any:
+    """The ORT model and its required-operators config, converted by onnxruntime and staged with the other outputs."""
+    from ..mobile import ort_config_path, staged_ort
+
+    with staged_ort(model, ort_dst) as staged:
+        try:
+            os.replace(staged.staged_model, outputs.staged(ort_dst))
+            os.replace(staged.staged_config, outputs.staged(ort_config_path(ort_dst)))
+        except OSError as exc:
+            raise LowRankError(f"{ort_dst}: cannot write ({exc.strerror or exc})") from None
+        return staged.files
+
+
+def _decompose_html(args: argparse.Namespace, src: Path, converted: Path, report: Report, result: VerifyResult | None) -> tuple[str, str]:
+    """The HTML report of one conversion, and the line that says it was written."""
+    from ..html_report import PLOTS_HINT, decompose_html, plots_available
+    from ..sweep import report_spectra
+
+    notes = []
+    shapes = dict(args.input_shape)
+    if result is None:  # the page shows the output error: compared here, without timing
+        try:
+            result = verify(src, converted, runs=0, input_shapes=shapes)
+        except LowRankError as exc:  # the model is written: the page says why its error is missing
+            notes.append(f"output error not measured: {exc}")
+    plots = plots_available()
+    spectra = report_spectra(src, report, shapes) if plots else []
+    page = decompose_html(src.name, report, spectra, result, plots=plots, notes=notes)
+    return page, f"wrote {args.html}" + ("" if plots else f" (tables only; for the plots: {PLOTS_HINT})")
