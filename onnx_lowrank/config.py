@@ -33,7 +33,7 @@ import numpy.typing as npt
 from .errors import LowRankError
 from .factorization import Kind
 from .ranks import OBJECTIVES
-from .threads import default_threads
+from .threads import available_cpus, default_threads
 
 __all__ = [
     "ALL_KINDS",
@@ -291,6 +291,9 @@ class SpeedConfig:
             raise LowRankError(f"--by must be one of {', '.join(BY_CHOICES)}, got {self.by!r}")
         if self.threads is not None and not _whole(self.threads, 1):
             raise LowRankError(f"--threads must be a whole number >= 1, got {self.threads!r}")
+        if self.threads is not None and self.threads > available_cpus():
+            # more threads than CPUs time the scheduler, not the model: a plan for them means nothing here
+            raise LowRankError(f"--threads {self.threads}: this machine gives the process {available_cpus()} CPU(s); plan for at most that")
         if not _whole(self.check_runs, 0):
             raise LowRankError(f"check runs must be a whole number >= 0, got {self.check_runs!r}")
 

@@ -1,28 +1,27 @@
-"""Timing layers and models in onnxruntime, for rank choice by measured latency.
+"""Timing layers alone in onnxruntime, for rank choice by measured latency.
 
 MACs are not latency: a thin pair of convs runs below its MAC ratio when its
 channel counts miss the blocked kernels of onnxruntime's CPU convolution, and
 small layers are bound by memory, not arithmetic. :class:`LayerTimer` builds a
 one-node model per layer (the original) and a two-node model per candidate
-(kind, rank), at the layer's real input shape, and times each in onnxruntime:
-a warm-up run, then the median of at least ``runs`` runs and of as many more as
-make up 30 ms (a layer of 50 µs is timed 50 times, one of 50 ms 3 times), thread
-spinning off. Timings are cached per (geometry, kind, rank, threads), so layers
-of the same shape — the repeated blocks of ResNets — are timed once.
+(kind, rank), at the layer's real input shape, and times each with the clock
+(:meth:`onnx_lowrank.timing.Clock.layer`: a warm-up run, then the median of at
+least ``runs`` runs and of as many more as make up 30 ms, thread spinning off),
+keeping the runs' spread. Timings are cached per (geometry, kind, rank,
+threads), so layers of the same shape — the repeated blocks of ResNets — are
+timed once.
 
 The timings outlive the run in a :class:`onnx_lowrank.timing_cache.TimingStore`
 (per CPU, onnxruntime version, threads and optimization level): a geometry timed
-once on a machine is not timed again there.
+once on a machine is not timed again there, unless it was timed on a busier
+machine than today's or a whole-model measurement contradicted it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -31,31 +30,10 @@ from onnx import helper, numpy_helper
 from .data_io import check_allocation
 from .factorization import Factors, Kind
 from .passes import Site
-from .runtime import make_session
+from .timing import CLOCK, Clock
 from .timing_cache import TimingStore
 
-__all__ = ["LayerTimer", "time_model"]
-
-# a timing is the median of at least ``runs`` runs, and of more (up to MAX_RUNS) until the timed runs add up to
-# TIMED_MS: a median of 3 runs of 50 ms is steady, one of 7 runs of 50 µs is mostly scheduler noise
-TIMED_MS = 30.0
-MAX_RUNS = 50
-
-
-def _median_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        session.run(None, feeds)
-    times: list[float] = []
-    while len(times) < MAX_RUNS and (len(times) < runs or sum(times) < TIMED_MS):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
-
-
-def time_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], threads: int = 1, runs: int = 10, warmup: int = 3) -> float:
-    """Median milliseconds of one model."""
-    return _median_ms(make_session(model, threads=threads), feeds, runs, warmup)
+__all__ = ["LayerTimer"]
 
 
 class LayerTimer:
@@ -68,15 +46,19 @@ class LayerTimer:
         runs: int = 3,
         warmup: int = 1,
         store: TimingStore | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.opset_imports = list(opset_imports)
         self.threads = threads
         self.runs = runs
         self.warmup = warmup
+        self.clock = clock if clock is not None else CLOCK
+        self.keys: dict[str, set[str]] = {}  # per site, the store keys its timings went under
         # timings of this run and of earlier ones on this machine; an in-memory store when none is given
         self.store = store if store is not None else TimingStore(None, {"threads": threads})
         self.rng = np.random.default_rng(0)
         self.timed = 0  # how many models were actually timed (the rest came from the store)
+        self.spread = 0.0  # of the last model timed
 
     def _input(self, site: Site) -> tuple[int, ...] | None:
         # the size the layer's input had on the reference input; a layer of unknown size is not timed
@@ -94,8 +76,13 @@ class LayerTimer:
         dtype = onnx.TensorProto.DataType.Name(self._dtype(site))
         return json.dumps([site.node.op_type, node_attrs, list(x_shape), list(site.weight.shape), bias, dtype, kind, rank])
 
-    def _lookup(self, key: str) -> float | None:
+    def _lookup(self, site: Site, key: str) -> float | None:
+        self.keys.setdefault(site.key, set()).add(key)
         return self.store.get(key)
+
+    def forget(self, sites: Sequence[Site]) -> None:
+        """Drop every timing of ``sites`` from the store: their next lookups time them again."""
+        self.store.discard(key for site in sites for key in self.keys.get(site.key, ()))
 
     def _time(self, site: Site, x_shape: tuple[int, ...], nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> float:
         dtype = self._dtype(site)
@@ -115,7 +102,9 @@ class LayerTimer:
         )
         feeds = {x_name: self.rng.standard_normal(x_shape).astype(np_dtype)}
         self.timed += 1
-        return _median_ms(make_session(model, threads=self.threads), feeds, self.runs, self.warmup)
+        timed = self.clock.layer(model, feeds, self.threads, self.runs, self.warmup)
+        self.spread = timed.spread
+        return timed.ms
 
     def _bias(self, site: Site) -> list[onnx.TensorProto]:
         node = site.node
@@ -131,14 +120,14 @@ class LayerTimer:
         if x_shape is None or site.weight is None:
             return None
         key = self._key(site, x_shape, None, 0)
-        found = self._lookup(key)
+        found = self._lookup(site, key)
         if found is None:
             np_dtype = helper.tensor_dtype_to_np_dtype(self._dtype(site))
             weight = numpy_helper.from_array(self.rng.standard_normal(site.weight.shape).astype(np_dtype), site.node.input[1])
             node = onnx.NodeProto()
             node.CopyFrom(site.node)
             found = self._time(site, x_shape, [node], [weight, *self._bias(site)])
-            self.store.put(key, found)
+            self.store.put(key, found, self.spread)
         return found
 
     def pair(self, site: Site, kind: Kind, rank: int) -> float | None:
@@ -147,7 +136,7 @@ class LayerTimer:
         if x_shape is None or site.weight is None:
             return None
         key = self._key(site, x_shape, kind, rank)
-        found = self._lookup(key)
+        found = self._lookup(site, key)
         if found is None:
             kernel_shape = site.layout_shape()
             n, c, *spatial = kernel_shape
@@ -168,5 +157,5 @@ class LayerTimer:
             ]
             nodes = list(site.emit(kind, "first.weight", "second.weight", "middle", ("first", "second")))
             found = self._time(site, x_shape, nodes, inits)
-            self.store.put(key, found)
+            self.store.put(key, found, self.spread)
         return found

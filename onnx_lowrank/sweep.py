@@ -54,8 +54,9 @@ from .report import Report
 from .run_shapes import resolve_shapes
 from .runtime import make_session
 from .shapes import session_input_specs
+from .stats import speedup_estimate
 from .threads import single_threaded_blas
-from .timing import interleaved_latency, kernel_times
+from .timing import kernel_times, paired_times
 from .verify import OutputStats, compare_outputs, load_inputs, random_inputs
 
 __all__ = ["DEFAULT_SPEEDUPS", "LayerSpectrum", "SweepResult", "SweepRow", "layer_spectra", "parse_speedups", "report_spectra", "sweep"]
@@ -93,6 +94,8 @@ class SweepRow:
     params_ratio: float | None = None
     original_ms: float | None = None
     candidate_ms: float | None = None
+    speedup_low: float | None = None  # the 95 % interval of the latency ratio (bootstrap over the paired runs)
+    speedup_high: float | None = None
     outputs: list[OutputStats] = field(default_factory=list)
     top1_agreement: float | None = None
     accuracy_original: float | None = None
@@ -268,7 +271,12 @@ def _compare(
         row.top1_agreement = classified.top1_agreement
         row.accuracy_original, row.accuracy = classified.accuracy_original, classified.accuracy_candidate
     if runs > 0:
-        row.original_ms, row.candidate_ms = interleaved_latency(original[1], candidate, evaluation.timing_feed, runs)
+        for _ in range(3):  # warm-up
+            original[1].run(None, evaluation.timing_feed)
+            candidate.run(None, evaluation.timing_feed)
+        estimate = speedup_estimate(*paired_times(original[1], candidate, evaluation.timing_feed, runs))
+        row.original_ms, row.candidate_ms = estimate.original_ms, estimate.candidate_ms
+        row.speedup_low, row.speedup_high = estimate.low, estimate.high
     if profile and runs > 0:
         before, after = kernel_times([original[0], candidate_model], evaluation.timing_feed, threads, runs=runs)
         row.kernels = {"original": before.by_op, "candidate": after.by_op}

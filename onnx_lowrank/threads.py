@@ -9,7 +9,7 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
-__all__ = ["default_threads", "single_threaded_blas"]
+__all__ = ["available_cpus", "default_threads", "single_threaded_blas"]
 
 
 @contextlib.contextmanager
@@ -48,3 +48,8 @@ def default_threads() -> int:
                     cores.add((physical, core))
                 processor, physical, core = -1, "0", ""
     return len(cores) or len(usable) or 1
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; every CPU where the platform has none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,15 +1,23 @@
-"""Timing whole models in onnxruntime: interleaved runs, the check of a result, the kernel profile.
+"""Timing whole models in onnxruntime: paired runs and their interval, the check of a result, the kernel profile.
 
 Two models compared on a busy machine must be timed at the same moments:
-:func:`interleaved_latency` runs them alternately (the order flips each round so
-neither always runs on a warm cache) and takes each one's median.
-:func:`adaptive_interleaved` fits the number of rounds to a time budget at the
-pace of the warm-up rounds. :class:`Timing` holds what one conversion times
-against — the original's session, the reference input, the threads and the
-layer-timing store — made before the model is rewritten in place;
-:func:`check_result` times the result against it and says why it did not when it
-cannot. :func:`kernel_times` profiles models with onnxruntime's profiler and
-sums each node's median kernel time by operator type: where the time goes.
+:func:`paired_times` runs them alternately (the order flips each round so
+neither always runs on a warm cache). :func:`measure_speedup` takes pairs in
+batches until the ratio's 95 % interval (:mod:`onnx_lowrank.stats`, bootstrap
+over pairs) is narrower than asked, or a time budget or run cap ends: on two
+busy cores one median of ten runs is not a figure, a figure with its interval
+is. :class:`Timing` holds what one conversion times against — the original's
+session, the reference input, the threads, the layer-timing store and the
+:class:`Clock` — made before the model is rewritten in place; :func:`check_result`
+times the result against it and says why it did not when it cannot.
+:func:`kernel_times` profiles models with onnxruntime's profiler and sums each
+node's median kernel time by operator type: where the time goes.
+
+Everything that reads a clock goes through a :class:`Clock`
+(:class:`OnnxruntimeClock`, the real one, unless :data:`CLOCK` is replaced):
+the plan by latency and the result check ask it for a layer's milliseconds,
+the original's, a candidate's speedup and the machine's load, so tests of the
+plan's logic give it a fake clock and depend on no machine's speed.
 
 Timing one layer alone (for the plan by latency) is :mod:`onnx_lowrank.layer_timing`'s.
 """
@@ -24,37 +32,45 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import onnx
 
 from .errors import LowRankError
 from .run_shapes import ModelShapes
 from .runtime import first_line, make_session
+from .stats import SpeedupEstimate, speedup_estimate
 from .timing_cache import TimingStore, cpu_description
 
 __all__ = [
+    "CLOCK",
     "CONV_OPS",
     "FC_OPS",
+    "MIN_PAIRS",
+    "Clock",
     "KernelTimes",
+    "LayerTime",
+    "OnnxruntimeClock",
     "Timing",
-    "adaptive_interleaved",
     "check_candidate",
     "check_result",
     "interleaved_latency",
     "kernel_block",
     "kernel_times",
+    "measure_speedup",
     "no_reference_reason",
+    "paired_times",
     "start_timing",
     "timed_runs",
 ]
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
-# the check of a plan not made by latency: fewer runs than asked for (down to CHECK_MIN_RUNS) when a run of
-# both models takes long — it is a quick look, a few seconds on VGG-16
-CHECK_MIN_RUNS = 3
+# the check of a plan not made by latency: fewer pairs than asked for when the interval is narrow early, or when a
+# run of both models takes long (a budget of a few seconds, at least MIN_PAIRS pairs) — a look, with its interval
 CHECK_BUDGET_MS = 3000.0
+CHECK_WIDTH = 0.05  # the check stops early once its interval is this narrow (relative to the ratio)
 
 
 def timed_runs(session: Any, feeds: Mapping[str, Any], runs: int) -> list[float]:
@@ -67,37 +83,157 @@ def timed_runs(session: Any, feeds: Mapping[str, Any], runs: int) -> list[float]
     return out
 
 
+def paired_times(first: Any, second: Any, feed: Mapping[str, Any], runs: int, start: int = 0) -> tuple[list[float], list[float]]:
+    """Milliseconds of ``runs`` interleaved runs of each session (the order flipped every round; ``start``
+    continues the alternation of earlier rounds)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    sessions = (first, second)
+    for i in range(start, start + runs):
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
+            t0 = time.perf_counter()
+            sessions[j].run(None, feed)
+            times[j].append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
 def interleaved_latency(first: Any, second: Any, feed: Mapping[str, Any], runs: int, warmup: int = 3) -> tuple[float, float]:
     """Median milliseconds of each session over interleaved runs (order flipped every round)."""
     for _ in range(warmup):
         first.run(None, feed)
         second.run(None, feed)
-    times: tuple[list[float], list[float]] = ([], [])
-    sessions = (first, second)
-    for i in range(runs):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for j in order:
-            t0 = time.perf_counter()
-            sessions[j].run(None, feed)
-            times[j].append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times[0]), statistics.median(times[1])
+    original, candidate = paired_times(first, second, feed, runs)
+    return statistics.median(original), statistics.median(candidate)
 
 
-def adaptive_interleaved(
-    first: Any, second: Any, feeds: Mapping[str, Any], max_runs: int, min_runs: int, budget_ms: float, warmup: int = 1
-) -> tuple[float, float, int]:
-    """Median milliseconds of each session over interleaved runs, and their number: after ``warmup`` rounds, as
-    many rounds as fit in ``budget_ms`` at the last warm-up round's pace (the first pays the sessions' lazy
-    set-up), between ``min_runs`` and ``max_runs``."""
-    per_round = 0.0
+# a measured speedup: pairs in batches of BATCH_PAIRS, at least MIN_PAIRS, until the 95 % interval's width is below
+# the one asked for (relative to the ratio), or the time budget or the run cap ends
+MIN_PAIRS = 6
+BATCH_PAIRS = 4
+
+
+def measure_speedup(
+    first: Any,
+    second: Any,
+    feed: Mapping[str, Any],
+    *,
+    max_runs: int = 40,
+    budget_ms: float = 4000.0,
+    width: float = 0.05,
+    warmup: int = 2,
+    min_runs: int = MIN_PAIRS,
+) -> SpeedupEstimate:
+    """The speedup of ``second`` over ``first`` with its interval: ``warmup`` rounds, then pairs until the interval
+    is narrower than ``width`` (relative) or ``budget_ms`` is spent (at least ``min_runs`` pairs, at most
+    ``max_runs``)."""
     for _ in range(warmup):
+        first.run(None, feed)
+        second.run(None, feed)
+    started = time.perf_counter()
+    original: list[float] = []
+    candidate: list[float] = []
+    floor = min(min_runs, max_runs)
+    while True:
+        wanted = floor - len(original) if len(original) < floor else BATCH_PAIRS
+        batch = max(1, min(wanted, max_runs - len(original)))
+        o, c = paired_times(first, second, feed, batch, start=len(original))
+        original += o
+        candidate += c
+        estimate = speedup_estimate(original, candidate)
+        spent = (time.perf_counter() - started) * 1000.0
+        if len(original) >= max_runs or (len(original) >= floor and (estimate.relative_width <= width or spent >= budget_ms)):
+            return estimate
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """One small model timed alone: the median milliseconds and the runs' spread (interquartile range / median)."""
+
+    ms: float
+    spread: float
+
+
+# a layer timing is the median of at least ``runs`` runs, and of more (up to LAYER_MAX_RUNS) until the timed runs add
+# up to LAYER_TIMED_MS: a median of 3 runs of 50 ms is steady, one of 7 runs of 50 µs is mostly scheduler noise
+LAYER_TIMED_MS = 30.0
+LAYER_MAX_RUNS = 50
+
+
+def _layer_time(session: Any, feeds: Mapping[str, Any], runs: int, warmup: int) -> LayerTime:
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times: list[float] = []
+    while len(times) < LAYER_MAX_RUNS and (len(times) < runs or sum(times) < LAYER_TIMED_MS):
         start = time.perf_counter()
-        first.run(None, feeds)
-        second.run(None, feeds)
-        per_round = (time.perf_counter() - start) * 1000.0
-    runs = max(min_runs, min(max_runs, int(budget_ms / per_round) if per_round > 0 else max_runs))
-    original_ms, candidate_ms = interleaved_latency(first, second, feeds, runs=runs, warmup=0)
-    return original_ms, candidate_ms, runs
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000.0)
+    q1, median, q3 = np.quantile(times, [0.25, 0.5, 0.75])
+    return LayerTime(float(median), float((q3 - q1) / median) if median > 0 else 0.0)
+
+
+class Clock(Protocol):
+    """What reads time for the plan by latency and the result check (a fake one in tests of the plan's logic)."""
+
+    def session(self, model: onnx.ModelProto, threads: int) -> Any:
+        """The session a model is timed in (the original's, made before the model is rewritten in place)."""
+        ...
+
+    def layer(self, model: onnx.ModelProto, feeds: Mapping[str, Any], threads: int, runs: int, warmup: int) -> LayerTime:
+        """One small model (a layer alone, or its pair) timed alone."""
+        ...
+
+    def model_runs(self, session: Any, feeds: Mapping[str, Any], runs: int) -> list[float]:
+        """Milliseconds of ``runs`` runs of one session."""
+        ...
+
+    def speedup(self, timing: Timing, candidate: onnx.ModelProto, *, max_runs: int, budget_ms: float, width: float) -> SpeedupEstimate:
+        """The candidate against the original of ``timing``, interleaved, with the ratio's interval."""
+        ...
+
+    def load(self, threads: int) -> float:
+        """Milliseconds of a fixed probe model now: against its quiet time, how busy the machine is."""
+        ...
+
+
+def _probe_model() -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """A fixed 3×3 conv (32 → 32 channels at 56×56, 29M MACs): a few milliseconds, the same on every run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "load_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 56, 56])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return model, {"x": rng.standard_normal((1, 32, 56, 56)).astype(np.float32)}
+
+
+class OnnxruntimeClock:
+    """The real clock: models run in onnxruntime, times read with ``time.perf_counter``."""
+
+    def session(self, model: onnx.ModelProto, threads: int) -> Any:
+        return make_session(model, threads=threads)
+
+    def layer(self, model: onnx.ModelProto, feeds: Mapping[str, Any], threads: int, runs: int, warmup: int) -> LayerTime:
+        return _layer_time(make_session(model, threads=threads), feeds, runs, warmup)
+
+    def model_runs(self, session: Any, feeds: Mapping[str, Any], runs: int) -> list[float]:
+        return timed_runs(session, feeds, runs)
+
+    def speedup(self, timing: Timing, candidate: onnx.ModelProto, *, max_runs: int, budget_ms: float, width: float) -> SpeedupEstimate:
+        session = make_session(candidate, threads=timing.threads)
+        return measure_speedup(timing.original, session, timing.feeds, max_runs=max_runs, budget_ms=budget_ms, width=width)
+
+    def load(self, threads: int) -> float:
+        model, feeds = _probe_model()
+        session = make_session(model, threads=threads)
+        return statistics.median(timed_runs(session, feeds, 9)[2:])
+
+
+CLOCK: Clock = OnnxruntimeClock()
 
 
 def kernel_block() -> int | None:
@@ -119,10 +255,11 @@ class Timing:
     store: TimingStore | None  # layer timings kept across runs; None when only the whole model is timed
     feeds: dict[str, Any]
     original: Any  # onnxruntime session of the model before any layer was rewritten
+    clock: Clock
 
     @classmethod
     def start(cls, model: onnx.ModelProto, feeds: Mapping[str, Any], threads: int, store: TimingStore | None) -> Timing:
-        return cls(threads, store, dict(feeds), make_session(model, threads=threads))
+        return cls(threads, store, dict(feeds), CLOCK.session(model, threads), CLOCK)
 
 
 def no_reference_reason(shapes: ModelShapes) -> str | None:
@@ -153,22 +290,15 @@ def start_timing(proto: onnx.ModelProto, shapes: ModelShapes, threads: int, stor
 
 
 def check_candidate(timing: Timing, candidate: onnx.ModelProto, runs: int) -> dict[str, Any]:
-    """The candidate against the original: median milliseconds of up to ``runs`` interleaved runs each (fewer for a
-    slow model, see ``CHECK_BUDGET_MS``), and their ratio."""
-    session = make_session(candidate, threads=timing.threads)
+    """The candidate against the original: paired interleaved runs (at most ``runs``; fewer when the interval is
+    narrow early, or a slow model spends ``CHECK_BUDGET_MS``), their medians, ratio and 95 % interval."""
     try:
-        original_ms, candidate_ms, done = adaptive_interleaved(
-            timing.original, session, timing.feeds, runs, min(runs, CHECK_MIN_RUNS), CHECK_BUDGET_MS, warmup=2
-        )
+        estimate = timing.clock.speedup(timing, candidate, max_runs=runs, budget_ms=CHECK_BUDGET_MS, width=CHECK_WIDTH)
+    except LowRankError:
+        raise
     except Exception as exc:  # onnxruntime raises its own exception types
         raise LowRankError(f"onnxruntime failed to time the model: {first_line(exc)}") from None
-    return {
-        "original_ms": original_ms,
-        "candidate_ms": candidate_ms,
-        "measured_speedup": original_ms / candidate_ms,
-        "threads": timing.threads,
-        "runs": done,
-    }
+    return {**estimate.to_dict(), "threads": timing.threads}
 
 
 def check_result(

@@ -13,7 +13,8 @@ same sign, counts as equal; the statistics are taken over the pairs where both
 are finite, and the counts of non-finite values are reported beside them.
 Latency: both sessions are warmed up, then run alternately (the order flips
 each round so neither model always runs on a warm cache), thread spinning off;
-the medians and their ratio are reported.
+the medians, their ratio and its 95 % interval (bootstrap over the paired runs,
+:mod:`onnx_lowrank.stats`) are reported.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from .errors import LowRankError
 from .model_io import load_model
 from .runtime import make_session
 from .shapes import concrete_input_shapes, needs_input_shape_message, random_feed, session_input_specs
-from .timing import interleaved_latency, kernel_times
+from .stats import speedup_estimate
+from .timing import kernel_times, paired_times
 
 __all__ = [
     "OutputStats",
@@ -91,6 +93,8 @@ class VerifyResult:
     providers: list[str]
     original_ms: float | None = None
     candidate_ms: float | None = None
+    speedup_low: float | None = None  # the 95 % interval of the latency ratio (bootstrap over the paired runs)
+    speedup_high: float | None = None
     runs: int = 0
     samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -282,7 +286,12 @@ def verify(
     stats = compare_outputs(names, merged_ref, merged_cand, rtol, atol, labels)
     result = VerifyResult(stats, rtol, atol, list(cand.get_providers()), samples=sum(len(next(iter(b.values()))) for b in batches))
     if runs > 0:
-        result.original_ms, result.candidate_ms = interleaved_latency(ref, cand, batches[0], runs, warmup)
+        for _ in range(warmup):
+            ref.run(None, batches[0])
+            cand.run(None, batches[0])
+        estimate = speedup_estimate(*paired_times(ref, cand, batches[0], runs))
+        result.original_ms, result.candidate_ms = estimate.original_ms, estimate.candidate_ms
+        result.speedup_low, result.speedup_high = estimate.low, estimate.high
         result.runs = runs
         if profile:
             before, after = kernel_times([original, candidate], batches[0], threads, runs=runs, warmup=warmup, providers=providers)

@@ -137,7 +137,11 @@ def without_seconds(report: Report) -> dict[str, Any]:
     data = report.to_dict()
     data.pop("seconds")
     data["shapes"].pop("seconds")
-    data["latency"] = {k: v for k, v in data["latency"].items() if k not in ("original_ms", "candidate_ms", "measured_speedup", "runs")}
+    data["latency"] = {
+        k: v
+        for k, v in data["latency"].items()
+        if k not in ("original_ms", "candidate_ms", "measured_speedup", "speedup_low", "speedup_high", "runs")
+    }
     return data
 
 

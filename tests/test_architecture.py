@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "onnx_lowrank"
 # bottom (0) to top; a package's modules share its layer
 LAYERS: dict[str, int] = {
     "errors": 0,
+    "stats": 0,
     "threads": 0,
     "factorization": 0,
     "report": 0,

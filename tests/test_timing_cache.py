@@ -8,35 +8,35 @@ depends on how fast anything ran; the whole-model checks still run in onnxruntim
 from __future__ import annotations
 
 import json
-import math
 import threading
 from pathlib import Path
 from typing import Any
 
 import onnx
 import pytest
+from fake_clock import FakeClock, install
 from test_measure import wide_chain
 
 from onnx_lowrank import decompose
-from onnx_lowrank.layer_timing import LayerTimer
-from onnx_lowrank.passes._rewrite import Site
-from onnx_lowrank.timing_cache import CACHE_ENV, TimingStore, cache_folder, machine_key
+from onnx_lowrank.timing import LayerTime
+from onnx_lowrank.timing_cache import CACHE_ENV, FORMAT, TimingStore, cache_folder, machine_key
 
 TARGET = 1.05
 
 
 @pytest.fixture
 def timed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Fake layer timings: milliseconds proportional to weights x input pixels; returns the list of timed models."""
+    """A fake clock (tests/fake_clock.py: milliseconds proportional to weights x pixels, the same on every run);
+    returns the list of layer models timed."""
     calls: list[int] = []
+    clock = install(monkeypatch, FakeClock())
+    real = clock.layer
 
-    def fake(self: LayerTimer, site: Site, x_shape: tuple[int, ...], nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> float:
-        calls.append(len(nodes))
-        self.timed += 1
-        weights = sum(math.prod(t.dims) for t in inits if len(t.dims) > 1)
-        return weights * math.prod(x_shape[2:]) / 1e7 + 0.01 * len(nodes)
+    def layer(model: onnx.ModelProto, *args: Any) -> LayerTime:
+        calls.append(len(model.graph.node))
+        return real(model, *args)
 
-    monkeypatch.setattr(LayerTimer, "_time", fake)
+    monkeypatch.setattr(clock, "layer", layer)
     return calls
 
 
@@ -96,12 +96,13 @@ def test_disabled_store_writes_nothing(timed: list[int], tmp_path: Path, monkeyp
     assert timed and not list(tmp_path.iterdir())
     timed.clear()
     _, again = decompose(wide_chain(), speedup=TARGET, timing_cache=False)
-    assert timed and again.latency["timing_cache"] == {"path": None, "hits": 0, "misses": len(timed)}
+    cache = again.latency["timing_cache"]
+    assert timed and cache["path"] is None and cache["hits"] == 0 and cache["misses"] == len(timed) and cache["not_kept"] is None
 
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"", b"\xff\xfe\x00binary", b'{"format": 1, "machine": {}, "entries": {}}', b'{"format": 99}', b"[1, 2, 3]"],
+    [b"{not json", b"", b"\xff\xfe\x00binary", b'{"format": 2, "machine": {}, "entries": {}}', b'{"format": 99}', b"[1, 2, 3]"],
     ids=["truncated", "empty", "binary", "other-machine", "other-format", "not-an-object"],
 )
 def test_damaged_store_is_ignored_with_a_warning_and_replaced(timed: list[int], tmp_path: Path, content: bytes) -> None:
@@ -113,17 +114,23 @@ def test_damaged_store_is_ignored_with_a_warning_and_replaced(timed: list[int], 
     assert timed, "a damaged store answered a lookup"
     assert any("timing cache" in w and str(path) in w for w in report.warnings), report.warnings
     data = json.loads(path.read_text())  # replaced by a good one
-    assert data["format"] == 1 and len(data["entries"]) == first.latency["timing_cache"]["misses"]
+    assert data["format"] == FORMAT and len(data["entries"]) == first.latency["timing_cache"]["misses"]
 
 
 def test_store_entries_of_bad_shape_are_dropped(tmp_path: Path) -> None:
-    machine = {"format": 1, "threads": 1}
+    machine = {"format": FORMAT, "threads": 1}
     path = TimingStore.open(machine, tmp_path).path
     assert path is not None
-    entries = {"good": [1.5, 0.0], "negative": [-1.0, 0.0], "text": ["x", 0.0], "short": [1.0]}
-    path.write_text(json.dumps({"format": 1, "machine": machine, "entries": entries}))
+    entries = {
+        "good": [1.5, 0.0, 0.1, 2.0],
+        "negative": [-1.0, 0.0, 0.1, 2.0],
+        "text": ["x", 0.0, 0.1, 2.0],
+        "short": [1.0, 0.0],
+        "no-probe": [1.0, 0.0, 0.1, 0.0],
+    }
+    path.write_text(json.dumps({"format": FORMAT, "machine": machine, "quiet_probe": 2.0, "entries": entries}))
     store = TimingStore.open(machine, tmp_path)
-    assert store.get("good") == 1.5 and all(store.get(k) is None for k in ("negative", "text", "short"))
+    assert store.get("good") == 1.5 and all(store.get(k) is None for k in ("negative", "text", "short", "no-probe"))
     assert not store.warnings
 
 
@@ -137,7 +144,7 @@ def test_unwritable_folder_is_a_warning_not_a_failure(timed: list[int], tmp_path
 def test_concurrent_saves_keep_every_entry(tmp_path: Path) -> None:
     """Stores opened at once by several conversions, each saving its own timings: the file ends with all of them,
     and no temporary file is left."""
-    machine = {"format": 1, "threads": 1}
+    machine = {"format": FORMAT, "threads": 1}
     stores = [TimingStore.open(machine, tmp_path) for _ in range(8)]
     for i, store in enumerate(stores):
         for j in range(50):

@@ -126,22 +126,45 @@ def format_report(report: Report, quiet: bool = False) -> str:
     return "\n".join(out)
 
 
+def speedup_text(data: dict[str, Any]) -> str:
+    """``2.08x (95 % CI 1.96-2.21, 24 paired runs)``: a measured ratio with its interval and the pairs it rests on."""
+    text = f"{data['measured_speedup']:.2f}x"
+    low, high = data.get("speedup_low"), data.get("speedup_high")
+    interval = f"95 % CI {low:.2f}-{high:.2f}, " if low is not None and high is not None else ""
+    return f"{text} ({interval}{data['runs']} paired runs)"
+
+
+def _cache_text(cache: dict[str, Any] | None) -> str:
+    """What the timing cache answered and what it lost, for the latency line."""
+    if not cache:
+        return ""
+    parts = [f"{cache['hits']} from the timing cache"] if cache.get("hits") else []
+    if cache.get("stale"):
+        parts.append(f"{cache['stale']} cached timings taken on a busier machine timed again")
+    if cache.get("discarded"):
+        parts.append(f"{cache['discarded']} timings the whole model contradicted discarded and taken again")
+    if cache.get("not_kept"):
+        parts.append(f"this run's timings not kept: {cache['not_kept']}")
+    return "".join(f", {part}" for part in parts)
+
+
 def _latency_lines(lat: dict[str, Any]) -> list[str]:
-    """What the plan was made by and the measured ratio, with the thread count and the number of runs."""
+    """What the plan was made by and the measured ratio with its interval, the thread count and the runs."""
     if not lat:
         return []
     if lat.get("by") == "latency":
-        cache = lat.get("timing_cache") or {}
-        from_cache = f", {cache['hits']} from the timing cache" if cache.get("hits") else ""
+        predicted = f"predicted {lat['predicted_speedup']:.2f}x, " if lat.get("predicted_speedup") else ""
+        retimed = f", {lat['layers_retimed']} re-timed" if lat.get("layers_retimed") else ""
         lines = [
             f"planned by latency measured here: {lat['original_ms']:.3f} ms -> {lat['candidate_ms']:.3f} ms, "
-            f"{lat['measured_speedup']:.2f}x faster in onnxruntime ({lat['threads']} thread(s), median of {lat['runs']} "
-            f"interleaved runs; predicted {lat['predicted_speedup']:.2f}x, target {lat['target']:g}x, {len(lat['rounds'])} "
-            f"round(s), {lat['layers_timed']} layer models timed{from_cache})"
+            f"{speedup_text(lat)} faster in onnxruntime ({lat['threads']} thread(s); {predicted}target {lat['target']:g}x "
+            f"within {lat['tolerance']:.0%}, {len(lat['rounds'])} round(s), {lat['layers_timed']} layer models timed{retimed}"
+            f"{_cache_text(lat.get('timing_cache'))})"
         ]
         if not lat["met"]:
             lines.append(
-                f"warning: measured {lat['measured_speedup']:.2f}x is below the target {lat['target']:g}x; the fastest round is kept"
+                f"warning: measured {lat['measured_speedup']:.2f}x does not meet the target {lat['target']:g}x (no round's "
+                "interval lay above it); the fastest round is kept"
             )
         return lines
     lines = []
@@ -151,8 +174,8 @@ def _latency_lines(lat: dict[str, Any]) -> list[str]:
         )
     if "measured_speedup" in lat:
         lines.append(
-            f"measured in onnxruntime ({lat['threads']} thread(s), median of {lat['runs']} interleaved runs): "
-            f"{lat['original_ms']:.3f} ms -> {lat['candidate_ms']:.3f} ms, {lat['measured_speedup']:.2f}x faster"
+            f"measured in onnxruntime ({lat['threads']} thread(s)): {lat['original_ms']:.3f} ms -> {lat['candidate_ms']:.3f} ms, "
+            f"{speedup_text(lat)} faster"
         )
     elif lat.get("not_timed"):
         lines.append(f"not timed: {lat['not_timed']}")
@@ -236,9 +259,14 @@ def format_verify(result: VerifyResult, gate: bool = True) -> str:
                 line += f"; accuracy original {o.accuracy_original:.2%}, candidate {o.accuracy_candidate:.2%}"
             lines.append(line)
     if result.latency_ratio is not None:
+        interval = (
+            f" (95 % CI {result.speedup_low:.2f}-{result.speedup_high:.2f})"
+            if result.speedup_low is not None and result.speedup_high is not None
+            else ""
+        )
         lines.append(
             f"latency (median of {result.runs} interleaved runs, {', '.join(result.providers)}): original {result.original_ms:.3f} ms, "
-            f"candidate {result.candidate_ms:.3f} ms, {result.latency_ratio:.2f}x faster"
+            f"candidate {result.candidate_ms:.3f} ms, {result.latency_ratio:.2f}x faster{interval}"
         )
     if result.kernels:
         lines.append(format_kernels(result.kernels["original"], result.kernels["candidate"]))
@@ -354,6 +382,12 @@ def format_mobile(original: MobileCoverage, candidate: MobileCoverage | None = N
     return "\n".join(lines)
 
 
+def _ratio_with_interval(ratio: float | None, low: float | None, high: float | None) -> str:
+    """``2.08x (1.96-2.21)``, or the ratio alone where no interval was computed."""
+    text = f"{ratio:.2f}x" if ratio is not None else "-"
+    return text + (f" ({low:.2f}-{high:.2f})" if low is not None and high is not None else "")
+
+
 def format_sweep(result: SweepResult) -> str:
     """One row per target: MAC ratio, measured speedup, output error, agreement, accuracy, conversion time."""
     rows = []
@@ -381,7 +415,9 @@ def format_sweep(result: SweepResult) -> str:
             f"{row.target:g}x",
             row.planned_by or "-",
             f"{row.mac_ratio:.2f}x",
-            f"{row.latency_ratio:.2f}x" if timed else "not timed",
+            (f"{row.latency_ratio:.2f}x" + (f" ({row.speedup_low:.2f}-{row.speedup_high:.2f})" if row.speedup_low else ""))
+            if timed
+            else "not timed",
             f"{row.original_ms:.3f} -> {row.candidate_ms:.3f}" if timed else "-",
             f"{row.relative_l2:.3g}" if row.relative_l2 is not None else "-",
             f"{row.max_abs:.3g}" if row.max_abs is not None else "-",
@@ -399,7 +435,8 @@ def format_sweep(result: SweepResult) -> str:
     if accuracy is not None:
         lines.append(f"original accuracy {accuracy:.2%} on {result.samples} labelled samples")
     lines.append(
-        f"speedup: original / converted latency, median of {result.runs} interleaved runs, {result.threads} thread(s); "
+        f"speedup: original / converted latency, median of {result.runs} interleaved runs, {result.threads} thread(s), "
+        "with its 95 % interval; "
         f"MACs: decomposable layers before / after; evaluated on {result.samples} sample(s) ({result.inputs} inputs); "
         f"shared preparation {result.prepare_seconds:.2f} s (the first target's time also holds the spectra the others reuse); "
         f"plan: what each target was planned by, as `decompose --speedup S` with the same options plans it"
