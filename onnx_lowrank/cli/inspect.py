@@ -34,12 +34,16 @@ class Inspect(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         shapes = self.shapes.parse(args)
-        layers = inspect(args.input, DecomposeConfig(shapes=shapes))
+        config = DecomposeConfig(shapes=shapes)
+        layers = inspect(args.input, config)
         mobile = None
         if args.mobile:
+            from ..api import mobile_shapes
             from ..mobile import coverage
+            from ..model_io import load_model
 
-            mobile = coverage(args.input, input_shapes=shapes.input_shapes)
+            fixed = mobile_shapes(load_model(args.input), config) if shapes.samples else shapes.input_shapes
+            mobile = coverage(args.input, input_shapes=fixed)
         if args.json:
             listed = [asdict(layer) for layer in layers]
             print(json.dumps({"layers": listed, "mobile": mobile.to_dict()} if mobile is not None else listed, indent=2))
