@@ -593,9 +593,18 @@ def _size_every_branch(
 
     def merge(run: Run, description: str, forcing: Forcing) -> None:
         found, observed = run
+        differ = []
         for key, shapes in observed.items():
             if key[0] and shapes and not result.observed.get(key):
                 result.observed[key] = shapes
+            elif shapes and result.observed.get(key) and shapes != result.observed[key]:
+                differ.append(key[1])
+        if differ:  # a layer has one size per execution, not one per path: the reference input's stands
+            shown = ", ".join(differ[:3]) + (", …" if len(differ) > 3 else "")
+            result.warnings.append(
+                f"on {description}, {len(differ)} tensor(s) read by layers that also run on the reference input have other sizes "
+                f"({shown}): those layers are counted at the reference input's sizes on every path"
+            )
         for flow in found:
             ours = flows.setdefault(flow.ident, flow)
             if ours is flow:

@@ -288,22 +288,22 @@ def sample_files(args: argparse.Namespace) -> list[str]:
 
 class ShapeArgs(ArgGroup):
     """Shapes: the input the plan is sized on and its branches; ``help_text`` says what ``--input-shape`` fixes
-    for the command."""
+    for the command, ``sample_use`` what else runs on the sample."""
 
     title = "shapes"
     description = "the input the sizes come from: a sample, or random values of sizes fixed for the sizing run, the timing and the checks"
 
-    def __init__(self, help_text: str, plan: bool = True) -> None:
-        self.help_text, self.plan = help_text, plan
+    def __init__(self, help_text: str, plan: bool = True, sample_use: str = "") -> None:
+        self.help_text, self.plan, self.sample_use = help_text, plan, sample_use
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         add_sample(
             group,
             "one input set as the model takes it (arrays keyed by input name, no sample axis; a scalar as a 0-d array): it sizes "
             "every layer and picks the If branches that count"
-            + ("; the latency plan, the result check and --verify run on it" if self.plan else "")
-            + " (default: the first calibration sample, else random values). With --branches all, a further --sample sizes "
-            "the branches the first does not take",
+            + (f"; {self.sample_use}" if self.sample_use else "")
+            + (" (default: the first calibration sample, else random values)" if self.plan else " (default: random values)")
+            + ". With --branches all, a further --sample sizes the branches the first does not take",
         )
         group.add_argument(
             "--branches",

@@ -63,7 +63,8 @@ class Decompose(Command):
     def __init__(self) -> None:
         self.policy = PolicyArgs()
         self.shapes = ShapeArgs(
-            "the input size to plan by: MACs are those of one onnxruntime run on an input of this shape (and the --verify inputs)"
+            "the input size to plan by: MACs are those of one onnxruntime run on an input of this shape (and the --verify inputs)",
+            sample_use="the latency plan, the result check and --verify run on it, the --mobile-safe check takes its shapes",
         )
         self.calibration = CalibrationArgs()
         self.speed = SpeedArgs()

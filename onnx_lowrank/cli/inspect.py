@@ -20,7 +20,9 @@ class Inspect(Command):
     help = "per Conv: shape, MACs and the ranks that keep 90/99/99.9%% of the energy"
 
     def __init__(self) -> None:
-        self.shapes = ShapeArgs("fix an input's shape for the MAC model (and the --mobile check)", plan=False)
+        self.shapes = ShapeArgs(
+            "fix an input's shape for the MAC model (and the --mobile check)", plan=False, sample_use="the --mobile check takes its shapes"
+        )
 
     def groups(self) -> list[ArgGroup]:
         return [self.shapes]

@@ -53,7 +53,8 @@ class Sweep(Command):
     def __init__(self) -> None:
         self.policy = PolicyArgs(targets=True)
         self.shapes = ShapeArgs(
-            "the input size to plan by (MACs of one onnxruntime run on an input of this shape) and of the random eval inputs"
+            "the input size to plan by (MACs of one onnxruntime run on an input of this shape) and of the random eval inputs",
+            sample_use="the latency plans time it, and without --eval-inputs every target is evaluated on it",
         )
         self.calibration = CalibrationArgs(shared=True)
         self.speed = SpeedArgs(runs=True)
