@@ -36,19 +36,38 @@ from typing import Any, Unpack
 import onnx
 
 from .config import DecomposeConfig, DecomposeKeywords
+from .data_io import model_input_specs
 from .errors import LowRankError
-from .layers import Prepared, control_flow_report, layer_report, prepare, select_layers, shapes_report
+from .layers import (
+    Prepared,
+    control_flow_report,
+    layer_report,
+    load_samples,
+    model_sizes,
+    path_budgets,
+    prepare,
+    select_layers,
+    shapes_report,
+)
 from .model_io import count_params, load_model
 from .passes import apply_factors, find_sites, scope_label
 from .planning import CalibrationRun, PlanInputs, compute_spectra, layer_factors, make_plan
 from .ranks import energy_rank
 from .report import InspectLayer, Report
-from .run_shapes import resolve_shapes
 from .shapes import needs_input_shape_message
 from .threads import single_threaded_blas
 from .timing import check_result, kernel_block, start_timing
 
-__all__ = ["ModelLike", "Progress", "calibrated_conversion", "convert_prepared", "count_params", "decompose", "inspect"]
+__all__ = [
+    "ModelLike",
+    "Progress",
+    "calibrated_conversion",
+    "convert_prepared",
+    "count_params",
+    "decompose",
+    "inspect",
+    "mobile_shapes",
+]
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
 Progress = Callable[[int, int, str], None]
@@ -105,7 +124,7 @@ def decompose(
                 changed = DecomposeConfig.from_keywords(config, exclude=exclude)
                 return _convert(as_model(source), changed, progress, workers)
 
-            new, report = keep_partitions_whole(source, convert, config.policy.exclude, config.shapes.input_shapes)
+            new, report = keep_partitions_whole(source, convert, config.policy.exclude, mobile_shapes(source, config))
         else:
             new, report = _convert(as_model(model, inplace), config, progress, workers)
         if config.mobile.quantize is not None:
@@ -135,8 +154,8 @@ def _convert(
                 f"--input-shape {name}={','.join(map(str, shape))} differs from the calibration data's samples "
                 f"{tuple(data[name].shape[1:])}: the plan and the statistics must see the same size"
             )
-    # one set of sizes for the statistics, the gains and the plan: those of a real input
-    sizes = resolve_shapes(source, shapes.input_shapes, {name: values[:1] for name, values in data.items()})
+    # one set of sizes for the statistics, the gains and the plan: those of a real input (the sample, else the first)
+    sizes = model_sizes(source, shapes, data)
     run = CalibrationRun(data, config.calibration, policy, progress)
     new, report = calibrated_conversion(source, run, config, None, progress, workers, sizes=sizes)
     report.calibration["seconds"] = time.perf_counter() - start
@@ -221,6 +240,7 @@ def convert_prepared(
     # plan
     units = selection.units
     inputs = PlanInputs(units, selection.fixed_macs, prepared.params_before - sum(u.params for u in units), prepared.params_before)
+    inputs.paths = path_budgets(sizes, selection)
     plan, timing, why_macs = make_plan(inputs, policy, speed, proto, sizes)
     if plan.by != "latency" and speed.check_runs and plan.decomposes and why_macs is None:
         # the session of the original is made before its layers are rewritten in place
@@ -273,6 +293,20 @@ def convert_prepared(
     return proto, report
 
 
+def mobile_shapes(model: onnx.ModelProto, config: DecomposeConfig) -> dict[str, list[int]]:
+    """The input shapes the mobile check fixes: ``--input-shape``, and the sample's shapes of the inputs whose
+    declared dims are symbolic."""
+    shapes = {name: list(shape) for name, shape in config.shapes.input_shapes.items()}
+    samples = load_samples(model, config.shapes)
+    if samples:
+        specs = {spec.name: spec for spec in model_input_specs(model)}
+        for name, value in samples[0][1].items():
+            dims = specs[name].dims
+            if dims is None or any(not isinstance(d, int) for d in dims):
+                shapes.setdefault(name, list(value.shape))
+    return shapes
+
+
 INSPECT_ENERGIES = (0.9, 0.99, 0.999)
 
 
@@ -280,12 +314,12 @@ def inspect(model: ModelLike, config: DecomposeConfig | None = None, /, **option
     """Per layer: shape, groups, MACs, and the ranks keeping 90/99/99.9 % of the energy with their speedups.
 
     The ranks are those of the first allowed kind of each layer (spatial where it applies); of the options
-    only the shapes (``input_shapes``) and the kinds count.
+    only the shapes group (``input_shapes``, ``sample``, ``branches``) and the kinds count.
     """
     config = DecomposeConfig.from_keywords(config, **options)
     allowed = config.policy.allowed
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    sizes = resolve_shapes(proto, config.shapes.input_shapes)
+    sizes = model_sizes(proto, config.shapes)
     size_note = needs_input_shape_message(sizes.missing_inputs) if sizes.missing_inputs else None
     result = []
     for site in find_sites(proto, sizes):

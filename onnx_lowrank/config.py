@@ -5,7 +5,7 @@ Each group is a frozen dataclass that checks itself when it is made
 one-line :class:`~onnx_lowrank.errors.LowRankError` that names the flag:
 
 * :class:`PolicyConfig` — which layers are decomposed and at which ranks;
-* :class:`ShapeConfig` — the input sizes the plan is made for;
+* :class:`ShapeConfig` — the input the plan is sized on (a sample, or sizes for a random one) and its branches;
 * :class:`CalibrationConfig` — calibration data and what the conversion does with it;
 * :class:`SpeedConfig` — what ``--speedup`` plans by, the threads, the timing of the result;
 * :class:`MobileConfig` — mobile execution providers and INT8.
@@ -37,6 +37,7 @@ from .threads import available_cpus, default_threads
 
 __all__ = [
     "ALL_KINDS",
+    "BRANCH_CHOICES",
     "BY_CHOICES",
     "CHECK_RUNS",
     "DEFAULT_KINDS",
@@ -50,6 +51,7 @@ __all__ = [
     "DecomposeKeywords",
     "MobileConfig",
     "PolicyConfig",
+    "SampleSource",
     "ShapeConfig",
     "SpeedConfig",
 ]
@@ -68,8 +70,11 @@ BY_CHOICES = ("latency", "macs")
 # each model, fewer (down to 3) when a run of both takes long — a quick look, a few seconds on VGG-16
 CHECK_RUNS = 10
 QUANTIZE_MODES = ("dynamic", "static")
+# which If branches a plan sizes: those the reference input runs, or every one (each by a run of its own)
+BRANCH_CHOICES = ("run", "all")
 
 CalibrationSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | Iterable[Mapping[str, npt.ArrayLike]]
+SampleSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike]
 RankRequest = tuple[int, Kind | None]
 
 
@@ -218,15 +223,23 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class ShapeConfig:
-    """Shapes: the input sizes the plan is made for.
+    """Shapes: the input the plan is sized on, and which branches it sizes.
 
-    ``input_shapes`` (input name → shape) fixes symbolic dims for the reference input of the sizing run and
-    of the timing; ``allow_unknown_shapes`` plans even when an input has a symbolic dim and no size (layers
-    of unknown size then count at one output pixel).
+    ``sample``: one input set as the model takes it — an ``.npz`` or a mapping of input name to array, no
+    sample axis, a scalar input as a 0-d array — that sizes every layer and picks the branches that count;
+    it is also what the latency plan, the result check and the mobile check run. Without it the first
+    calibration sample serves, else random values of ``input_shapes`` (input name → shape; it fixes symbolic
+    dims). ``branches``: ``"run"`` sizes the If branches the reference input runs (the others have no size
+    and a budget leaves them whole); ``"all"`` sizes every branch by a run of its own — a further sample that
+    takes it (``sample`` may then be a list, the first the reference), else a run of the reference input with
+    the If's condition forced — and plans them all. ``allow_unknown_shapes`` plans even when an input has a
+    symbolic dim and no size (layers of unknown size then count at one output pixel).
     """
 
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     allow_unknown_shapes: bool = False
+    sample: SampleSource | Sequence[SampleSource] | None = None
+    branches: str = "run"
 
     def __post_init__(self) -> None:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -235,6 +248,23 @@ class ShapeConfig:
                 raise LowRankError(f"--input-shape {name}: expected whole dims >= 1, got {dims!r}")
             shapes[str(name)] = tuple(int(d) for d in dims)
         object.__setattr__(self, "input_shapes", shapes)
+        if self.branches not in BRANCH_CHOICES:
+            raise LowRankError(f"--branches must be one of {', '.join(BRANCH_CHOICES)}, got {self.branches!r}")
+        samples = self.samples
+        for sample in samples:
+            if not isinstance(sample, (str, os.PathLike, Mapping)):
+                raise LowRankError(f"a sample is a path to an .npz or a mapping of input name to array, not a {type(sample).__name__}")
+        if len(samples) > 1 and self.branches != "all":
+            raise LowRankError("more than one --sample: the others size the If branches the first does not run, with --branches all")
+
+    @property
+    def samples(self) -> list[SampleSource]:
+        """The samples given, the reference first (empty when none)."""
+        if self.sample is None:
+            return []
+        if isinstance(self.sample, (str, os.PathLike, Mapping)) or not isinstance(self.sample, Sequence):
+            return [self.sample]  # (anything else is refused by the check)
+        return list(self.sample)
 
 
 @dataclass(frozen=True)
@@ -341,6 +371,8 @@ class DecomposeKeywords(TypedDict, total=False):
     objective: str | None
     input_shapes: Mapping[str, Sequence[int]] | None
     allow_unknown_shapes: bool
+    sample: SampleSource | Sequence[SampleSource] | None
+    branches: str | None
     calibration: CalibrationSource | None
     refit: bool | None
     sensitivity: bool | None
@@ -358,6 +390,8 @@ _KEYWORDS: dict[str, tuple[str, str]] = {
     **{name: ("policy", name) for name in (f.name for f in fields(PolicyConfig))},
     "input_shapes": ("shapes", "input_shapes"),
     "allow_unknown_shapes": ("shapes", "allow_unknown_shapes"),
+    "sample": ("shapes", "sample"),
+    "branches": ("shapes", "branches"),
     "calibration": ("calibration", "data"),
     "refit": ("calibration", "refit"),
     "sensitivity": ("calibration", "sensitivity"),
@@ -366,7 +400,7 @@ _KEYWORDS: dict[str, tuple[str, str]] = {
     "mobile_safe": ("mobile", "mobile_safe"),
     "quantize": ("mobile", "quantize"),
 }
-_DEFAULTED_WHEN_NONE = {"kinds", "objective", "input_shapes", "check_runs"}
+_DEFAULTED_WHEN_NONE = {"kinds", "objective", "input_shapes", "check_runs", "branches"}
 _POLICY_CHOICE = ("rank", "energy", "speedup", "params_ratio", "ranks")
 
 
@@ -384,6 +418,8 @@ class DecomposeConfig:
         policy = self.policy
         if self.speed.by == "latency" and not policy.speedup_alone:
             raise LowRankError("--by latency plans a --speedup budget alone, not --rank/--energy/--ranks or --params-ratio")
+        if self.speed.by == "latency" and self.shapes.branches == "all":
+            raise LowRankError("--by latency times the branches the reference input runs; --branches all plans every branch by MACs")
         if self.calibration.sensitivity and policy.name != "budget":
             raise LowRankError(f"--sensitivity allocates ranks under a budget: it needs --speedup or --params-ratio, not --{policy.name}")
         if self.mobile.quantize == "static" and not self.calibration.given:
@@ -426,7 +462,9 @@ class DecomposeConfig:
             values: dict[str, Any] = {}
             for f in fields(getattr(self, group.name)):
                 value = getattr(getattr(self, group.name), f.name)
-                if isinstance(value, os.PathLike):
+                if group.name == "shapes" and f.name == "sample":
+                    value = [os.fspath(v) if isinstance(v, (str, os.PathLike)) else "given" for v in self.shapes.samples] or None
+                elif isinstance(value, os.PathLike):
                     value = os.fspath(value)
                 elif group.name == "calibration" and f.name == "data" and value is not None and not isinstance(value, str):
                     value = "given"

@@ -9,6 +9,12 @@
   numeric, not scalar, of the declared rank and fixed dims (axis 0, the samples,
   excepted), at least one sample, the same count for every input; they are cast
   to each input's element type.
+* :func:`load_sample` reads *one* input set as the model takes it (``--sample``:
+  no sample axis, a scalar input as a 0-d array) and checks it: every input
+  present and no other array, the declared rank and every fixed dim (a sample
+  axis the model does not have is named as such), a dtype that converts without
+  changing its meaning (:func:`convert_dtype`, shared with calibration data),
+  finite floats (:func:`check_finite`).
 * :func:`check_allocation` refuses a size that cannot fit in memory
   (``LowRankError`` naming it) before numpy or onnxruntime try and fail with an
   out-of-memory error.
@@ -36,11 +42,15 @@ from .errors import LowRankError
 __all__ = [
     "InputSpec",
     "check_allocation",
+    "check_finite",
+    "check_sample",
     "check_samples",
+    "convert_dtype",
     "format_bytes",
     "format_dims",
     "load_npy",
     "load_npz",
+    "load_sample",
     "memory_budget",
     "model_input_specs",
 ]
@@ -208,6 +218,107 @@ def check_samples(arrays: Mapping[str, Array], inputs: Sequence[InputSpec], labe
     if len(set(counts.values())) > 1:
         raise LowRankError(f"{label}s differ in sample count: {counts}")
     return out
+
+
+def convert_dtype(data: Array, spec: InputSpec, label: str) -> Array:
+    """``data`` as the input's element type, or a one-line refusal when the conversion would change its meaning:
+    numbers to a floating input, integers (or bools) to an integer input within its range, bools to a bool
+    input. ``label`` names the array in messages (``"calibration input 'x'"``)."""
+    kind = data.dtype.kind
+    if kind not in "biuf":
+        raise LowRankError(f"{label} has dtype {data.dtype}; the model reads numbers")
+    if spec.dtype is None:
+        return data
+    target, wanted = spec.dtype, spec.type_name
+    if target.kind in "iu" and kind == "f":
+        raise LowRankError(f"{label} has floating dtype {data.dtype}; the model's input is {wanted} (integers)")
+    if target.kind == "b" and kind != "b":
+        raise LowRankError(f"{label} has dtype {data.dtype}; the model's input is bool")
+    if target.kind not in "biuf":
+        raise LowRankError(f"{label}: the model's input type {wanted} is not supported")
+    if target.kind in "iu" and kind in "iu" and data.size:
+        info = np.iinfo(target)
+        low, high = int(data.min()), int(data.max())
+        if low < info.min or high > info.max:
+            raise LowRankError(f"{label} has values {low}..{high}, outside the model's {wanted}")
+    return data.astype(target, copy=False)
+
+
+_CHECK_ELEMENTS = 8_000_000  # elements checked for finiteness at a time
+
+
+def check_finite(data: Array, label: str, samples: bool = True) -> None:
+    """Refuse floating ``data`` holding NaN or infinity; with ``samples`` (axis 0 holds samples) the first
+    sample that does is named, a block of samples at a time (a memory-mapped set is not read at once)."""
+    if data.dtype.kind != "f" or data.size == 0:
+        return
+    if not samples or data.ndim == 0:
+        if not np.isfinite(data).all():
+            raise LowRankError(f"{label} holds NaN or infinite values")
+        return
+    per_sample = max(1, data.size // max(1, len(data)))
+    step = max(1, _CHECK_ELEMENTS // per_sample)
+    for start in range(0, len(data), step):
+        block = np.asarray(data[start : start + step])
+        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        if not finite.all():
+            first = start + int(np.argmin(finite))
+            raise LowRankError(f"{label} holds NaN or infinite values (first in sample {first})")
+
+
+def _fits(dims: Sequence[int | str | None], shape: Sequence[int]) -> bool:
+    """``shape`` has the rank of ``dims`` and each of its fixed dims."""
+    return len(dims) == len(shape) and all(not (isinstance(d, int) and d > 0) or d == n for d, n in zip(dims, shape, strict=True))
+
+
+def check_sample(arrays: Mapping[str, Array], inputs: Sequence[InputSpec], source: str) -> dict[str, Array]:
+    """One input set (see the module docstring) checked against ``inputs`` and cast to their element types.
+
+    ``source`` names the set in messages (a path, or ``"the sample"``)."""
+    names = [spec.name for spec in inputs]
+    for name in names:
+        if name not in arrays:
+            raise LowRankError(f"{source} lacks model input {name!r} (has: {', '.join(sorted(arrays)) or 'nothing'})")
+    extra = sorted(set(arrays) - set(names))
+    if extra:
+        raise LowRankError(
+            f"{source} holds {', '.join(map(repr, extra[:3]))}{', …' if len(extra) > 3 else ''}, not an input of the model "
+            f"(its inputs: {', '.join(names)}); a sample holds the model's inputs and nothing else"
+        )
+    out: dict[str, Array] = {}
+    for spec in inputs:
+        label = f"sample input {spec.name!r}"
+        data = np.asarray(arrays[spec.name])
+        if spec.dims is not None and not _fits(spec.dims, data.shape):
+            expects = format_dims(spec.dims) + (" (a scalar: a 0-d array)" if not spec.dims else "")
+            if data.ndim == len(spec.dims) + 1 and _fits(spec.dims, data.shape[1:]):
+                raise LowRankError(
+                    f"{label} has shape {tuple(data.shape)}, one axis more than the model's {expects}: a sample is one input "
+                    "set as the model takes it, without a sample axis"
+                )
+            raise LowRankError(f"{label} has shape {tuple(data.shape)}; the model expects {expects}")
+        if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_) or data.dtype.kind == "c":
+            raise LowRankError(f"{label} has dtype {data.dtype}; the model reads real numbers")
+        data = convert_dtype(data, spec, label)
+        check_finite(data, label, samples=False)
+        out[spec.name] = np.require(data, requirements="C")  # (ascontiguousarray would make a 0-d array 1-d)
+    return out
+
+
+def load_sample(
+    source: str | os.PathLike[str] | Mapping[str, npt.ArrayLike], model: onnx.ModelProto | Sequence[InputSpec]
+) -> dict[str, Array]:
+    """One input set of ``model`` (or of the inputs ``model`` lists) from an ``.npz`` or a mapping, checked
+    (:func:`check_sample`)."""
+    if isinstance(source, (str, os.PathLike)):
+        arrays = load_npz(source, "sample file")
+        where = f"sample {os.fspath(source)}"
+    elif isinstance(source, Mapping):
+        arrays = {str(k): np.asarray(v) for k, v in source.items()}
+        where = "the sample"
+    else:
+        raise LowRankError(f"a sample is a path to an .npz or a mapping of input name to array, not a {type(source).__name__}")
+    return check_sample(arrays, model_input_specs(model) if isinstance(model, onnx.ModelProto) else model, where)
 
 
 def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:

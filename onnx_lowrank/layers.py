@@ -1,8 +1,10 @@
 """A model's decomposable layers: prepared once, selected per plan with the reason for every layer left out.
 
 :func:`prepare` makes a model ready for any number of plans: BatchNormalization
-folded, the sizes that run resolved (:mod:`onnx_lowrank.run_shapes`) and every
-MAC-carrying node found (:func:`onnx_lowrank.passes.find_sites`).
+folded, the sizes that run resolved (:mod:`onnx_lowrank.run_shapes`, on the
+input :func:`model_sizes` picks: the sample, else the first calibration sample,
+else random values) and every MAC-carrying node found
+(:func:`onnx_lowrank.passes.find_sites`).
 :func:`select_layers` then applies one conversion's policy: the layers its
 splits, name filters and ranks file allow, the sizes it needs (a plan by MACs
 on sizes no run could fix is refused, naming the inputs that need
@@ -12,18 +14,20 @@ its reason, and the report's entries (:func:`layer_report`) start here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
 
-from .config import PolicyConfig, ShapeConfig
+from .config import PolicyConfig, SampleSource, ShapeConfig
+from .data_io import load_sample
 from .errors import LowRankError
 from .factorization import Kind
 from .model_io import count_params
 from .passes import Site, find_sites, fold_batchnorm, scope_label
-from .planning import SharedDecompositions, Unit, make_units, screen_for_macs
+from .planning import PathBudget, SharedDecompositions, Unit, make_units, screen_for_macs
 from .report import LayerReport, unsized_warning
 from .run_shapes import ModelShapes, resolve_shapes
 from .shapes import needs_input_shape_message
@@ -33,7 +37,10 @@ __all__ = [
     "Selection",
     "control_flow_report",
     "layer_report",
+    "load_samples",
+    "model_sizes",
     "nothing_to_decompose",
+    "path_budgets",
     "prepare",
     "select_layers",
     "shapes_report",
@@ -55,26 +62,64 @@ class Prepared:
     decompositions: SharedDecompositions = field(default_factory=dict)
 
 
+def _sample_name(source: SampleSource, index: int) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"the sample {os.fspath(source)}"
+    return "the sample" if index == 0 else f"sample {index + 1}"
+
+
+def load_samples(proto: onnx.ModelProto, shapes: ShapeConfig) -> list[tuple[str, dict[str, Any]]]:
+    """The samples of ``shapes``, read and checked against ``proto``'s inputs, each with the name the report
+    gives it (the reference first; empty when none is given). ``--input-shape`` must agree with the first."""
+    out = [(_sample_name(source, i), load_sample(source, proto)) for i, source in enumerate(shapes.samples)]
+    if out:
+        name, first = out[0]
+        for input_name, shape in shapes.input_shapes.items():
+            if input_name in first and tuple(shape) != tuple(first[input_name].shape):
+                raise LowRankError(
+                    f"--input-shape {input_name}={','.join(map(str, shape))} differs from {name}'s {input_name!r} "
+                    f"{tuple(first[input_name].shape)}: the sample sizes the plan"
+                )
+    return out
+
+
+def model_sizes(
+    proto: onnx.ModelProto,
+    shapes: ShapeConfig | None,
+    calibration: Mapping[str, Any] | None = None,
+    samples: list[tuple[str, dict[str, Any]]] | None = None,
+) -> ModelShapes:
+    """The sizes that run (:func:`onnx_lowrank.run_shapes.resolve_shapes`) on the reference input: the sample
+    (``samples`` as read by :func:`load_samples`, else read here), else the first sample of the calibration
+    data (arrays with their samples on axis 0), else random values of the input shapes."""
+    shapes = shapes or ShapeConfig()
+    if samples is None:
+        samples = load_samples(proto, shapes)
+    if samples:
+        (name, first), more = samples[0], samples[1:]
+        return resolve_shapes(proto, shapes.input_shapes, first, reference_from=name, more=more, branches=shapes.branches)
+    reference = {name: values[:1] for name, values in calibration.items()} if calibration is not None else None
+    return resolve_shapes(proto, shapes.input_shapes, reference, branches=shapes.branches)
+
+
 def prepare(
     proto: onnx.ModelProto,
     *,
     shapes: ShapeConfig | None = None,
     fold_bn: bool = True,
     sizes: ModelShapes | None = None,
-    reference: Mapping[str, Any] | None = None,
 ) -> Prepared:
     """Fold BatchNormalization in ``proto`` (in place), resolve the sizes that run and find the sites.
 
-    ``sizes``: sizes resolved already (by :func:`onnx_lowrank.run_shapes.resolve_shapes`); ``reference``: the
-    input to size the model on (the first calibration sample, say), else a random one of ``shapes``."""
+    ``sizes``: sizes resolved already (by :func:`model_sizes`); else they are resolved here on the sample of
+    ``shapes`` or random values."""
     params_before = count_params(proto)
     folded: list[tuple[str, str]] = []
     kept: dict[str, str] = {}
     if fold_bn:
         proto, fold = fold_batchnorm(proto)
         folded, kept = fold.folded, fold.refused
-    input_shapes = shapes.input_shapes if shapes is not None else None
-    model_shapes = sizes if sizes is not None else resolve_shapes(proto, input_shapes, reference)
+    model_shapes = sizes if sizes is not None else model_sizes(proto, shapes)
     return Prepared(proto, params_before, folded, kept, model_shapes, find_sites(proto, model_shapes), fold_bn)
 
 
@@ -150,6 +195,38 @@ def select_layers(prepared: Prepared, policy: PolicyConfig, shapes: ShapeConfig,
     return Selection(reasons, units, counted, warnings, exact, notice)
 
 
+def path_budgets(shapes: ModelShapes, selection: Selection) -> list[PathBudget]:
+    """With If branches sized by runs of their own (``branches="all"``), the paths a MAC budget must each meet:
+    per sized branch of an If, the counted layers outside the other branch of that If and of every If it
+    sits in. Empty when fewer than two distinct paths hold MACs (the whole is then the one budget)."""
+    if not shapes.branch_runs:
+        return []
+    in_units = {site.key: unit for unit in selection.units for site in unit.sites}
+    out: dict[frozenset[str], PathBudget] = {}
+    for flow in shapes.control_flow:
+        if flow.op_type != "If":
+            continue
+        for label in flow.sized_by:
+            chain = dict((*flow.path, (flow.key, label)))
+            on = [s for s in selection.counted if s.cost and all(chain.get(key, step) == step for key, step in s.scope.path)]
+            keys = frozenset(s.key for s in on)
+            if not on or keys in out:
+                continue
+            shares: dict[str, float] = {}
+            fixed = 0
+            for site in on:
+                assert site.cost is not None
+                unit = in_units.get(site.key)
+                if unit is None:
+                    fixed += site.cost.macs
+                elif unit.macs:
+                    shares[unit.key] = shares.get(unit.key, 0.0) + site.cost.macs / unit.macs
+            before = fixed + round(sum(share * next(u.macs for u in selection.units if u.key == key) for key, share in shares.items()))
+            if before:
+                out[keys] = PathBudget(f"the path through the {label} of If {flow.node!r}", shares, fixed, before)
+    return list(out.values()) if len(out) > 1 else []
+
+
 def size_check(sites: list[Site], shapes: ModelShapes, needs_macs: bool, allow_unknown: bool) -> tuple[list[str], dict[str, str], bool]:
     """What the sizes allow: warnings, layers to leave alone for want of a size (key → reason), and whether the
     totals are exact (``False``: layers of unknown size are counted at one output pixel, by request).
@@ -158,7 +235,8 @@ def size_check(sites: list[Site], shapes: ModelShapes, needs_macs: bool, allow_u
     """
     warnings = list(shapes.warnings)
     # a layer that did not run (an If branch the reference input does not take) has no size to plan by
-    idle = {s.key: f"does not run on the reference input: it is in {scope_label(s.scope)}" for s in sites if s.ran is False}
+    idle_why = "no run sized it" if shapes.branches == "all" else "does not run on the reference input"
+    idle = {s.key: f"{idle_why}: it is in {scope_label(s.scope)}" for s in sites if s.ran is False}
     if not needs_macs:
         idle = {}
     guessed = [s for s in sites if s.cost is not None and not s.shape_known and s.ran is not False]
@@ -220,18 +298,24 @@ def layer_report(site: Site, reason: str | None, counted: bool) -> LayerReport:
 
 
 def shapes_report(shapes: ModelShapes) -> dict[str, Any]:
-    """Where the sizes came from (the report's ``shapes``)."""
+    """Where the sizes came from (the report's ``shapes``): the source and reference input, what random values
+    decided in the run, and with ``branches="all"`` the further runs that sized branches."""
     return {
         "source": shapes.source,
         "reference_from": shapes.reference_from,
         "reference_input": {name: list(shape) for name, shape in shapes.input_shapes().items()},
         "missing_inputs": dict(shapes.missing_inputs),
+        "random_choices": [choice.to_dict() for choice in shapes.random_choices],
+        "branches": shapes.branches,
+        "branch_runs": list(shapes.branch_runs),
         "seconds": shapes.seconds,
     }
 
 
 def control_flow_report(shapes: ModelShapes, sites: list[Site], layers: Mapping[str, LayerReport]) -> list[dict[str, Any]]:
-    """Per If/Loop/Scan that holds layers: how it ran on the reference input, and the MACs of each subgraph."""
+    """Per If/Loop/Scan that holds layers: how it ran on the reference input, what sized each subgraph, and the
+    MACs of each subgraph; for an If, also the MACs of each branch's path: the counted layers outside the other
+    branch of this If and of every If it sits in (with ``branches="all"`` the totals hold every branch)."""
     out = []
     for flow in shapes.control_flow:
         branches: dict[str, dict[str, Any]] = {}
@@ -239,11 +323,30 @@ def control_flow_report(shapes: ModelShapes, sites: list[Site], layers: Mapping[
             step = next((label for key, label in site.scope.path if key == flow.key), None)
             if step is None:
                 continue
-            entry = branches.setdefault(step, {"layers": 0, "ran": bool(flow.runs.get(step)), "macs_before": 0, "macs_after": 0})
+            entry = branches.setdefault(
+                step,
+                {
+                    "layers": 0,
+                    "ran": bool(flow.runs.get(step)),
+                    "sized_by": flow.sized_by.get(step),
+                    "macs_before": 0,
+                    "macs_after": 0,
+                },
+            )
             entry["layers"] += 1
             layer = layers[site.key]
             if layer.counted:
                 entry["macs_before"] += layer.macs_before
                 entry["macs_after"] += layer.macs_after
+        if flow.op_type == "If":
+            for label, entry in branches.items():
+                chain = dict((*flow.path, (flow.key, label)))
+                on_path = [
+                    layers[site.key]
+                    for site in sites
+                    if layers[site.key].counted and all(chain.get(key, step) == step for key, step in site.scope.path)
+                ]
+                entry["path_macs_before"] = sum(layer.macs_before for layer in on_path)
+                entry["path_macs_after"] = sum(layer.macs_after for layer in on_path)
         out.append({"node": flow.node, "op_type": flow.op_type, "runs": dict(flow.runs), "subgraphs": branches})
     return out

@@ -70,8 +70,11 @@ class Report:
     quantization: dict[str, Any] = field(default_factory=dict)  # with quantize: mode, types, samples, nodes quantized
     seconds: float = 0.0
     macs_exact: bool = True  # False: layers of unknown size are counted at one output pixel (--allow-unknown-shapes)
-    shapes: dict[str, Any] = field(default_factory=dict)  # where the sizes came from: source, reference input, missing inputs
-    control_flow: list[dict[str, Any]] = field(default_factory=list)  # per If/Loop/Scan holding layers: runs, MACs per subgraph
+    # where the sizes came from: source, reference input, missing inputs, what random values decided (random_choices),
+    # the further runs that sized If branches (branch_runs, with --branches all)
+    shapes: dict[str, Any] = field(default_factory=dict)
+    # per If/Loop/Scan holding layers: runs, per subgraph what sized it and its MACs (for an If branch, of its path too)
+    control_flow: list[dict[str, Any]] = field(default_factory=list)
     notice: str | None = None  # "nothing to decompose: …" when no layer of the model can be decomposed, and why
 
     @property

@@ -21,13 +21,28 @@ a ``Loop`` or ``Scan`` body (stacked over the iterations, so the rows give one
 shape per iteration and their number the trip count). Only int64 shape vectors
 leave the session, never activations.
 
-The reference input is, in order: the given reference (the first calibration
-sample), else a seeded random input of the ``--input-shape`` / declared shapes
-with a symbolic first (batch) dim taken as 1. An input with another symbolic
-dim and no ``--input-shape`` has no size to guess: the result then names it
-(:attr:`ModelShapes.missing_inputs`) and the layers whose size inference left
-unknown stay unknown — callers refuse to plan on them or, when asked to, count
-them at one output pixel.
+The reference input is, in order: the given reference (the ``--sample``, else
+the first calibration sample), else a seeded random input of the
+``--input-shape`` / declared shapes with a symbolic first (batch) dim taken as
+1. An input with another symbolic dim and no ``--input-shape`` has no size to
+guess: the result then names it (:attr:`ModelShapes.missing_inputs`) and the
+layers whose size inference left unknown stay unknown — callers refuse to plan
+on them or, when asked to, count them at one output pixel. Random values are
+said as such: where the random values of an integer or boolean input decide
+what runs (an If's branch, a Loop's trip count, a size set from values;
+:mod:`onnx_lowrank.value_flow`), :attr:`ModelShapes.random_choices` names each
+place and what the run did there, and a random input the model cannot run on is
+an error that names ``--sample``.
+
+Every branch (``branches="all"``): of an If, one run sizes only the branch it
+takes. The branches no run took are sized by runs of their own: first the
+further samples given (each run as it is), then runs of the reference input on
+a copy whose If condition is a constant — the branch *forced*. A forced branch
+that cannot run (its nested If goes down a path that fails on this input, say)
+is forced again with the nested If forced to each of its branches in turn; at
+most :data:`MAX_BRANCH_RUNS` runs are made. Each branch records what sized it
+(:attr:`ControlFlow.sized_by`); a branch no run could size keeps no size, with a
+warning.
 
 Preconditions and limits: layers inside model-local functions are not probed
 (onnxruntime inlines function bodies; their sizes stay unknown); a model that
@@ -51,14 +66,15 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
-from .data_io import model_input_specs
+from .data_io import InputSpec, model_input_specs
 from .errors import LowRankError
 from .graph import GraphPath, Names, namespace_names, subgraphs
 from .model_io import PROTOBUF_LIMIT, copy_fields, estimated_size, write_model
 from .runtime import first_line, make_session
 from .shapes import Shape, concrete_input_shapes, infer_shapes, random_feed
+from .value_flow import Decision, value_decisions
 
-__all__ = ["MAC_OPS", "ControlFlow", "ModelShapes", "TensorSizes", "resolve_shapes"]
+__all__ = ["MAC_OPS", "MAX_BRANCH_RUNS", "ControlFlow", "ModelShapes", "RandomChoice", "TensorSizes", "resolve_shapes"]
 
 # the operators that carry a model's multiply-accumulates: the cost model counts every one of them
 MAC_OPS = frozenset(
@@ -67,6 +83,10 @@ MAC_OPS = frozenset(
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 # the operand of each MAC op whose size sets its cost (QLinearMatMul's second activation is input 3)
 _PROBED_INPUTS = {"QLinearMatMul": (0, 3), "Gemm": (0, 1), "MatMul": (0, 1), "MatMulInteger": (0, 1)}
+# runs beyond the reference one that branches="all" may make to size the branches it does not take
+MAX_BRANCH_RUNS = 16
+RANDOM = "a random input"  # ModelShapes.reference_from of a random reference input
+IF_BRANCHES = ("then_branch", "else_branch")
 
 Key = tuple[GraphPath, str]  # a tensor as read in one graph of the model
 
@@ -84,10 +104,48 @@ class ControlFlow:
     path: GraphPath  # the graph holding the node
     key: str  # its first output: the subgraphs' GraphPath entries name it so
     runs: dict[str, int] = field(default_factory=dict)
+    sized_by: dict[str, str] = field(default_factory=dict)  # subgraph -> the run its sizes come from (what ran in it)
 
     @property
     def taken(self) -> list[str]:
         return [branch for branch, count in self.runs.items() if count]
+
+    @property
+    def ident(self) -> tuple[GraphPath, str]:
+        return self.path, self.key
+
+
+@dataclass
+class RandomChoice:
+    """A place where a random value of an integer or boolean input decided what the sizing run did
+    (:class:`onnx_lowrank.value_flow.Decision`), the random values, and what the run did there."""
+
+    decision: Decision
+    values: dict[str, str]  # each deciding input's random value as shown ("3"; "(1, 4) values" for an array)
+    outcome: str = ""  # "else_branch ran", "3 iterations"; "" when the run did not reach it or did not say
+
+    @property
+    def message(self) -> str:
+        d = self.decision
+        given = ", ".join(f"input {name!r}" + (f" ({name}={self.values[name]})" if name in self.values else "") for name in d.inputs)
+        where = f" in {d.within[-1]}" if d.within else ""
+        done = f" ({self.outcome})" if self.outcome else ""
+        thing = {"branch": "the branch of", "trip count": "the trip count of", "sizes": "the output sizes of"}[d.what]
+        verb = "was chosen" if d.what == "branch" else "was set" if d.what == "trip count" else "were set"
+        return f"{thing} {d.op_type} {d.node!r}{where}{done} {verb} by a random value of {given}; pass --sample for the one you run"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.decision
+        return {
+            "node": d.node,
+            "op_type": d.op_type,
+            "what": d.what,
+            "inputs": list(d.inputs),
+            "values": dict(self.values),
+            "outcome": self.outcome,
+            "within": list(d.within),
+            "message": self.message,
+        }
 
 
 @dataclass
@@ -115,6 +173,9 @@ class ModelShapes:
     control_flow: list[ControlFlow] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    random_choices: list[RandomChoice] = field(default_factory=list)  # what random values decided in the run
+    branches: str = "run"  # "all": every If branch sized by a run of its own
+    branch_runs: list[str] = field(default_factory=list)  # the runs beyond the reference one that sized branches
 
     def sizes(self, path: GraphPath, name: str, in_function: bool = False) -> TensorSizes | None:
         """The shapes ``name`` had when read in the graph at ``path``; None when unknown."""
@@ -356,7 +417,10 @@ def _run(model: onnx.ModelProto, shell: onnx.ModelProto, feeds: Mapping[str, Any
 
 
 def _reference(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None, reference: Mapping[str, Any] | None
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    reference: Mapping[str, Any] | None,
+    reference_from: str,
 ) -> tuple[dict[str, npt.NDArray[Any]] | None, str, dict[str, str]]:
     """The reference input, where it comes from, and the inputs that have no size (then the input is None)."""
     specs = model_input_specs(model)
@@ -364,32 +428,51 @@ def _reference(
         absent = [spec.name for spec in specs if spec.name not in reference]
         if absent:
             raise LowRankError(f"the reference input lacks model input(s) {', '.join(absent)}")
-        return {spec.name: np.asarray(reference[spec.name]) for spec in specs}, "the first calibration sample", {}
+        return {spec.name: np.asarray(reference[spec.name]) for spec in specs}, reference_from, {}
     shapes, missing = concrete_input_shapes(specs, input_shapes)
     if missing:
         return None, "", missing
-    return random_feed(specs, shapes), "a random input", {}
+    return random_feed(specs, shapes), RANDOM, {}
+
+
+def _random_choices(model: onnx.ModelProto, specs: Sequence[InputSpec], feeds: Mapping[str, Any]) -> list[RandomChoice]:
+    """What the random values of the integer and boolean inputs decide (see :mod:`onnx_lowrank.value_flow`)."""
+    chosen = [spec.name for spec in specs if spec.dtype is not None and spec.dtype.kind in "biu"]
+    out = []
+    for decision in value_decisions(model, chosen, MAC_OPS):
+        values = {}
+        for name in decision.inputs:
+            value = np.asarray(feeds[name])
+            values[name] = str(value.item()) if value.size == 1 else f"{tuple(value.shape)} values"
+        out.append(RandomChoice(decision, values))
+    return out
 
 
 def resolve_shapes(
     model: onnx.ModelProto,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     reference: Mapping[str, Any] | None = None,
+    *,
+    reference_from: str = "the first calibration sample",
+    more: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    branches: str = "run",
 ) -> ModelShapes:
     """Sizes of every layer's operands (see the module docstring).
 
     ``input_shapes`` fix symbolic input dims (``--input-shape``); ``reference`` is a concrete input
-    (one sample of each input, batch axis included) that takes precedence. A size given to an input
-    whose dims are symbolic is always run once, even when inference alone knows every layer's size:
-    the run is what checks that the model accepts it.
+    (one input set as the model takes it: the sample, or the first calibration sample with its batch axis)
+    that takes precedence, and ``reference_from`` says what it is. A size given to an input whose dims are
+    symbolic is always run once, even when inference alone knows every layer's size: the run is what checks
+    that the model accepts it. ``branches="all"`` sizes every If branch by a run of its own: ``more``
+    (description, input) are further inputs run first, then runs with the branch forced.
     """
     start = time.perf_counter()
     specs = model_input_specs(model)
-    feeds, reference_from, missing = _reference(model, input_shapes, reference)
+    feeds, reference_from, missing = _reference(model, input_shapes, reference, reference_from)
     overrides = {name: tuple(v.shape) for name, v in feeds.items()} if feeds is not None else dict(input_shapes or {})
     static = infer_shapes(model)
     planning = infer_shapes(model, overrides) if overrides else static
-    result = ModelShapes(static, planning, reference=feeds, reference_from=reference_from, missing_inputs=missing)
+    result = ModelShapes(static, planning, reference=feeds, reference_from=reference_from, missing_inputs=missing, branches=branches)
     wanted = _probes_wanted(model)
     sized = set(input_shapes or {}) | set(reference or {})
     given_dynamic = any(spec.name in sized and (spec.dims is None or any(not isinstance(d, int) for d in spec.dims[1:])) for spec in specs)
@@ -400,27 +483,195 @@ def resolve_shapes(
         result.source = "unknown"
         result.seconds = time.perf_counter() - start
         return result
+    choices = _random_choices(model, specs, feeds) if reference is None else []
     ranks = {name: len(shape) for name, shape in planning.items()}
-    shell, instrumenter, probes = _instrumented(model, wanted, ranks)
-    names = [probe.output for probe in probes]
-    try:
-        values = _run(model, shell, feeds, names)
-    except LowRankError:
-        raise
-    except Exception as exc:  # onnxruntime raises its own exception types
-        _explain_failure(model, feeds, reference_from)
+    run = _probed_run(model, wanted, ranks, feeds, {})
+    if isinstance(run, str):
+        _explain_failure(model, feeds, reference_from, choices)
         result.source = "unknown"
-        result.warnings.append(f"the sizes could not be read from a run ({first_line(exc)}); sizes inference left open stay unknown")
+        result.warnings.append(f"the sizes could not be read from a run ({run}); sizes inference left open stay unknown")
         result.seconds = time.perf_counter() - start
         return result
     result.source = "run"
-    result.control_flow = instrumenter.control_flow
-    _read(result, probes, values)
+    result.control_flow, result.observed = run
+    for key, shapes in result.observed.items():
+        if not key[0] and shapes:
+            result.planning[key[1]] = shapes[0]
+    for flow in result.control_flow:
+        flow.sized_by = {label: reference_from for label in flow.taken}
+    result.random_choices = choices
+    _outcomes(choices, result.control_flow)
+    result.warnings += [choice.message for choice in choices]
+    if branches == "all":
+        _size_every_branch(model, result, wanted, ranks, feeds, more)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _explain_failure(model: onnx.ModelProto, feeds: Mapping[str, Any], reference_from: str) -> None:
+Forcing = dict[tuple[GraphPath, str], str]  # If (graph path, key) -> the branch its condition is forced to
+Run = tuple[list[ControlFlow], dict[Key, list[tuple[int, ...]]]]
+
+
+def _probed_run(
+    model: onnx.ModelProto, wanted: Mapping[GraphPath, list[str]], ranks: Mapping[str, int], feeds: Mapping[str, Any], forcing: Forcing
+) -> Run | str:
+    """One probed run (the If branches of ``forcing`` forced): how the control flow ran and each probed tensor's
+    shapes; or onnxruntime's first line when the run fails."""
+    shell, instrumenter, probes = _instrumented(model, wanted, ranks)
+    for (path, key), label in forcing.items():
+        _force(shell.graph, path, key, label == "then_branch", instrumenter.names)
+    try:
+        values = _run(model, shell, feeds, [probe.output for probe in probes])
+    except LowRankError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types
+        return first_line(exc)
+    observed: dict[Key, list[tuple[int, ...]]] = {}
+    _read(observed, probes, values, instrumenter.control_flow)
+    return instrumenter.control_flow, observed
+
+
+def _graph_at(graph: onnx.GraphProto, path: GraphPath) -> onnx.GraphProto | None:
+    for key, label in path:
+        node = next((n for n in graph.node if (n.output[0] if n.output else n.name) == key), None)
+        inner = dict(subgraphs(node)) if node is not None else {}
+        if label not in inner:
+            return None
+        graph = inner[label]
+    return graph
+
+
+def _force(graph: onnx.GraphProto, path: GraphPath, key: str, value: bool, names: Names) -> None:
+    """Make the condition of the If ``key`` in the graph at ``path`` a constant ``value``."""
+    holder = _graph_at(graph, path)
+    node = next((n for n in holder.node if n.op_type == "If" and (n.output[0] if n.output else n.name) == key), None) if holder else None
+    if holder is None or node is None:
+        return
+    name = names.fresh("lowrank_probe/forced")
+    constant = helper.make_node(
+        "Constant", [], [name], name=names.fresh("lowrank_probe/Constant"), value=numpy_helper.from_array(np.array(value), name)
+    )
+    node.input[0] = name
+    nodes = list(holder.node)
+    del holder.node[:]
+    holder.node.extend([constant, *nodes])
+
+
+def _outcomes(choices: list[RandomChoice], flows: list[ControlFlow]) -> None:
+    """What the run did at each random choice it reached: the branch that ran, the iterations."""
+    by_ident = {flow.ident: flow for flow in flows}
+    for choice in choices:
+        flow = by_ident.get((choice.decision.path, choice.decision.key))
+        if flow is None:
+            continue
+        if flow.op_type == "If" and flow.taken:
+            choice.outcome = " and ".join(flow.taken) + " ran"
+        elif flow.op_type == "Loop":
+            choice.outcome = f"{flow.runs.get('body', 0)} iteration(s)"
+
+
+def _holds(wanted: Mapping[GraphPath, list[str]], path: GraphPath) -> bool:
+    return any(p[: len(path)] == path for p in wanted if len(p) >= len(path))
+
+
+def _describe(reference_from: str, forcing: Forcing, flows: Mapping[tuple[GraphPath, str], ControlFlow]) -> str:
+    forced = ", ".join(f"If {flows[ident].node!r} forced to {label}" for ident, label in forcing.items() if ident in flows)
+    return f"{reference_from} with {forced}"
+
+
+def _size_every_branch(
+    model: onnx.ModelProto,
+    result: ModelShapes,
+    wanted: Mapping[GraphPath, list[str]],
+    ranks: Mapping[str, int],
+    feeds: Mapping[str, Any],
+    more: Sequence[tuple[str, Mapping[str, Any]]],
+) -> None:
+    """Size the If branches the reference run did not take (see the module docstring), in ``result``."""
+    flows = {flow.ident: flow for flow in result.control_flow}
+    reached: dict[tuple[GraphPath, str], Forcing] = {f.ident: {} for f in result.control_flow if f.op_type == "If" and f.taken}
+
+    def merge(run: Run, description: str, forcing: Forcing) -> None:
+        found, observed = run
+        differ = []
+        for key, shapes in observed.items():
+            if key[0] and shapes and not result.observed.get(key):
+                result.observed[key] = shapes
+            elif shapes and result.observed.get(key) and shapes != result.observed[key]:
+                differ.append(key[1])
+        if differ:  # a layer has one size per execution, not one per path: the reference input's stands
+            shown = ", ".join(differ[:3]) + (", …" if len(differ) > 3 else "")
+            result.warnings.append(
+                f"on {description}, {len(differ)} tensor(s) read by layers that also run on the reference input have other sizes "
+                f"({shown}): those layers are counted at the reference input's sizes on every path"
+            )
+        for flow in found:
+            ours = flows.setdefault(flow.ident, flow)
+            if ours is flow:
+                result.control_flow.append(flow)
+                flow.runs, flow.sized_by = dict.fromkeys(flow.runs, 0), {}
+            for label in flow.taken:
+                ours.sized_by.setdefault(label, description)
+            if flow.op_type == "If" and flow.taken:
+                reached.setdefault(flow.ident, forcing)
+
+    def open_branches() -> list[tuple[ControlFlow, str]]:
+        return [
+            (flow, label)
+            for flow in result.control_flow
+            if flow.op_type == "If" and flow.ident in reached
+            for label in IF_BRANCHES
+            if label not in flow.sized_by and _holds(wanted, (*flow.path, (flow.key, label)))
+        ]
+
+    for description, sample in more:
+        run = _probed_run(model, wanted, ranks, sample, {})
+        if isinstance(run, str):
+            _explain_failure(model, sample, description, [])
+            raise LowRankError(f"onnxruntime cannot run the probed model on {description}: {run}")
+        merge(run, description, {})
+        result.branch_runs.append(description)
+    failed: dict[tuple[tuple[GraphPath, str], str], str] = {}
+    runs = 0
+    while runs < MAX_BRANCH_RUNS:
+        todo = [(flow, label) for flow, label in open_branches() if (flow.ident, label) not in failed]
+        if not todo:
+            break
+        flow, label = todo[0]
+        attempts: list[Forcing] = [{**reached[flow.ident], flow.ident: label}]
+        why = ""
+        while attempts and runs < MAX_BRANCH_RUNS:
+            forcing = attempts.pop(0)
+            runs += 1
+            run = _probed_run(model, wanted, ranks, feeds, forcing)
+            if not isinstance(run, str):
+                description = _describe(result.reference_from, forcing, flows)
+                merge(run, description, forcing)
+                result.branch_runs.append(description)
+                if label in flow.sized_by:
+                    break
+                why = "the branch did not run even with its condition forced"
+                continue
+            why = run
+            # a nested If may have sent the forced run down a path that fails: force it too, to each branch
+            inner = (*flow.path, (flow.key, label))
+            nested = [f for f in result.control_flow if f.op_type == "If" and f.path[: len(inner)] == inner and f.ident not in forcing]
+            if nested:
+                attempts += [{**forcing, nested[0].ident: branch} for branch in IF_BRANCHES]
+        if label not in flow.sized_by:
+            failed[(flow.ident, label)] = why or f"more than {MAX_BRANCH_RUNS} runs"
+    for (ident, label), why in failed.items():
+        result.warnings.append(
+            f"the {label} of If {flows[ident].node!r} could not be sized by a run with its condition forced ({why}): "
+            "its layers have no size and are left as they are; pass a further --sample that takes it"
+        )
+    left = [(flow, label) for flow, label in open_branches() if (flow.ident, label) not in failed]
+    if left:
+        shown = ", ".join(f"the {label} of If {flow.node!r}" for flow, label in left[:3])
+        result.warnings.append(f"{len(left)} branch(es) not sized within {MAX_BRANCH_RUNS} forced runs ({shown}): left as they are")
+
+
+def _explain_failure(model: onnx.ModelProto, feeds: Mapping[str, Any], reference_from: str, choices: Sequence[RandomChoice]) -> None:
     """Raise the user's error when the model itself rejects the reference input; return when only the probes failed."""
     with tempfile.TemporaryDirectory() as tmp:
         shell = onnx.ModelProto()
@@ -433,11 +684,25 @@ def _explain_failure(model: onnx.ModelProto, feeds: Mapping[str, Any], reference
         except LowRankError:
             raise
         except Exception as plain:  # onnxruntime raises its own exception types
-            shapes = ", ".join(f"{k}={','.join(map(str, np.shape(v)))}" for k, v in feeds.items())
-            raise LowRankError(f"onnxruntime cannot run the model on {reference_from} ({shapes}): {first_line(plain)}") from None
+            shapes = ", ".join(f"{k}={','.join(map(str, np.shape(v))) or 'scalar'}" for k, v in feeds.items())
+            advice = ""
+            if reference_from == RANDOM:
+                decided = ", ".join(
+                    dict.fromkeys(
+                        ("the sizes of " if c.decision.what == "sizes" else "") + f"{c.decision.op_type} {c.decision.node!r}"
+                        for c in choices
+                    )
+                )
+                values = ", ".join(dict.fromkeys(f"{n}={v}" for c in choices for n, v in c.values.items()))
+                advice = (
+                    f"; random values ({values}) decide {decided}: pass --sample FILE.npz with an input the model runs on"
+                    if decided
+                    else "; pass --sample FILE.npz with an input the model runs on"
+                )
+            raise LowRankError(f"onnxruntime cannot run the model on {reference_from} ({shapes}): {first_line(plain)}{advice}") from None
 
 
-def _read(result: ModelShapes, probes: list[_Probe], values: list[Any]) -> None:
+def _read(observed: dict[Key, list[tuple[int, ...]]], probes: list[_Probe], values: list[Any], flows: list[ControlFlow]) -> None:
     for probe, value in zip(probes, values, strict=True):
         array = np.asarray(value, dtype=np.int64)
         if probe.marker_of is not None:
@@ -450,14 +715,12 @@ def _read(result: ModelShapes, probes: list[_Probe], values: list[Any]) -> None:
         rank = array.shape[-1] if array.ndim else 0
         rows = array.reshape(-1, rank) if rank else np.zeros((0, 0), np.int64)
         shapes = [tuple(int(d) for d in row) for row in rows if not np.any(row < 0)]
-        result.observed[probe.key] = shapes
+        observed[probe.key] = shapes
         if probe.loops:
             # the leading axes of a stacked probe are the iterations of each enclosing loop
             iterations = int(np.prod(array.shape[: len(probe.loops)])) if array.ndim > len(probe.loops) else 0
             innermost = probe.loops[-1]
             innermost.runs["body"] = max(innermost.runs.get("body", 0), iterations)
-        if not probe.key[0] and shapes:
-            result.planning[probe.key[1]] = shapes[0]
-    for flow in result.control_flow:
+    for flow in flows:
         if flow.op_type in ("Loop", "Scan") and "body" not in flow.runs:
             flow.runs["body"] = 0

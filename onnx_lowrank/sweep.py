@@ -17,8 +17,9 @@ Per target the result is run in onnxruntime beside the original:
   ``runs`` interleaved runs (:func:`onnx_lowrank.verify.interleaved_latency`) on
   one batch (one sample where the batch dimension is free);
 * **output error**: :func:`onnx_lowrank.verify.compare_outputs` of every output
-  over all evaluation samples, and the top-1 agreement of 2-D outputs;
-  ``labels`` in the evaluation inputs give both models' accuracy;
+  over all evaluation samples (the evaluation inputs, else the ``--sample``,
+  else random inputs), and the top-1 agreement of 2-D outputs; ``labels`` in
+  the evaluation inputs give both models' accuracy;
 * **conversion seconds**: planning, applying and refitting this target (the
   shared preparation is reported once, in :attr:`SweepResult.prepare_seconds`;
   the first target's time includes the spectra the later targets reuse).
@@ -46,13 +47,12 @@ from .api import ModelLike, as_model, calibrated_conversion, convert_prepared
 from .config import DEFAULT_SPEEDUP, DecomposeConfig, DecomposeKeywords
 from .errors import LowRankError
 from .factorization import Kind, decompose_kernel
-from .layers import Prepared, prepare
+from .layers import Prepared, load_samples, model_sizes, prepare
 from .model_io import save_model
 from .planning import CalibrationRun
 from .ranks import tail_errors
 from .report import Report
-from .run_shapes import resolve_shapes
-from .runtime import make_session
+from .runtime import first_line, make_session
 from .shapes import session_input_specs
 from .stats import speedup_estimate
 from .threads import single_threaded_blas
@@ -210,12 +210,25 @@ def _free_batch(session: Any) -> bool:
 
 
 def _evaluation(
-    session: Any, inputs: str | os.PathLike[str] | Mapping[str, Array] | None, input_shapes: Mapping[str, Sequence[int]] | None
+    session: Any,
+    inputs: str | os.PathLike[str] | Mapping[str, Array] | None,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    sample: tuple[str, dict[str, Array]] | None = None,
 ) -> _Evaluation:
-    """Load and check the evaluation inputs and run the original on them (raises :class:`LowRankError` when they do not fit)."""
+    """Load and check the evaluation inputs and run the original on them (raises :class:`LowRankError` when they do not fit).
+
+    ``sample``: without evaluation inputs, the (name, input set) to evaluate on instead of random inputs."""
     free = _free_batch(session)
     names = [i.name for i in session.get_inputs()]
     labels: Array | None = None
+    if inputs is None and sample is not None:
+        feed = {n: sample[1][n] for n in names}
+        outputs = [o.name for o in session.get_outputs()]
+        try:
+            reference = session.run(outputs, feed)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise LowRankError(f"onnxruntime cannot run the model on {sample[0]}: {first_line(exc)}") from None
+        return _Evaluation([feed], feed, None, outputs, list(reference), 1, sample[0].removeprefix("the "))
     if inputs is None:
         feeds = random_inputs(session, seed=0, batch=RANDOM_SAMPLES if free else 1, input_shapes=input_shapes)
         description = "random"
@@ -321,9 +334,17 @@ def layer_spectra(prepared: Prepared, reports: Sequence[Report]) -> list[LayerSp
     return out
 
 
-def report_spectra(model: ModelLike, report: Report, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[LayerSpectrum]:
-    """:func:`layer_spectra` of one finished conversion of ``model`` (the model is prepared again, as the conversion did)."""
-    config = DecomposeConfig.from_keywords(input_shapes=input_shapes)
+def report_spectra(
+    model: ModelLike,
+    report: Report,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    sample: Any = None,
+    branches: str | None = None,
+) -> list[LayerSpectrum]:
+    """:func:`layer_spectra` of one finished conversion of ``model`` (the model is prepared again, as the conversion
+    did, on the same ``input_shapes``, ``sample`` and ``branches``)."""
+    config = DecomposeConfig.from_keywords(input_shapes=input_shapes, sample=sample, branches=branches)
     prepared = prepare(as_model(model), shapes=config.shapes, fold_bn=bool(report.policy.get("fold_bn", True)))
     return layer_spectra(prepared, [report])
 
@@ -350,21 +371,25 @@ def _timed(fn: Callable[[], tuple[onnx.ModelProto, Report]]) -> tuple[onnx.Model
 
 
 def _conversions(
-    proto: onnx.ModelProto, targets: list[float], config: DecomposeConfig, workers: int | None, info: dict[str, Any]
+    proto: onnx.ModelProto,
+    targets: list[float],
+    config: DecomposeConfig,
+    workers: int | None,
+    info: dict[str, Any],
+    samples: list[tuple[str, dict[str, Array]]],
 ) -> Iterator[tuple[float, tuple[onnx.ModelProto, Report, float] | LowRankError]]:
-    """Each target's converted model, report and seconds (or the error that stopped it), sharing one preparation.
+    """Each target's converted model, report and seconds (or the error that stopped it), sharing one preparation
+    sized on the sample (``samples``, as read), else the first calibration sample, else random values.
 
     ``info`` receives ``prepared``, ``prepare_seconds`` and, with calibration data, ``calibration``.
     """
     start = time.perf_counter()
     data = None
-    reference = None
     if config.calibration.given:
         from .calibration import load_calibration
 
         data = load_calibration(config.calibration.source, proto)
-        reference = {name: values[:1] for name, values in data.items()}  # the sizes of a real input, for every target
-    sizes = resolve_shapes(proto, config.shapes.input_shapes, reference)
+    sizes = model_sizes(proto, config.shapes, data, samples)
     prepared = prepare(as_model(proto), shapes=config.shapes, fold_bn=config.policy.fold_bn, sizes=sizes)
 
     def at(target: float) -> DecomposeConfig:
@@ -416,7 +441,7 @@ def sweep(
     latency measured here at onnxruntime's default threads wherever the model can be timed), so the row of
     the default target is the model ``decompose`` writes. ``eval_inputs``: an ``.npz`` (or mapping) keyed by
     input name with samples on axis 0, and optionally ``labels`` (one class index per sample) for accuracy;
-    default: seeded random inputs. ``runs``: interleaved timed runs of each model per target (0: not timed),
+    default: the sample (``sample=``), else seeded random inputs. ``runs``: interleaved timed runs of each model per target (0: not timed),
     at the plan's threads. ``profile``: also time each operator type (onnxruntime's profiler).
     ``save_dir``: write each converted model there as ``<model>-x<target>.onnx``; nothing is written
     otherwise. ``progress(done, total, name)`` is called as targets finish.
@@ -440,10 +465,11 @@ def sweep(
     name = Path(model).name if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
     proto = as_model(model)
     session = make_session(proto, threads=threads)
-    evaluation = _evaluation(session, eval_inputs, config.shapes.input_shapes)
+    samples = load_samples(proto, config.shapes)
+    evaluation = _evaluation(session, eval_inputs, config.shapes.input_shapes, samples[0] if samples else None)
     info: dict[str, Any] = {}
     rows: list[SweepRow] = []
-    conversions = _conversions(proto, targets, config, workers, info)
+    conversions = _conversions(proto, targets, config, workers, info, samples)
     for done, (target, outcome) in enumerate(conversions, 1):
         row = SweepRow(target=target, reached=not isinstance(outcome, LowRankError))
         if isinstance(outcome, LowRankError):

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from .data_io import InputSpec, check_allocation, check_samples, load_npz, model_input_specs
+from .data_io import InputSpec, check_allocation, check_samples, load_npz, load_sample, model_input_specs
 from .errors import LowRankError
 from .model_io import load_model
 from .runtime import make_session
@@ -244,10 +244,13 @@ def verify(
     seed: int = 0,
     profile: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    sample: str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | None = None,
 ) -> VerifyResult:
     """Run both models in onnxruntime on the same inputs and compare (see the module docstring).
 
     ``input_shapes``: shapes of the random inputs (by input name) where the model leaves dims symbolic.
+    ``sample``: instead of ``inputs``, one input set as the model takes it (no sample axis; a scalar input as
+    a 0-d array), an ``.npz`` or a mapping — what a model with a scalar input is run on.
     ``profile``: also time each operator type of both models with onnxruntime's profiler (``runs`` runs each,
     after the interleaved timing), which shows where a measured speedup falls short of the MAC ratio.
     """
@@ -266,7 +269,11 @@ def verify(
         raise LowRankError(f"outputs differ: {names} vs {cand_names}")
     input_names = [i.name for i in ref.get_inputs()]
     labels = None
-    if inputs is None:
+    if inputs is not None and sample is not None:
+        raise LowRankError("give inputs (samples on axis 0) or one sample, not both")
+    if sample is not None:
+        batches = [load_sample(sample, session_input_specs(ref))]
+    elif inputs is None:
         batches = [random_inputs(ref, seed, input_shapes=input_shapes)]
     else:
         data, labels = load_inputs(inputs, session_input_specs(ref))
@@ -284,7 +291,8 @@ def verify(
     merged_ref = [np.concatenate([b[i] for b in ref_out]) if len(ref_out) > 1 else ref_out[0][i] for i in range(len(names))]
     merged_cand = [np.concatenate([b[i] for b in cand_out]) if len(cand_out) > 1 else cand_out[0][i] for i in range(len(names))]
     stats = compare_outputs(names, merged_ref, merged_cand, rtol, atol, labels)
-    result = VerifyResult(stats, rtol, atol, list(cand.get_providers()), samples=sum(len(next(iter(b.values()))) for b in batches))
+    count = 1 if sample is not None else sum(_samples_in(b) for b in batches)
+    result = VerifyResult(stats, rtol, atol, list(cand.get_providers()), samples=count)
     if runs > 0:
         for _ in range(warmup):
             ref.run(None, batches[0])
@@ -297,6 +305,12 @@ def verify(
             before, after = kernel_times([original, candidate], batches[0], threads, runs=runs, warmup=warmup, providers=providers)
             result.kernels = {"original": before.by_op, "candidate": after.by_op}
     return result
+
+
+def _samples_in(batch: Mapping[str, npt.NDArray[Any]]) -> int:
+    """The samples of a batch: the first dim of its first input (one for a scalar input)."""
+    first = next(iter(batch.values()), None)
+    return int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
 
 
 def _check_readable(path: str | os.PathLike[str]) -> None:

@@ -21,6 +21,12 @@ never modified) — is mutated, then run through ``decompose``, ``inspect`` or
 * data files (``--calibration``, ``--verify-inputs``, ``verify --inputs``): zero
   samples, scalars, wrong dtype/shape/rank, NaN, files that start like a zip and
   are not, truncated archives, headers declaring huge arrays, pickled objects;
+* samples (``--sample``, one input set without a sample axis): missing inputs,
+  extra arrays, a sample axis the model does not have, wrong dtypes and shapes,
+  NaN, a scalar for a tensor, headers declaring huge arrays, files that are not
+  archives; with ``--branches all`` at times. The ``rate-if`` base (an int64
+  scalar ``sr`` whose value picks an If branch) is fuzzed on its own slice
+  (:data:`SAMPLE_BUILDERS`), so the seeds of the other slices keep their cases;
 * flags: policies, ranks files, regexes, ``--input-shape`` values (absent
   inputs, wrong ranks, sizes beyond memory), report paths, output folders.
 
@@ -155,6 +161,25 @@ def _conv_in_function() -> onnx.ModelProto:
     return model
 
 
+def _rate_if() -> onnx.ModelProto:
+    """A conv per branch of an If on ``sr == 16000``, ``sr`` an int64 scalar input (as voice-activity models take the
+    sample rate), a float input ``x`` and a float ``state`` added after the If."""
+    rng = np.random.default_rng(9)
+
+    def branch(name: str, kernel: int) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.standard_normal((4, 4, kernel, kernel)).astype(np.float32), f"{name}_W")
+        node = helper.make_node("Conv", ["x", f"{name}_W"], [f"{name}_y"], name=f"{name}_conv", pads=[kernel // 2] * 4)
+        return helper.make_graph([node], name, [], [_vi(f"{name}_y", None)], [w])
+
+    nodes = [
+        helper.make_node("Equal", ["sr", "rate"], ["is16k"], name="equal"),
+        helper.make_node("If", ["is16k"], ["f"], name="if", then_branch=branch("then", 3), else_branch=branch("else", 5)),
+        helper.make_node("Add", ["f", "state"], ["y"], name="add"),
+    ]
+    inputs = [_vi("x", ["n", 4, 9, 9]), _vi("state", [1, 4, 9, 9]), _vi("sr", [], TensorProto.INT64)]
+    return make_model(nodes, inputs, [_vi("y", None)], {"rate": np.array(16000, np.int64)})
+
+
 BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
     "conv-in-function": _conv_in_function,
     "conv": lambda: conv_model(input_shape=("n", 6, 12, 12)),
@@ -169,11 +194,15 @@ BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
 }
 
 
+# bases fuzzed on a slice of their own (test_fuzz.py), with a --sample in most cases
+SAMPLE_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {"rate-if": _rate_if}
+
+
 @functools.cache
 def base_bytes(name: str) -> bytes:
     if name in SHIPPED:
         return SHIPPED[name].read_bytes()
-    return BUILDERS[name]().SerializeToString()
+    return {**BUILDERS, **SAMPLE_BUILDERS}[name]().SerializeToString()
 
 
 # --------------------------------------------------------------------------- structure-aware mutations
@@ -545,6 +574,95 @@ def data_file(rng: random.Random, model_bytes: bytes, pick: Picker) -> tuple[byt
     return data, how
 
 
+def _specs(model_bytes: bytes) -> list[tuple[str, int, list[int]]]:
+    """(name, element type, dims with symbolic ones as 1) of the model's inputs; empty when it does not parse."""
+    try:
+        model = onnx.load_from_string(model_bytes)
+    except Exception:
+        return []
+    inits = {t.name for t in model.graph.initializer}
+    return [
+        (v.name, v.type.tensor_type.elem_type, [d.dim_value if d.dim_value > 0 else 1 for d in v.type.tensor_type.shape.dim])
+        for v in model.graph.input
+        if v.name not in inits
+    ]
+
+
+def sample_file(rng: random.Random, model_bytes: bytes, pick: Picker) -> tuple[bytes, str]:
+    """A ``--sample`` for the model's inputs (from the unmutated base): one input set, valid or malformed."""
+    arrays: dict[str, np.ndarray] = {}
+    values = np.random.default_rng(rng.randrange(1000))
+    for name, elem, dims in _specs(model_bytes):
+        if elem == TensorProto.INT64:
+            arrays[name] = np.full(dims, rng.choice([16000, 8000, 16000, 3]), np.int64)
+        elif elem == TensorProto.BOOL:
+            arrays[name] = np.full(dims, rng.random() < 0.5)
+        else:
+            arrays[name] = values.standard_normal(dims).astype(np.float32)
+    how = pick(
+        ["valid", "valid", "float64"],
+        [
+            "missing-input",
+            "extra-array",
+            "batch-axis",
+            "wrong-dtype",
+            "float-for-int",
+            "wrong-shape",
+            "scalar-for-tensor",
+            "nan",
+            "complex",
+            "huge-header",
+            "not-npz",
+            "npy",
+            "empty",
+        ],
+    )
+    name = next(iter(arrays), "x")
+    first = arrays.get(name, np.zeros((1, 1), np.float32))
+    ints = [n for n, v in arrays.items() if v.dtype == np.int64]
+    if how == "missing-input":
+        arrays.pop(name, None)
+    elif how == "extra-array":
+        arrays["labels"] = np.arange(3)
+    elif how == "batch-axis":
+        target = rng.choice(ints or [name])
+        arrays[target] = arrays.get(target, first)[None]
+    elif how == "wrong-dtype":
+        arrays[name] = np.full(first.shape, "a")
+    elif how == "float-for-int":
+        target = rng.choice(ints or [name])
+        arrays[target] = arrays.get(target, first).astype(np.float32) + 0.5
+    elif how == "wrong-shape":
+        arrays[name] = np.zeros((*first.shape[:-1], first.shape[-1] + 1) if first.ndim else (2,), np.float32)
+    elif how == "scalar-for-tensor":
+        arrays[name] = np.float32(1.0)
+    elif how == "nan":
+        arrays[name] = np.full(first.shape, np.nan, np.float32)
+    elif how == "complex":
+        arrays[name] = first.astype(np.complex64)
+    elif how == "float64":
+        arrays = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in arrays.items()}
+    if how == "huge-header":
+        return _huge_header({k: np.atleast_1d(v) for k, v in arrays.items()}), how
+    if how == "not-npz":
+        return b"PK\x03\x04" + bytes(rng.randrange(256) for _ in range(64)), how
+    if how == "npy":
+        buf = io.BytesIO()
+        np.save(buf, first)
+        return buf.getvalue(), how
+    if how == "empty":
+        return b"", how
+    return _npz(arrays), how
+
+
+def _sample_flags(rng: random.Random, model_bytes: bytes, files: dict[str, bytes], pick: Picker, branches: bool) -> list[str]:
+    files["sample.npz"], _ = sample_file(rng, model_bytes, pick)
+    flags = ["--sample", "{in}/sample.npz"]
+    if branches and rng.random() < 0.4:
+        flags += ["--branches", "all"]
+    return flags
+
+
 class Picker:
     """Chooses flag values: valid ones, and at most ``budget`` malformed ones per case (a case whose every flag
     is malformed stops at the first, and tests nothing else)."""
@@ -572,7 +690,7 @@ def _input_shape_flag(pick: Picker, model_bytes: bytes) -> list[str]:
     return ["--input-shape", f"{pick([name], ['no_such_input'])}={pick(good, bad)}"]
 
 
-def decompose_flags(rng: random.Random, model_bytes: bytes, files: dict[str, bytes], measure: bool) -> list[str]:
+def decompose_flags(rng: random.Random, model_bytes: bytes, files: dict[str, bytes], measure: bool, sample: float = 0.0) -> list[str]:
     pick = Picker(rng, 1 if rng.random() < 0.35 else 0)
     flags: list[str] = []
     policy = pick(["default", "rank", "energy", "speedup", "params", "speedup-params", "ranks"], ["two"])
@@ -618,6 +736,8 @@ def decompose_flags(rng: random.Random, model_bytes: bytes, files: dict[str, byt
     elif roll < 0.35:
         files["verify.npz"], _ = data_file(rng, model_bytes, pick)
         flags += ["--verify-inputs", "{in}/verify.npz"]
+    if sample and rng.random() < sample:  # drawn last: the other flags of a seed stay as they were
+        flags += _sample_flags(rng, model_bytes, files, pick, branches=True)
     return flags
 
 
@@ -639,14 +759,18 @@ class Case:
         return f"seed {self.seed}: {self.base} {self.mutation}: {' '.join(self.argv)}"
 
 
-def make_case(seed: int, bases: list[str] | None = None) -> Case:
-    """The case of ``seed`` (the same every time)."""
+MUTATIONS = (1, 2, 8, 1)  # weights of no mutation, bytes, structure, both
+
+
+def make_case(seed: int, bases: list[str] | None = None, mutations_weights: tuple[int, ...] = MUTATIONS) -> Case:
+    """The case of ``seed`` (the same every time); ``mutations_weights``: how often the model is left whole, its
+    bytes mutated, its structure, both."""
     rng = random.Random(seed)
     base = rng.choice(bases or [*BUILDERS, "digits"])
     original = base_bytes(base)
     data = original
     mutations = []
-    kind = rng.choices(["none", "bytes", "structure", "both"], weights=[1, 2, 8, 1])[0]
+    kind = rng.choices(["none", "bytes", "structure", "both"], weights=list(mutations_weights))[0]
     if kind in ("structure", "both"):
         model = onnx.load_from_string(original)
         for _ in range(rng.choice([1, 1, 1, 2, 3])):
@@ -666,15 +790,18 @@ def make_case(seed: int, bases: list[str] | None = None) -> Case:
     command = rng.choices(["decompose", "inspect", "verify-self", "verify-original"], weights=[10, 2, 2, 2])[0]
     pick = Picker(rng, 1 if rng.random() < 0.35 else 0)
     outputs: list[str] = []
+    sample = 0.85 if base in SAMPLE_BUILDERS else 0.0
     if command == "decompose":
         target = pick(["{out}/out.onnx"], ["{in}/model.onnx", "{in}/model.onnx.data", "{out}", "{out}/absent/out.onnx", "{in}"])
-        argv = ["decompose", "{in}/model.onnx", target, *decompose_flags(rng, original, files, base != "vgg")]
+        argv = ["decompose", "{in}/model.onnx", target, *decompose_flags(rng, original, files, base != "vgg", sample)]
         written = target.replace("{in}", "in").replace("{out}", "out")
         outputs = [written, f"{written}.data", "out/report.json"]
     elif command == "inspect":
         argv = ["inspect", "{in}/model.onnx", *(["--json"] if rng.random() < 0.5 else [])]
         if rng.random() < 0.2:
             argv += _input_shape_flag(pick, original)
+        if sample and rng.random() < sample:
+            argv += _sample_flags(rng, original, files, pick, branches=True)
     else:
         files["original.onnx"] = original
         first = "{in}/model.onnx" if command == "verify-self" else "{in}/original.onnx"
@@ -689,6 +816,8 @@ def make_case(seed: int, bases: list[str] | None = None) -> Case:
             argv += [rng.choice(["--rtol", "--atol"]), pick(["0", "1e-3", "10"], ["nan", "-1", "inf"])]
         if rng.random() < 0.05:
             argv += ["--providers", pick(["CPUExecutionProvider"], ["NoSuchProvider", ","])]
+        if sample and rng.random() < sample and "--inputs" not in argv:
+            argv += _sample_flags(rng, original, files, pick, branches=False)
     return Case(seed, base, ",".join(mutations) or "none", files, argv, outputs)
 
 

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "cost": 1,
     "data_io": 1,
     "model_io": 1,
+    "value_flow": 1,
     "runtime": 2,
     "shapes": 2,
     "config": 2,

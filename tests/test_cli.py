@@ -9,6 +9,7 @@ report's fields against the output graph) and what is printed.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +170,20 @@ def _fixed_batch_calibration(ws: Workspace) -> list[str]:
     return ["decompose", str(model), str(ws.target), "--calibration", str(ws.npz("c.npz", x=np.zeros((2, 3, 8, 8), np.float32)))]
 
 
+def _sample(ws: Workspace, *flags: str, **arrays: np.ndarray) -> list[str]:
+    return _dec(ws, "--speedup", "2", "--by", "macs", "--sample", str(ws.npz("sample.npz", **arrays)), *flags)
+
+
+def _huge_sample(ws: Workspace) -> list[str]:
+    """A sample whose header declares 2^40 rows of its 1x3x64x64 array (the data stays small)."""
+    member = io.BytesIO()
+    np.save(member, np.zeros((1, 3, 64, 64), np.float32))
+    path = ws.inp / "sample.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("input.npy", member.getvalue().replace(b"'shape': (1, 3, 64, 64)", b"'shape': (1099511627776, 3, 64, 64)"))
+    return _dec(ws, "--sample", str(path))
+
+
 def _verify(ws: Workspace, *flags: str) -> list[str]:
     return ["verify", str(ws.model), str(ws.model), "--runs", "0", *flags]
 
@@ -268,6 +284,65 @@ BAD: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
         "calibration-and-input-shape-differ",
         lambda ws: [*_cal(ws, input=np.zeros((4, 3, 64, 64), np.float32)), "--input-shape", "input=1,3,32,32"],
         "differs from the calibration data",
+    ),
+    # the sample: one input set, checked before any work, one line naming the input
+    ("sample-missing", lambda ws: _dec(ws, "--sample", str(ws.inp / "absent.npz")), "no such sample file"),
+    ("sample-lacks-input", lambda ws: _sample(ws, image=np.zeros((1, 3, 64, 64), np.float32)), "lacks model input 'input'"),
+    (
+        "sample-extra-array",
+        lambda ws: _sample(ws, input=np.zeros((1, 3, 64, 64), np.float32), labels=np.zeros(1, np.int64)),
+        "holds 'labels', not an input of the model",
+    ),
+    ("sample-batch-axis", lambda ws: _sample(ws, input=np.zeros((1, 1, 3, 64, 64), np.float32)), "without a sample axis"),
+    ("sample-wrong-shape", lambda ws: _sample(ws, input=np.zeros((1, 3, 32, 32), np.float32)), "the model expects (batch, 3, 64, 64)"),
+    ("sample-wrong-rank", lambda ws: _sample(ws, input=np.zeros((3, 64, 64), np.float32)), "'input' has shape (3, 64, 64)"),
+    ("sample-strings", lambda ws: _sample(ws, input=np.full((1, 3, 64, 64), "a")), "'input' has dtype <U1"),
+    ("sample-complex", lambda ws: _sample(ws, input=np.zeros((1, 3, 64, 64), np.complex64)), "'input' has dtype complex64"),
+    ("sample-nan", lambda ws: _sample(ws, input=np.full((1, 3, 64, 64), np.nan, np.float32)), "'input' holds nan"),
+    ("sample-huge-header", _huge_sample, "declares shape (1099511627776, 3, 64, 64)"),
+    ("sample-not-npz", lambda ws: _dec(ws, "--sample", str(ws.write("s.npz", "not an archive"))), "not a readable .npz"),
+    (
+        "sample-is-output",
+        lambda ws: [
+            "decompose",
+            str(ws.model),
+            str(ws.npz("s.npz", input=np.zeros((1, 3, 64, 64), np.float32))),
+            "--sample",
+            str(ws.inp / "s.npz"),
+        ],
+        "sample file",
+    ),
+    (
+        "sample-and-input-shape-differ",
+        lambda ws: _sample(ws, "--input-shape", "input=2,3,64,64", input=np.zeros((1, 3, 64, 64), np.float32)),
+        "differs from the sample",
+    ),
+    (
+        "sample-twice-without-branches",
+        lambda ws: _dec(
+            ws, "--sample", str(ws.npz("a.npz", input=np.zeros((1, 3, 64, 64), np.float32))), "--sample", str(ws.inp / "a.npz")
+        ),
+        "--branches all",
+    ),
+    ("branches-unknown", lambda ws: _dec(ws, "--branches", "some"), "--branches"),
+    ("branches-all-by-latency", lambda ws: _dec(ws, "--branches", "all", "--by", "latency"), "--by latency"),
+    (
+        "sweep-sample-lacks-input",
+        lambda ws: _sweep(ws, "--sample", str(ws.npz("s.npz", image=np.zeros((1, 3, 64, 64))))),
+        "lacks model input",
+    ),
+    ("inspect-sample-missing", lambda ws: ["inspect", str(ws.model), "--sample", str(ws.inp / "absent.npz")], "no such sample file"),
+    (
+        "verify-sample-and-inputs",
+        lambda ws: _verify(
+            ws, "--sample", str(ws.npz("s.npz", input=np.zeros((1, 3, 64, 64), np.float32))), "--inputs", str(ws.inp / "s.npz")
+        ),
+        "--inputs and --sample",
+    ),
+    (
+        "verify-sample-batch-axis",
+        lambda ws: _verify(ws, "--sample", str(ws.npz("s.npz", input=np.zeros((2, 1, 3, 64, 64), np.float32)))),
+        "without a sample axis",
     ),
     # verify
     ("verify-missing-candidate", lambda ws: ["verify", str(ws.model), str(ws.inp / "absent.onnx")], "no such file"),

@@ -11,10 +11,11 @@ models included, is marked ``fuzz``::
 from __future__ import annotations
 
 import pytest
-from fuzzing import BUILDERS, Result, make_case, run_case, summary
+from fuzzing import BUILDERS, SAMPLE_BUILDERS, Result, make_case, run_case, summary
 
 FAST_SEEDS = range(200)
 LONG_SEEDS = range(100_000, 103_000)
+SAMPLE_SEEDS = range(200_000, 200_080)
 
 
 def check(results: list[Result]) -> dict[str, int]:
@@ -32,6 +33,17 @@ def test_fuzz_fast_slice() -> None:
     classes = check([run_case(make_case(seed, list(BUILDERS))) for seed in FAST_SEEDS])
     assert classes.get("exit 0", 0) >= len(FAST_SEEDS) // 5, classes
     assert sum(1 for k in classes if k.startswith("exit 2")) >= 10, classes
+
+
+def test_fuzz_sample_slice() -> None:
+    """80 seeded cases of a model whose If branch an int64 scalar input's value picks, most with a ``--sample``
+    (valid or malformed) and the model mostly whole: the contract holds for each, and the cases reach
+    conversions and refusals of samples."""
+    results = [run_case(make_case(seed, list(SAMPLE_BUILDERS), (6, 1, 3, 0))) for seed in SAMPLE_SEEDS]
+    classes = check(results)
+    assert classes.get("exit 0", 0) >= len(SAMPLE_SEEDS) // 5, classes
+    refused = [r for r in results if r.outcome.code == 2 and "sample" in r.outcome.error]
+    assert len(refused) >= 5, classes
 
 
 @pytest.mark.fuzz

@@ -9,8 +9,10 @@ Every run here goes through :func:`cli_contract.run_cli` and :func:`cli_contract
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -481,3 +483,102 @@ def test_verify_labels_that_are_not_class_indices(tmp_path: Path, labels: np.nda
     np.savez(inputs, x=np.zeros((1, 6, 12, 12), np.float32), labels=labels)
     outcome = run_cli(["verify", src, src, "--runs", "0", "--inputs", inputs])
     assert outcome.code == 2 and "labels" in outcome.error, outcome
+
+
+# --------------------------------------------------------------------------- --sample: one input set as the model takes it
+
+
+def rate_model() -> onnx.ModelProto:
+    """A conv per branch of an If on ``sr == 16000`` (``sr`` an int64 scalar), after which a float ``state`` is added."""
+    rng = np.random.default_rng(0)
+
+    def branch(name: str, kernel: int) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.standard_normal((4, 4, kernel, kernel)).astype(np.float32), f"{name}_W")
+        conv = helper.make_node("Conv", ["x", f"{name}_W"], [f"{name}_y"], name=f"{name}_conv", pads=[kernel // 2] * 4)
+        return helper.make_graph([conv], name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)], [w])
+
+    nodes = [
+        helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+        helper.make_node("If", ["is16k"], ["f"], name="if", then_branch=branch("then", 3), else_branch=branch("else", 5)),
+        helper.make_node("Add", ["f", "state"], ["y"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 9, 9]),
+        helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, 4, 9, 9]),
+        helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+    ]
+    return make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], {"rate": np.array(16000, np.int64)})
+
+
+def _rate_sample(**changes: Any) -> dict[str, Any]:
+    arrays: dict[str, Any] = {
+        "x": np.ones((1, 4, 9, 9), np.float32),
+        "state": np.zeros((1, 4, 9, 9), np.float32),
+        "sr": np.array(16000, np.int64),
+    }
+    arrays.update(changes)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        (_rate_sample(sr=None), "lacks model input 'sr' (has: state, x)"),
+        (_rate_sample(labels=np.arange(2)), "holds 'labels', not an input of the model (its inputs: x, state, sr)"),
+        (_rate_sample(sr=np.array([16000])), "'sr' has shape (1,), one axis more than the model's () (a scalar: a 0-d array)"),
+        (
+            _rate_sample(x=np.ones((1, 1, 4, 9, 9), np.float32)),
+            "'x' has shape (1, 1, 4, 9, 9), one axis more than the model's (n, 4, 9, 9)",
+        ),
+        (_rate_sample(state=np.ones((4, 9, 9), np.float32)), "'state' has shape (4, 9, 9); the model expects (1, 4, 9, 9)"),
+        (_rate_sample(sr=np.array(16000.0)), "'sr' has floating dtype float64; the model's input is int64 (integers)"),
+        (
+            _rate_sample(sr=np.array(2**63, np.uint64)),
+            "'sr' has values 9223372036854775808..9223372036854775808, outside the model's int64",
+        ),
+        (_rate_sample(sr=np.array("16k")), "'sr' has dtype <U3"),
+        (_rate_sample(x=np.full((1, 4, 9, 9), np.inf, np.float32)), "'x' holds NaN or infinite values"),
+    ],
+    ids=["missing", "extra", "sr-sample-axis", "x-sample-axis", "state-rank", "sr-float", "sr-range", "sr-text", "x-inf"],
+)
+def test_bad_samples(tmp_path: Path, arrays: dict[str, Any], message: str) -> None:
+    """Every bad --sample is one line naming the input, exit 2, nothing written, the sample file untouched."""
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, **arrays)
+    outcome, _ = decompose_run(tmp_path, rate_model(), "--speedup", "1.5", "--by", "macs", "--sample", str(sample))
+    assert outcome.code == 2 and message in outcome.error, outcome
+
+
+def test_sample_declaring_a_huge_array(tmp_path: Path) -> None:
+    """A sample whose header declares 2^40 elements is refused with the size, never allocated."""
+    member = io.BytesIO()
+    np.save(member, np.zeros((1, 4, 9, 9), np.float32))
+    sample = tmp_path / "sample.npz"
+    with zipfile.ZipFile(sample, "w") as archive:
+        archive.writestr("x.npy", member.getvalue().replace(b"(1, 4, 9, 9)", b"(1099511627776, 4, 9, 9)"))
+        archive.writestr("state.npy", _npy(np.zeros((1, 4, 9, 9), np.float32)))
+        archive.writestr("sr.npy", _npy(np.array(16000, np.int64)))
+    outcome, _ = decompose_run(tmp_path, rate_model(), "--sample", str(sample))
+    assert outcome.code == 2 and "array 'x': declares shape (1099511627776, 4, 9, 9)" in outcome.error, outcome
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_random_rate_is_said_and_the_sample_fixes_it(tmp_path: Path) -> None:
+    """Without --sample the random ``sr`` takes the else branch and the report says a random value chose it; with
+    --sample at 16 kHz the then branch is planned and nothing is said."""
+    outcome, report = decompose_run(tmp_path, rate_model(), "--speedup", "1.5", "--by", "macs", "--check-runs", "0")
+    assert outcome.code == 0 and report is not None, outcome
+    assert "the branch of If 'if' (else_branch ran) was chosen by a random value of input 'sr'" in outcome.stdout
+    assert report["control_flow"][0]["runs"] == {"then_branch": 0, "else_branch": 1}
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, **_rate_sample())
+    outcome, report = decompose_run(
+        tmp_path, rate_model(), "--speedup", "1.5", "--by", "macs", "--check-runs", "0", "--sample", str(sample)
+    )
+    assert outcome.code == 0 and report is not None and "a random value" not in outcome.stdout, outcome
+    assert report["control_flow"][0]["runs"] == {"then_branch": 1, "else_branch": 0}

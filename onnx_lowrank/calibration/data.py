@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from ..data_io import InputSpec, format_dims, load_npy, load_npz, model_input_specs
+from ..data_io import check_finite, convert_dtype, format_dims, load_npy, load_npz, model_input_specs
 from ..errors import LowRankError
 from ..model_io import load_model
 
@@ -36,8 +36,6 @@ __all__ = ["Batches", "CalibrationSource", "batch_size_of", "iter_batches", "loa
 Array = npt.NDArray[Any]
 CalibrationSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | Iterable[Mapping[str, npt.ArrayLike]]
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
-
-_CHECK_ELEMENTS = 8_000_000  # elements checked for finiteness at a time
 
 
 def _read_folder(path: Path) -> dict[str, Array]:
@@ -68,41 +66,6 @@ def _concat_batches(batches: Iterable[Mapping[str, npt.ArrayLike]]) -> dict[str,
         except ValueError as exc:
             raise LowRankError(f"calibration input {name!r}: batches do not stack along axis 0 ({exc})") from None
     return out
-
-
-def _convert(name: str, data: Array, spec: InputSpec) -> Array:
-    """``data`` as the input's element type, or a one-line refusal when the conversion would change its meaning."""
-    kind = data.dtype.kind
-    if kind not in "biuf":
-        raise LowRankError(f"calibration input {name!r} has dtype {data.dtype}; the model reads numbers")
-    if spec.dtype is None:
-        return data
-    target, wanted = spec.dtype, spec.type_name
-    if target.kind in "iu" and kind == "f":
-        raise LowRankError(f"calibration input {name!r} has floating dtype {data.dtype}; the model's input is {wanted} (integers)")
-    if target.kind == "b" and kind != "b":
-        raise LowRankError(f"calibration input {name!r} has dtype {data.dtype}; the model's input is bool")
-    if target.kind not in "biuf":
-        raise LowRankError(f"calibration input {name!r}: the model's input type {wanted} is not supported for calibration")
-    if target.kind in "iu" and kind in "iu" and data.size:
-        info = np.iinfo(target)
-        low, high = int(data.min()), int(data.max())
-        if low < info.min or high > info.max:
-            raise LowRankError(f"calibration input {name!r} has values {low}..{high}, outside the model's {wanted}")
-    return data.astype(target, copy=False)
-
-
-def _check_finite(name: str, data: Array) -> None:
-    if data.dtype.kind != "f" or data.size == 0:
-        return
-    per_sample = max(1, data.size // max(1, len(data)))
-    step = max(1, _CHECK_ELEMENTS // per_sample)
-    for start in range(0, len(data), step):
-        block = np.asarray(data[start : start + step])
-        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-        if not finite.all():
-            first = start + int(np.argmin(finite))
-            raise LowRankError(f"calibration input {name!r} holds NaN or infinite values (first in sample {first})")
 
 
 def batch_size_of(model: onnx.ModelProto) -> int | None:
@@ -158,8 +121,8 @@ def load_calibration(source: CalibrationSource, model: ModelLike | None = None) 
         fixed_dims = [(d, n) for d, n in pairs if isinstance(d, int) and d > 0]
         if dims is not None and (data.ndim != len(dims) or any(d != n for d, n in fixed_dims)):
             raise LowRankError(f"calibration input {name!r} has shape {tuple(data.shape)}; the model expects {format_dims(dims)}")
-        data = _convert(name, data, spec)
-        _check_finite(name, data)
+        data = convert_dtype(data, spec, f"calibration input {name!r}")
+        check_finite(data, f"calibration input {name!r}")
         out[name] = data
     counts = {name: len(v) for name, v in out.items()}
     if len(set(counts.values())) > 1:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..config import (
+    BRANCH_CHOICES,
     BY_CHOICES,
     CHECK_RUNS,
     DEFAULT_KINDS,
@@ -45,7 +46,9 @@ __all__ = [
     "PolicyArgs",
     "ShapeArgs",
     "SpeedArgs",
+    "add_sample",
     "input_shapes",
+    "sample_files",
     "whole_number",
 ]
 
@@ -270,16 +273,49 @@ class PolicyArgs(ArgGroup):
         )
 
 
+def add_sample(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str, repeat: bool = True) -> None:
+    parser.add_argument("--sample", action="append" if repeat else "store", metavar="FILE.npz", help=help_text)
+
+
+def sample_files(args: argparse.Namespace) -> list[str]:
+    """The ``--sample`` files given, checked to exist before the model is read."""
+    given = args.sample if isinstance(args.sample, list) else [args.sample] if args.sample else []
+    for path in given:
+        if not Path(path).exists():
+            raise LowRankError(f"{path}: no such sample file")
+    return given
+
+
 class ShapeArgs(ArgGroup):
-    """Shapes: the input sizes the plan is made for; ``help_text`` says what ``--input-shape`` fixes for the command."""
+    """Shapes: the input the plan is sized on and its branches; ``help_text`` says what ``--input-shape`` fixes
+    for the command, ``sample_use`` what else runs on the sample."""
 
     title = "shapes"
-    description = "the input sizes: symbolic dims fixed for the sizing run, the timing and the random inputs"
+    description = "the input the sizes come from: a sample, or random values of sizes fixed for the sizing run, the timing and the checks"
 
-    def __init__(self, help_text: str, plan: bool = True) -> None:
-        self.help_text, self.plan = help_text, plan
+    def __init__(self, help_text: str, plan: bool = True, sample_use: str = "") -> None:
+        self.help_text, self.plan, self.sample_use = help_text, plan, sample_use
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        add_sample(
+            group,
+            "one input set as the model takes it (arrays keyed by input name, no sample axis; a scalar as a 0-d array): it sizes "
+            "every layer and picks the If branches that count"
+            + (f"; {self.sample_use}" if self.sample_use else "")
+            + (" (default: the first calibration sample, else random values)" if self.plan else " (default: random values)")
+            + ". With --branches all, a further --sample sizes the branches the first does not take",
+        )
+        group.add_argument(
+            "--branches",
+            choices=BRANCH_CHOICES,
+            default="run",
+            help="'run': size the If branches the sample runs (the others have no size"
+            + ("; --speedup leaves them whole" if self.plan else "")
+            + "); 'all': size every branch by a run of its own, a further --sample that takes it or the sample with the If's "
+            "condition forced"
+            + (", and plan every path through the branches to the --speedup by MACs" if self.plan else "")
+            + " (default run)",
+        )
         add_input_shape(group, self.help_text)
         if self.plan:
             group.add_argument(
@@ -289,7 +325,12 @@ class ShapeArgs(ArgGroup):
             )
 
     def parse(self, args: argparse.Namespace) -> ShapeConfig:
-        return ShapeConfig(input_shapes=input_shapes(args), allow_unknown_shapes=bool(getattr(args, "allow_unknown_shapes", False)))
+        return ShapeConfig(
+            input_shapes=input_shapes(args),
+            allow_unknown_shapes=bool(getattr(args, "allow_unknown_shapes", False)),
+            sample=sample_files(args) or None,
+            branches=args.branches,
+        )
 
 
 class CalibrationArgs(ArgGroup):

@@ -51,7 +51,7 @@ class CheckArgs(ArgGroup):
     description = "compare the result with the original in onnxruntime"
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--verify", action="store_true", help="run `verify` on the result")
+        group.add_argument("--verify", action="store_true", help="run `verify` on the result (on the --sample when given)")
         group.add_argument("--verify-inputs", metavar="FILE.npz", help="inputs (and `labels`) for --verify, which it implies")
 
 
@@ -63,7 +63,8 @@ class Decompose(Command):
     def __init__(self) -> None:
         self.policy = PolicyArgs()
         self.shapes = ShapeArgs(
-            "the input size to plan by: MACs are those of one onnxruntime run on an input of this shape (and the --verify inputs)"
+            "the input size to plan by: MACs are those of one onnxruntime run on an input of this shape (and the --verify inputs)",
+            sample_use="the latency plan, the result check and --verify run on it, the --mobile-safe check takes its shapes",
         )
         self.calibration = CalibrationArgs()
         self.speed = SpeedArgs()
@@ -91,6 +92,8 @@ class Decompose(Command):
         for flag, what in ((args.ranks, "ranks file"), (args.verify_inputs, "inputs file"), (args.calibration, "calibration data")):
             if flag:
                 protected.setdefault(flag, what)
+        for sample in args.sample or []:
+            protected.setdefault(sample, "sample file")
         with StagedOutputs(protected) as outputs:  # on any failure, everything staged is removed
             return self._into(args, outputs)
 
@@ -121,7 +124,7 @@ class Decompose(Command):
         if args.verify_inputs:  # read and checked against the model now, not after the conversion
             arrays, labels = load_inputs(args.verify_inputs, model_input_specs(model))
             verify_data = {**arrays, **({"labels": labels} if labels is not None else {})}
-        elif args.verify:
+        elif args.verify and not config.shapes.samples:
             check_random_inputs(model, config.shapes.input_shapes)
         bar = ProgressBar(not args.quiet)
         try:
@@ -140,8 +143,15 @@ class Decompose(Command):
             del new
             # on the staged files: a model that fails to load or run is never committed
             shapes = config.shapes.input_shapes
+            sample = _verify_sample(args) if verify_data is None else None
             result = verify(
-                src, outputs.staged(dst), inputs=verify_data, threads=args.threads, input_shapes=shapes, profile=bool(args.html)
+                src,
+                outputs.staged(dst),
+                inputs=verify_data,
+                threads=args.threads,
+                input_shapes=shapes,
+                profile=bool(args.html),
+                sample=sample,
             )
         html_note = None
         if args.html:
@@ -158,6 +168,11 @@ class Decompose(Command):
         if html_note is not None:
             print(html_note)
         return 0
+
+
+def _verify_sample(args: argparse.Namespace) -> str | None:
+    """What ``--verify`` runs on without ``--verify-inputs``: the (first) ``--sample``, else random inputs (None)."""
+    return args.sample[0] if args.sample else None
 
 
 def _stage_ort(model: Any, ort_dst: Path, outputs: StagedOutputs) -> Any:
@@ -182,10 +197,10 @@ def _decompose_html(args: argparse.Namespace, src: Path, converted: Path, report
     shapes = dict(args.input_shape)
     if result is None:  # the page shows the output error: compared here, without timing
         try:
-            result = verify(src, converted, runs=0, input_shapes=shapes)
+            result = verify(src, converted, runs=0, input_shapes=shapes, sample=_verify_sample(args))
         except LowRankError as exc:  # the model is written: the page says why its error is missing
             notes.append(f"output error not measured: {exc}")
     plots = plots_available()
-    spectra = report_spectra(src, report, shapes) if plots else []
+    spectra = report_spectra(src, report, shapes, sample=args.sample or None, branches=args.branches) if plots else []
     page = decompose_html(src.name, report, spectra, result, plots=plots, notes=notes)
     return page, f"wrote {args.html}" + ("" if plots else f" (tables only; for the plots: {PLOTS_HINT})")

@@ -107,6 +107,8 @@ def format_report(report: Report, quiet: bool = False) -> str:
         out.append(f"kept {len(report.kept_batchnorms)} BatchNormalization nodes unfolded: {kept}")
     if report.macs_after:
         totals = f"MACs {count(report.macs_before)} -> {count(report.macs_after)} ({report.mac_ratio:.2f}x fewer"
+        if report.shapes.get("branch_runs"):
+            totals += ", every If branch counted at its own sizes"
         totals += ", counting layers of unknown size at one output pixel)" if not report.macs_exact else ")"
     else:
         totals = "MACs not known (no layer's size is known)"
@@ -191,19 +193,33 @@ def _layer_note(layer: LayerReport) -> str:
     return f"in {layer.scope}{runs}" + (f"; {padded}" if padded else "")
 
 
+def _dims(shape: list[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
 def _sizes_lines(report: Report) -> list[str]:
-    """Where the sizes came from, and the MACs of each If/Loop/Scan subgraph on the reference input."""
+    """Where the sizes came from, and the MACs of each If/Loop/Scan subgraph on the reference input (with
+    ``--branches all``, what sized each branch and the MACs of each path through them)."""
     lines = []
     sizes = report.shapes
     if sizes.get("source") == "run":
-        shown = ", ".join(f"{name}={'x'.join(map(str, shape))}" for name, shape in sizes.get("reference_input", {}).items())
+        shown = ", ".join(f"{name}={_dims(shape)}" for name, shape in sizes.get("reference_input", {}).items())
         lines.append(f"sizes: from one onnxruntime run on {sizes.get('reference_from')} {shown} ({sizes.get('seconds', 0):.2f} s)")
+    further = sizes.get("branch_runs") or []
+    if further:
+        lines.append(f"sizes: --branches all sized the branches it does not run by {len(further)} further run(s): {'; '.join(further)}")
     for flow in report.control_flow:
         parts = []
         for label, sub in flow["subgraphs"].items():
+            ratio = f", {sub['macs_before'] / sub['macs_after']:.2f}x" if sub["macs_after"] else ""
+            macs = f"{count(sub['macs_before'])} -> {count(sub['macs_after'])} MACs{ratio}"
+            if further and "path_macs_before" in sub and sub["path_macs_after"]:
+                macs += f" (its path {count(sub['path_macs_before'])} -> {count(sub['path_macs_after'])}, "
+                macs += f"{sub['path_macs_before'] / sub['path_macs_after']:.2f}x)"
             if sub["ran"]:
-                ratio = f", {sub['macs_before'] / sub['macs_after']:.2f}x" if sub["macs_after"] else ""
-                parts.append(f"{label}: {count(sub['macs_before'])} -> {count(sub['macs_after'])} MACs{ratio}")
+                parts.append(f"{label}: {macs}")
+            elif sub.get("sized_by"):
+                parts.append(f"{label}: sized by {sub['sized_by']}: {macs}")
             else:
                 parts.append(f"{label}: did not run ({sub['layers']} layer(s) left as they are)")
         runs = ", ".join(f"{k} {v}x" for k, v in flow["runs"].items())

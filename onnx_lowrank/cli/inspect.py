@@ -20,7 +20,9 @@ class Inspect(Command):
     help = "per Conv: shape, MACs and the ranks that keep 90/99/99.9%% of the energy"
 
     def __init__(self) -> None:
-        self.shapes = ShapeArgs("fix an input's shape for the MAC model (and the --mobile check)", plan=False)
+        self.shapes = ShapeArgs(
+            "fix an input's shape for the MAC model (and the --mobile check)", plan=False, sample_use="the --mobile check takes its shapes"
+        )
 
     def groups(self) -> list[ArgGroup]:
         return [self.shapes]
@@ -34,12 +36,16 @@ class Inspect(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         shapes = self.shapes.parse(args)
-        layers = inspect(args.input, DecomposeConfig(shapes=shapes))
+        config = DecomposeConfig(shapes=shapes)
+        layers = inspect(args.input, config)
         mobile = None
         if args.mobile:
+            from ..api import mobile_shapes
             from ..mobile import coverage
+            from ..model_io import load_model
 
-            mobile = coverage(args.input, input_shapes=shapes.input_shapes)
+            fixed = mobile_shapes(load_model(args.input), config) if shapes.samples else shapes.input_shapes
+            mobile = coverage(args.input, input_shapes=fixed)
         if args.json:
             listed = [asdict(layer) for layer in layers]
             print(json.dumps({"layers": listed, "mobile": mobile.to_dict()} if mobile is not None else listed, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..config import DecomposeConfig
@@ -37,7 +38,7 @@ class EvalArgs(ArgGroup):
         group.add_argument(
             "--eval-inputs",
             metavar="FILE.npz",
-            help="inputs keyed by input name (samples on axis 0), `labels` for accuracy (default: random inputs)",
+            help="inputs keyed by input name (samples on axis 0), `labels` for accuracy (default: the --sample, else random inputs)",
         )
 
 
@@ -52,7 +53,8 @@ class Sweep(Command):
     def __init__(self) -> None:
         self.policy = PolicyArgs(targets=True)
         self.shapes = ShapeArgs(
-            "the input size to plan by (MACs of one onnxruntime run on an input of this shape) and of the random eval inputs"
+            "the input size to plan by (MACs of one onnxruntime run on an input of this shape) and of the random eval inputs",
+            sample_use="the latency plans time it, and without --eval-inputs every target is evaluated on it",
         )
         self.calibration = CalibrationArgs(shared=True)
         self.speed = SpeedArgs(runs=True)
@@ -65,7 +67,10 @@ class Sweep(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         src = Path(args.input)
-        with StagedOutputs({src: "input model"}) as outputs:  # the page is checked before any work, written after
+        protected: dict[str | os.PathLike[str], str] = {src: "input model"}
+        for sample in args.sample or []:
+            protected.setdefault(sample, "sample file")
+        with StagedOutputs(protected) as outputs:  # the page is checked before any work, written after
             if args.html:
                 outputs.stage(args.html, "HTML report")
             if args.save_dir and not Path(args.save_dir).is_dir():

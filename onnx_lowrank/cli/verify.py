@@ -7,7 +7,7 @@ import json
 
 from ..errors import LowRankError
 from ..verify import verify
-from .args import add_input_shape, input_shapes, tolerance, whole_number
+from .args import add_input_shape, add_sample, input_shapes, sample_files, tolerance, whole_number
 from .command import Command
 from .format import format_mobile, format_verify
 
@@ -23,6 +23,12 @@ class Verify(Command):
         parser.add_argument("candidate", help="an .onnx or .ort model")
         data = parser.add_argument_group("inputs", "what both models are run on")
         data.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (first axis: samples); `labels` gives accuracy")
+        add_sample(
+            data,
+            "instead of --inputs, one input set as the model takes it (arrays keyed by input name, no sample axis; a scalar as "
+            "a 0-d array)",
+            repeat=False,
+        )
         add_input_shape(data, "shape of the random input NAME where the model leaves dims symbolic (default: 1)")
         data.add_argument("--providers", help="comma-separated execution providers (default CPUExecutionProvider)")
         checks = parser.add_argument_group("checks", "when the outputs count as matching")
@@ -47,6 +53,10 @@ class Verify(Command):
         if args.profile and args.runs == 0:
             raise LowRankError("--profile times the models: it needs --runs > 0")
         shapes = input_shapes(args)
+        if args.sample and args.inputs:
+            raise LowRankError("--inputs and --sample: give one (--inputs holds samples on axis 0, --sample one input set)")
+        samples = sample_files(args)
+        sample = samples[0] if samples else None
         mobile = None
         if args.mobile:  # first: a model the checker cannot read fails before anything runs
             from ..mobile import coverage
@@ -63,6 +73,7 @@ class Verify(Command):
             threads=args.threads,
             profile=args.profile,
             input_shapes=shapes,
+            sample=sample,
         )
         if args.json:
             data = result.to_dict()

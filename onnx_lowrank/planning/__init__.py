@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .calibrated import CalibrationRun
 from .factors import layer_factors, stored_error
-from .interface import LayerChoice, Plan, PlanInputs, Planner
+from .interface import LayerChoice, PathBudget, Plan, PlanInputs, Planner
 from .latency import LatencyPlanner, TimingFailed, untimeable_reason
 from .mac_budget import MacBudgetPlanner
 from .per_layer import PerLayerPlanner
@@ -31,6 +31,7 @@ __all__ = [
     "LatencyPlanner",
     "LayerChoice",
     "MacBudgetPlanner",
+    "PathBudget",
     "PerLayerPlanner",
     "Plan",
     "PlanInputs",

@@ -17,7 +17,7 @@ from typing import Any
 from ..factorization import Kind
 from .units import Unit
 
-__all__ = ["LayerChoice", "Plan", "PlanInputs", "Planner"]
+__all__ = ["LayerChoice", "PathBudget", "Plan", "PlanInputs", "Planner"]
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,28 @@ class LayerChoice:
 
 
 @dataclass
+class PathBudget:
+    """One path through a model's If branches, which a MAC budget must meet on its own: ``shares`` gives the
+    part of each unit's MACs that runs on it (unit key → 0..1), ``fixed`` the MACs of the other counted
+    layers on it, ``before`` its MACs before; ``name`` says which branch it takes."""
+
+    name: str
+    shares: dict[str, float]
+    fixed: int
+    before: int
+
+
+@dataclass
 class PlanInputs:
     """The units to plan, and what the plan cannot change: the MACs of the other counted layers, the
-    parameters outside the units, and the model's parameters before."""
+    parameters outside the units, and the model's parameters before. ``paths``: with every If branch sized
+    (``--branches all``), the paths a ``--speedup`` by MACs must each reach (empty: the whole counts)."""
 
     units: list[Unit]
     fixed_macs: int
     fixed_params: int
     params_before: int
+    paths: list[PathBudget] = field(default_factory=list)
 
     @property
     def macs_before(self) -> int:

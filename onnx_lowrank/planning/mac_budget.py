@@ -25,6 +25,18 @@ A split always adds overhead (one more node and one more tensor), so an
 allocation within an effective budget of ``effective_total / S`` also has a
 MAC ratio of at least S; the bisection loosens the budget from there.
 
+With every If branch sized (``--branches all``), the budget holds on every
+path through the branches, not on their sum: a sum lets the plan cut one
+branch deep and leave the other whole. :func:`allocate_paths` meets one budget
+per path (:class:`~.interface.PathBudget`) greedily: from every layer at its
+least error, it takes the step with the least error added per MAC saved on the
+paths still over budget (each path's MACs counted as a share of its budget, so
+a layer shared by two paths over budget saves on both and one on a path within
+budget saves nothing), until every path is within; then each layer in turn
+takes the least-error option that keeps every path within (the plain MAC
+allocation, without the effective-cost refinement). On paths that share no
+layer this is the greedy of each path alone.
+
 The constants are measured, not guessed: ``benchmarks/layer_costs.py`` times
 every layer geometry of the benchmark models alone and split, and fits
 ``ms ≈ a·MACs + b·activations + c·nodes``; ``PER_NODE_MACS = c/a`` and
@@ -39,10 +51,10 @@ from collections.abc import Mapping, Sequence
 from ..config import PolicyConfig
 from ..errors import LowRankError
 from ..ranks import Infeasible, LayerChoices, Option, allocate, allocate_two
-from .interface import LayerChoice, Plan, PlanInputs, Planner
+from .interface import LayerChoice, PathBudget, Plan, PlanInputs, Planner
 from .units import LayerOverhead, Unit
 
-__all__ = ["PER_ELEMENT_MACS", "PER_NODE_MACS", "LayerOverhead", "MacBudgetPlanner", "allocate_effective"]
+__all__ = ["PER_ELEMENT_MACS", "PER_NODE_MACS", "LayerOverhead", "MacBudgetPlanner", "allocate_effective", "allocate_paths"]
 
 # fitted by benchmarks/layer_costs.py to 1516 timings of the layers of 9 models at 1 thread (2-core AMD EPYC, AVX2,
 # onnxruntime 1.32; benchmarks/results/layer_costs.json, "fits"): 22.0 ms per GMAC, 9.7 µs per node, 0.35 ms per
@@ -99,6 +111,74 @@ def allocate_effective(
     return {key: real[key][(o.kind, o.rank)] for key, o in best.items()}
 
 
+def path_macs(path: PathBudget, picks: Mapping[str, Option]) -> float:
+    """The MACs of ``path`` under ``picks``."""
+    return path.fixed + sum(share * picks[key].macs for key, share in path.shares.items() if key in picks)
+
+
+def allocate_paths(layers: Sequence[LayerChoices], paths: Sequence[PathBudget], speedup: float) -> dict[str, Option]:
+    """Least total error, greedily, with every path's MACs at most its MACs before / ``speedup`` (see the module
+    docstring). Raises :class:`Infeasible` naming the path when one cannot reach it at all."""
+    budgets = [path.before / speedup for path in paths]
+    fronts: dict[str, list[Option]] = {}
+    for layer in layers:
+        front: list[Option] = []
+        for option in sorted(layer.options, key=lambda o: (o.macs, o.error)):
+            if not front or option.error < front[-1].error:
+                front.append(option)
+        fronts[layer.key] = front  # by MACs ascending, error descending
+    shares = {layer.key: [path.shares.get(layer.key, 0.0) for path in paths] for layer in layers}
+    chosen = {key: front[-1] for key, front in fronts.items()}  # the least error, at the fewest MACs
+    totals = [path_macs(path, chosen) for path in paths]
+
+    def apply(key: str, option: Option) -> None:
+        delta = option.macs - chosen[key].macs
+        for p, share in enumerate(shares[key]):
+            totals[p] += share * delta
+        chosen[key] = option
+
+    while True:
+        over = [p for p, (total, budget) in enumerate(zip(totals, budgets, strict=True)) if total > budget * (1 + 1e-12)]
+        if not over:
+            break
+        best: tuple[float, str, Option] | None = None
+        for key, front in fronts.items():
+            current = chosen[key]
+            for option in front:
+                if option.macs >= current.macs:
+                    break
+                saved = sum(shares[key][p] * (current.macs - option.macs) / budgets[p] for p in over)
+                if saved > 0:
+                    score = (option.error - current.error) / saved
+                    if best is None or score < best[0]:
+                        best = (score, key, option)
+        if best is None:
+            path = paths[over[0]]
+            least = path_macs(path, {key: front[0] for key, front in fronts.items()})
+            raise Infeasible(
+                f"--speedup {speedup:g} cannot be reached on {path.name}: the most any allocation gives there is "
+                f"{path.before / least:.3g}x (every eligible layer at its smallest rank)",
+                least,
+            )
+        apply(best[1], best[2])
+    improved = True  # polish: each layer, in turn, the least-error option that keeps every path within its budget
+    while improved:
+        improved = False
+        for key, front in fronts.items():
+            current = chosen[key]
+            for option in reversed(front):
+                if option.error >= current.error:
+                    break
+                delta = option.macs - current.macs
+                if all(
+                    total + share * delta <= budget * (1 + 1e-12) for total, share, budget in zip(totals, shares[key], budgets, strict=True)
+                ):
+                    apply(key, option)
+                    improved = True
+                    break
+    return chosen
+
+
 class MacBudgetPlanner(Planner):
     """``--speedup S`` by MACs and/or ``--params-ratio R``: the least total error within the budgets."""
 
@@ -111,7 +191,13 @@ class MacBudgetPlanner(Planner):
         layers = [u.choices(policy.multiple, policy.objective) for u in units]
         before = inputs.macs_before
         try:
-            if policy.params_ratio is None:
+            if policy.params_ratio is None and len(inputs.paths) > 1:
+                # every path through the If branches meets the budget on its own
+                try:
+                    picks = allocate_paths(layers, inputs.paths, float(policy.speedup or 1.0))
+                except Infeasible as exc:
+                    raise LowRankError(str(exc)) from None
+            elif policy.params_ratio is None:
                 # the MAC budget, the splits ranked by what they cost to run
                 budget = before / float(policy.speedup or 1.0)
                 # the constants are read at the call: benchmarks/default_plan.py sets them to 0 for the plain MAC plan

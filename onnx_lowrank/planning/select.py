@@ -4,7 +4,8 @@
 * ``--speedup S`` alone: by latency measured here (:class:`~.latency.LatencyPlanner`) when asked
   (``--by latency``) or by default wherever the model can be timed — a reference input exists and every
   layer to plan has a known size on it; by MACs (:class:`~.mac_budget.MacBudgetPlanner`) when asked
-  (``--by macs``), when the model cannot be timed, or when onnxruntime fails to time a layer (then the
+  (``--by macs``), when the model cannot be timed, when ``--branches all`` sized branches the reference
+  input does not run (a timing on it sees one path), or when onnxruntime fails to time a layer (then the
   reason is reported). ``--by latency`` on a model that cannot be timed is refused with the reason;
 * ``--params-ratio R`` (with or without S): by counts (:class:`~.mac_budget.MacBudgetPlanner`).
 """
@@ -38,6 +39,8 @@ def make_plan(
     if policy.speedup_alone and speed.by != "macs" and inputs.units:
         threads = speed.resolved_threads
         why = untimeable_reason(shapes, [site for unit in inputs.units for site in unit.sites])
+        if why is None and shapes.branch_runs:
+            why = "--branches all sized If branches the reference input does not run, and a timing on it sees one path"
         timing = None
         if why is None:
             timing, why = start_timing(proto, shapes, threads, open_store(threads, speed.timing_cache))
