@@ -10,7 +10,8 @@ Modules, each one job:
 * :mod:`.data_aware` — data-aware factorizations and every rank's output error from the moments (numpy);
 * :mod:`.sensitivity` — per-layer gains from the layer's output error to the model's outputs;
 * :mod:`.plan` — the three above, as :func:`onnx_lowrank.decompose` uses them before it chooses ranks;
-* :mod:`.refit` — the asymmetric refit of every decomposed layer's second factor, stage by stage.
+* :mod:`.refit` — the asymmetric refit of every decomposed layer's second factor, stage by stage;
+* :mod:`.activation` — the activation read after a decomposed layer, and the refit fit to its output.
 
 This package does not import :mod:`onnx_lowrank.api`; the API imports it.
 """

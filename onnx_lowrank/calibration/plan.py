@@ -33,6 +33,7 @@ from ..ranks import tail_errors
 from .data import Batches, batch_size_of, iter_batches, sample_count
 from .data_aware import DEFAULT_DAMPING, WhitenedDecomposition
 from .layers import DEFAULT_FULL_GRAM_MAX, DEFAULT_POSITIONS, Layer, collect_moments, conv_elem_type, kernel_to_weight, layer_of
+from .refit import DEFAULT_ACTIVATIONS
 from .sensitivity import DEFAULT_PROBE_SAMPLES, GainResult, Probe, measure_gains, probe_rank, probe_samples
 
 __all__ = ["CalibrationOptions", "DataAwarePlan", "UnitLike", "data_aware_plan"]
@@ -67,6 +68,7 @@ class CalibrationOptions:
     refit: bool = True
     stages: int = 3
     ridge: float = 1e-4
+    activation_refit: bool = DEFAULT_ACTIVATIONS  # refit a layer read only by Relu/LeakyRelu/Clip to that activation's output
     threads: int | None = None
     workers: int = 2
 

@@ -36,6 +36,15 @@ the sums of every layer in the stage, every layer of the stage is re-solved, and
 refit. Total: ``stages`` runs of each model's prefixes, about ``(1 + 1/S)·(stages + 1)/2`` plain passes.
 Within a stage a layer sees its upstream stage-mates before their refit; the stages bound that.
 
+Activations
+-----------
+With ``activations`` (:attr:`~onnx_lowrank.calibration.plan.CalibrationOptions.activation_refit`), a layer
+whose output only a ``Relu``, ``LeakyRelu`` or ``Clip`` reads (maybe through a ``MaxPool``) is fit to that
+activation's output instead: ``min_θ ||r(Aθ) − r(Y)||²`` with the same ridge, started from the linear
+solution above and solved on the rows the stage's pass gives it, kept in memory
+(:mod:`onnx_lowrank.calibration.activation`). Every layer reports the objective it was fit to
+(``objective``: ``"output"`` or the activation) and, where the activation could not be used, why.
+
 Preconditions (a layer that fails one keeps its factors and the result says why):
 
 * its second node is a ``Conv``, ``ConvTranspose``, ``Gemm`` or ``MatMul`` whose weight (and bias) are
@@ -64,18 +73,31 @@ from ..errors import LowRankError
 from ..graph import Scope, attrs, iter_scopes, namespace_names
 from ..passes import add_constant, resolve_weight
 from ..report import Report
+from .activation import (
+    DEFAULT_ACTIVATION_ROWS,
+    DEFAULT_ITERATIONS,
+    DEFAULT_ROW_MEMORY,
+    LAMBDA_END,
+    LAMBDA_START,
+    MIN_ROWS_PER_UNKNOWN,
+    Activation,
+    KeptRows,
+    activation_after,
+    fit_activation,
+)
 from .collect import TensorRequest, prepare, stream_together, subgraph_reads
 from .data import Batches, CalibrationSource, batch_size_of, load_calibration, sample_count
 from .layers import DEFAULT_POSITIONS
 from .statistics import PatchGeometry, gather_patches, output_size, sample_grid, sample_rows
 
-__all__ = ["DEFAULT_RIDGE", "DEFAULT_STAGES", "LayerRefit", "RefitResult", "refit", "refit_layers"]
+__all__ = ["DEFAULT_ACTIVATIONS", "DEFAULT_RIDGE", "DEFAULT_STAGES", "LayerRefit", "RefitResult", "refit", "refit_layers"]
 
 Array = npt.NDArray[Any]
 FloatArray = npt.NDArray[np.float64]
 
 DEFAULT_STAGES = 3
 DEFAULT_RIDGE = 1e-4
+DEFAULT_ACTIVATIONS = True
 _ROWS_PER_BLOCK = 65536
 
 
@@ -84,7 +106,12 @@ class LayerRefit:
     """What the refit did to one decomposed layer.
 
     ``error_before``/``error_after``: ``||pair(T) − Y|| / ||Y||`` on the calibration data with the second
-    factor before and after the refit, ``T`` the first node's output in the converted model.
+    factor before and after the refit, ``T`` the first node's output in the converted model, whatever the
+    objective. ``objective``: what the refit factors were fit to, ``"output"`` (the linear output) or the
+    activation that reads it (e.g. ``"Relu"``); ``None`` when the layer was not refit. ``activation_reason``:
+    why the activation was not fit where it was asked for. ``activation_error_before``/``_linear``/``_after``:
+    ``||r(pair(T)) − r(Y)|| / ||r(Y)||`` on the kept rows (``activation_rows`` of them) with the factors
+    before the refit, after the linear refit, and as written.
     """
 
     node: str
@@ -94,6 +121,12 @@ class LayerRefit:
     error_before: float | None = None
     error_after: float | None = None
     stage: int | None = None
+    objective: str | None = None
+    activation_reason: str | None = None
+    activation_error_before: float | None = None
+    activation_error_linear: float | None = None
+    activation_error_after: float | None = None
+    activation_rows: int | None = None
 
 
 @dataclass
@@ -104,12 +137,17 @@ class RefitResult:
     stages: int = 0
     passes: float = 0.0  # streamed runs of a model over the calibration set (prefixes counted whole)
     seconds: float = 0.0
+    activations: bool = False
+    activation_seconds: float = 0.0  # of ``seconds``: the activation-aware fits (no pass of their own)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "samples": self.samples,
             "stages": self.stages,
+            "passes": self.passes,
             "seconds": self.seconds,
+            "activations": self.activations,
+            "activation_seconds": self.activation_seconds,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -159,13 +197,9 @@ class NormalEquations:
     def solve(self, prior: FloatArray, ridge: float) -> FloatArray:
         """``θ`` per group, ridge-shrunk towards ``prior`` (see the module docstring)."""
         out = np.empty_like(prior)
-        f = self.features
         for g in range(self.groups):
             gram = self.gram[g]
-            trace = float(np.trace(gram[:f, :f]))
-            lam = np.full(gram.shape[0], ridge * trace / f if trace > 0 and f else 1.0)
-            if self.bias:
-                lam[f] = ridge * max(float(gram[f, f]), 1.0)
+            lam = _penalty(gram, self.features, self.bias, ridge)
             system = gram + np.diag(lam)
             rhs = self.cross[g] + lam[:, None] * prior[g]
             try:
@@ -173,6 +207,17 @@ class NormalEquations:
             except (np.linalg.LinAlgError, ValueError):
                 out[g] = scipy.linalg.lstsq(system, rhs, check_finite=False)[0]
         return out
+
+
+def _penalty(gram: FloatArray, features: int, bias: bool, ridge: float) -> FloatArray:
+    """The diagonal of ``Λ`` for one group's ``[A 1]ᵀ[A 1]``: ``ridge · tr(A_wᵀA_w)/F`` per weight,
+    ``ridge · rows`` for the bias."""
+    f = features
+    trace = float(np.trace(gram[:f, :f]))
+    lam = np.full(gram.shape[0], ridge * trace / f if trace > 0 and f else 1.0)
+    if bias:
+        lam[f] = ridge * max(float(gram[f, f]), 1.0)
+    return lam
 
 
 # --------------------------------------------------------------------------- graph side
@@ -279,6 +324,8 @@ class _Unit:
     first_position: int = 0  # main-graph index of the node holding the first node (itself, an If, or a function call: last)
     equations: NormalEquations | None = None
     rng: np.random.Generator | None = None
+    activation: Activation | None = None  # fit to this activation's output (activations asked for, and it applies)
+    kept: KeptRows | None = None
 
 
 def _scopes_by_node(model: onnx.ModelProto) -> dict[tuple[int, str], tuple[onnx.NodeProto, Scope]]:
@@ -490,7 +537,7 @@ def _readers(model: onnx.ModelProto) -> dict[tuple[int, str], int]:
     return count
 
 
-def _finish(model: onnx.ModelProto, unit: _Unit, ridge: float, stage: int) -> None:
+def _finish(model: onnx.ModelProto, unit: _Unit, ridge: float, stage: int, iterations: int, lambdas: tuple[float, float]) -> None:
     eq = unit.equations
     for layer in unit.layers:
         layer.stage = stage
@@ -508,6 +555,21 @@ def _finish(model: onnx.ModelProto, unit: _Unit, ridge: float, stage: int) -> No
         b = (bias if bias is not None else np.zeros(n_out)) * unit.beta
         prior = np.concatenate([flat, b.reshape(g, 1, n_out // g)], axis=1)
     theta = eq.solve(prior, ridge)
+    fitted = None
+    if unit.activation is not None and unit.kept is not None:
+        features, ones = eq.features, eq.bias
+        needed = MIN_ROWS_PER_UNKNOWN * (features + (1 if ones else 0))
+        if unit.kept.rows >= needed:
+            fitted = fit_activation(
+                unit.kept, ones, prior, theta, lambda gram: _penalty(gram, features, ones, ridge), iterations=iterations, lambdas=lambdas
+            )
+            theta = fitted.theta
+        else:
+            for layer in unit.layers:
+                layer.activation_reason = (
+                    f"{unit.kept.rows} of its rows kept (at most {unit.kept.limit}), fewer than the {needed} "
+                    f"its activation fit needs ({MIN_ROWS_PER_UNKNOWN} per unknown)"
+                )
     f = eq.features
     new_kernel = _unflat(theta[:, :f], kernel.shape) / unit.alpha
     new_bias = theta[:, f].reshape(n_out) / unit.beta if eq.bias else None
@@ -524,7 +586,19 @@ def _finish(model: onnx.ModelProto, unit: _Unit, ridge: float, stage: int) -> No
     for layer in unit.layers:
         layer.error_before = math.sqrt(before / norm) if norm else 0.0
         layer.error_after = math.sqrt(after / norm) if norm else 0.0
-    if after > before:  # rounding to a low-precision dtype can undo a tiny gain: keep the factors
+    worse = after > before
+    if fitted is not None:
+        assert unit.activation is not None and unit.kept is not None
+        # the objective is the activation's output: the guard and the report measure that on the kept rows
+        scored = unit.kept.residual(check, eq.bias)
+        worse = scored > fitted.before
+        scale = fitted.target
+        for layer in unit.layers:
+            layer.activation_rows = fitted.rows
+            layer.activation_error_before = math.sqrt(fitted.before / scale) if scale else 0.0
+            layer.activation_error_linear = math.sqrt(fitted.linear / scale) if scale else 0.0
+            layer.activation_error_after = math.sqrt((fitted.before if worse else scored) / scale) if scale else 0.0
+    if worse:  # rounding to a low-precision dtype can undo a tiny gain: keep the factors
         for layer in unit.layers:
             layer.reason = "the refit factors, rounded to the model's dtype, fit no better; kept the factors as they were"
             layer.error_after = layer.error_before
@@ -534,6 +608,7 @@ def _finish(model: onnx.ModelProto, unit: _Unit, ridge: float, stage: int) -> No
         _write_bias(model, unit, new_bias)
     for layer in unit.layers:
         layer.refit = True
+        layer.objective = unit.activation.label if fitted is not None and unit.activation is not None else "output"
 
 
 def _write_bias(model: onnx.ModelProto, unit: _Unit, values: FloatArray) -> None:
@@ -560,6 +635,20 @@ def _write_bias(model: onnx.ModelProto, unit: _Unit, values: FloatArray) -> None
             n.input.append(name)
 
 
+def _find_activation(unit: _Unit) -> None:
+    """Set ``unit.activation`` where one activation alone reads each of its second nodes, else say why not."""
+    found = [activation_after(node, scope) for node, scope in unit.nodes]
+    first = found[0]
+    why: list[str | None] = [f if isinstance(f, str) else None for f in found]
+    if isinstance(first, Activation) and all(isinstance(f, Activation) and f.same_function(first) for f in found):
+        unit.activation = first
+        return
+    if not any(why):  # every node has an activation, not the same one
+        why = ["the nodes sharing its second factor are followed by different activations"] * len(found)
+    for layer, reason in zip(unit.layers, why, strict=True):
+        layer.activation_reason = reason or "it shares its second factor with a layer whose output the activation does not alone read"
+
+
 def _refit_stage(
     original: onnx.ModelProto,
     model: onnx.ModelProto,
@@ -571,8 +660,13 @@ def _refit_stage(
     ridge: float,
     threads: int | None,
     progress: Callable[[int, int, str], None] | None,
-) -> None:
-    """One stage: a streamed run of the converted and the original model, then each member re-solved."""
+    iterations: int,
+    lambdas: tuple[float, float],
+    row_memory: int,
+    max_rows: int | None,
+) -> float:
+    """One stage: a streamed run of the converted and the original model, then each member re-solved;
+    returns the seconds the activation-aware fits took."""
     requests_in, requests_out = [], []
     for u, unit in enumerate(members):
         for i, ((node, scope), target) in enumerate(zip(unit.nodes, unit.targets, strict=True)):
@@ -599,6 +693,16 @@ def _refit_stage(
         _, with_bias = _bias_prior(unit, n_out)
         unit.equations = NormalEquations(g, int(np.prod(kernel_shape[1:])), n_out // g, with_bias)
         unit.rng = np.random.default_rng([stage, u])
+    fitting = [unit for unit in members if unit.equations is not None and unit.activation is not None]
+    for unit in fitting:
+        eq = unit.equations
+        assert eq is not None
+        # the stage's row memory, shared evenly; a row is F features and N_g targets per group, float32
+        limit = row_memory // (len(fitting) * 4 * eq.groups * (eq.features + eq.outputs))
+        if max_rows is not None:
+            limit = min(limit, max_rows)
+        assert unit.activation is not None
+        unit.kept = KeptRows(unit.activation, limit, batches.count, np.random.default_rng([stage, members.index(unit), 1]))
     failures: dict[int, str] = {}
 
     def consume(values: list[dict[str, Array]], batch: int) -> None:
@@ -617,6 +721,8 @@ def _refit_stage(
                         failures[u] = pair
                         break
                     unit.equations.add(*pair)
+                    if unit.kept is not None:
+                        unit.kept.add(*pair, batch)
 
     phase = f"refit stage {stage}/{stages}"
     stream_together(
@@ -626,12 +732,18 @@ def _refit_stage(
         threads=threads,
         progress=(lambda done, total: progress(done, total, phase)) if progress is not None else None,
     )
+    seconds = 0.0
     for u, unit in enumerate(members):
         if u in failures:
             for layer in unit.layers:
                 layer.reason = failures[u]
         elif unit.equations is not None:
-            _finish(model, unit, ridge, stage)
+            start = time.perf_counter()
+            _finish(model, unit, ridge, stage, iterations, lambdas)
+            if unit.kept is not None:
+                seconds += time.perf_counter() - start
+        unit.kept = None  # the rows go with the stage
+    return seconds
 
 
 def refit_layers(
@@ -648,12 +760,20 @@ def refit_layers(
     progress: Callable[[int, int, str], None] | None = None,
     inplace: bool = False,
     every_layer: bool = False,
+    activations: bool = DEFAULT_ACTIVATIONS,
+    activation_iterations: int = DEFAULT_ITERATIONS,
+    activation_lambdas: tuple[float, float] = (LAMBDA_START, LAMBDA_END),
+    row_memory: int = DEFAULT_ROW_MEMORY,
+    activation_rows: int | None = DEFAULT_ACTIVATION_ROWS,
 ) -> RefitResult:
     """Refit every decomposed layer's second factor and bias (see the module docstring).
 
     ``original`` is the model given to :func:`onnx_lowrank.decompose`, ``decomposed`` and ``report`` what
     it returned; ``decomposed`` is copied unless ``inplace``. ``progress(done, total, phase)`` is called per
-    batch of each stage.
+    batch of each stage. ``activations``: fit a layer read only by a ``Relu``/``LeakyRelu``/``Clip`` to that
+    activation's output (:mod:`onnx_lowrank.calibration.activation`), in ``activation_iterations``
+    alternations whose penalty weight runs from ``activation_lambdas[0]`` to ``[1]``, on at most
+    ``activation_rows`` rows per layer (None: no limit) and ``row_memory`` bytes of rows per stage.
     """
     if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
         raise LowRankError(f"ridge must be a finite number >= 0, got {ridge!r}")
@@ -661,6 +781,14 @@ def refit_layers(
         raise LowRankError(f"batch size must be a whole number >= 1, got {batch_size!r}")
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise LowRankError(f"stages must be a whole number >= 1, got {stages!r}")
+    if isinstance(activation_iterations, bool) or not isinstance(activation_iterations, int) or activation_iterations < 0:
+        raise LowRankError(f"activation iterations must be a whole number >= 0, got {activation_iterations!r}")
+    if len(activation_lambdas) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in activation_lambdas):
+        raise LowRankError(f"activation lambdas must be two finite numbers > 0, got {activation_lambdas!r}")
+    if isinstance(row_memory, bool) or not isinstance(row_memory, int) or row_memory < 1:
+        raise LowRankError(f"row memory must be a whole number of bytes >= 1, got {row_memory!r}")
+    if activation_rows is not None and (isinstance(activation_rows, bool) or not isinstance(activation_rows, int) or activation_rows < 1):
+        raise LowRankError(f"activation rows must be a whole number >= 1 or None, got {activation_rows!r}")
     start = time.perf_counter()
     model = decomposed
     if not inplace:
@@ -670,9 +798,12 @@ def refit_layers(
     count = sample_count(data)
     fixed = batch_size_of(model)
     used = count - count % fixed if fixed else count
-    result = RefitResult(model)
+    result = RefitResult(model, activations=bool(activations))
     units, refused = _units(original, model, report)
     result.layers.extend(refused)
+    if activations:
+        for unit in units:
+            _find_activation(unit)
     if not units:
         result.samples = count
         result.seconds = time.perf_counter() - start
@@ -697,7 +828,22 @@ def refit_layers(
                         layer.stage = s + 1
                         layer.reason = "kept its data-aware factors: downstream of a layer refit in the same stage"
             members = sources
-        _refit_stage(original, model, members, s + 1, stages, Batches(model, data, batch_size), positions, float(ridge), threads, progress)
+        result.activation_seconds += _refit_stage(
+            original,
+            model,
+            members,
+            s + 1,
+            stages,
+            Batches(model, data, batch_size),
+            positions,
+            float(ridge),
+            threads,
+            progress,
+            activation_iterations,
+            (float(activation_lambdas[0]), float(activation_lambdas[1])),
+            row_memory,
+            activation_rows,
+        )
         result.passes += 2
     for unit in units:
         result.layers.extend(unit.layers)
