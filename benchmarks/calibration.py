@@ -49,11 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, beside
 from bench_common import ROOT, fmt, log, machine_info, markdown_table, results_path, write_json
 
 from onnx_lowrank import decompose
-from onnx_lowrank._threads import single_threaded_blas
 from onnx_lowrank.calibration import CalibrationOptions, load_calibration, refit_layers
 from onnx_lowrank.calibration.refit import DEFAULT_ACTIVATIONS
 from onnx_lowrank.ranks import OBJECTIVES
 from onnx_lowrank.runtime import make_session
+from onnx_lowrank.threads import single_threaded_blas
 
 TEXTLINE = ROOT / "models" / "textline_crnn.onnx"
 TEXTLINE_TEST = ROOT / "models" / "textline_test.npz"

@@ -198,6 +198,7 @@ def calibrated_conversion(
             threads=settings.threads,
             progress=run.passes,
             inplace=True,
+            activations=settings.activation_refit,
         )
         new = result.model
         report.calibration["refit"] = result.to_dict()

@@ -79,7 +79,8 @@ import numpy.typing as npt
 import onnx
 import scipy.linalg
 
-from ..passes._graph import Scope, attrs, resolve_weight
+from ..graph import Scope, attrs
+from ..passes import resolve_weight
 from .collect import subgraph_reads
 
 __all__ = [

@@ -4,7 +4,7 @@ A :class:`Layer` is one allocation unit of the planner — one weight, read by o
 shared by several nodes, or a node in a function called several times, is factored once) — described by
 what the data-aware math needs: its kernel shape in conv layout, its :class:`PatchGeometry`, and the
 requests for the tensors it reads. :func:`layer_of` builds one from the planner's sites
-(:class:`onnx_lowrank.passes._rewrite.Site`); shapes and MACs stay the sites' own (``Site.cost``), so this
+(:class:`onnx_lowrank.passes.Site`); shapes and MACs stay the sites' own (``Site.cost``), so this
 module computes no shape of its own beyond what onnxruntime hands it at run time.
 
 :func:`collect_moments` is the statistics pass: ONE onnxruntime session of the model with every layer's

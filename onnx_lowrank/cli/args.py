@@ -367,6 +367,12 @@ class CalibrationArgs(ArgGroup):
             "outputs, measured once on a few samples (default: on)",
         )
         group.add_argument(
+            "--activation-refit",
+            action=argparse.BooleanOptionalAction,
+            help="with --calibration: refit a decomposed layer read only by a Relu, LeakyRelu or Clip to that activation's "
+            "output, not its linear output (Zhang et al.'s nonlinear reconstruction; default: on)",
+        )
+        group.add_argument(
             "--positions",
             type=whole_number(0),
             metavar="N",
@@ -383,17 +389,19 @@ class CalibrationArgs(ArgGroup):
     def parse(self, args: argparse.Namespace) -> CalibrationConfig:
         """The group, checked before the model is read: the flags that tune calibration need it, and the data must exist."""
         if args.calibration is None:
-            for flag in ("refit", "sensitivity", "positions", "calibration_batch"):
+            for flag in ("refit", "sensitivity", "activation_refit", "positions", "calibration_batch"):
                 if getattr(args, flag) not in (None, False):
                     raise LowRankError(f"--{flag.replace('_', '-')} needs --calibration")
             return CalibrationConfig()
         if not Path(args.calibration).exists():
             raise LowRankError(f"{args.calibration}: no such calibration file or folder")
         options = None
-        if args.positions is not None or args.calibration_batch is not None:
+        if args.positions is not None or args.calibration_batch is not None or args.activation_refit is not None:
             from ..calibration import CalibrationOptions
 
             options = CalibrationOptions()
+            if args.activation_refit is not None:
+                options = replace(options, activation_refit=args.activation_refit)
             if args.positions is not None:
                 options = replace(options, positions=args.positions or None)
             if args.calibration_batch is not None:

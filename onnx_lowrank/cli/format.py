@@ -79,7 +79,11 @@ def format_report(report: Report, quiet: bool = False) -> str:
         if "refit" in cal:
             refit = cal["refit"]
             done = sum(1 for layer in refit["layers"] if layer["refit"])
-            line += f"; refit {done} of {len(refit['layers'])} layers in {refit.get('stages', 0)} stage(s), {refit['seconds']:.1f} s"
+            to_activation = sum(1 for layer in refit["layers"] if layer["refit"] and layer.get("objective") not in (None, "output"))
+            fitted = f" ({to_activation} to their activation's output)" if to_activation else ""
+            line += (
+                f"; refit {done} of {len(refit['layers'])} layers{fitted} in {refit.get('stages', 0)} stage(s), {refit['seconds']:.1f} s"
+            )
         out.append(line)
         missing = cal.get("without_statistics") or {}
         if missing:
