@@ -35,6 +35,7 @@ from typing import Any, Unpack
 
 import onnx
 
+from .answers import NO_DATA, measure_answers, warn_of_damage
 from .config import DecomposeConfig, DecomposeKeywords
 from .data_io import model_input_specs
 from .errors import LowRankError
@@ -144,10 +145,14 @@ def _convert(
     policy, shapes = config.policy, config.shapes
     if not config.calibration.given:
         prepared = prepare(source, shapes=shapes, fold_bn=policy.fold_bn)
-        return convert_prepared(prepared, config, progress=progress, workers=workers, copy=False, start=start)
-    from .calibration import load_calibration
+        new, report = convert_prepared(prepared, config, progress=progress, workers=workers, copy=False, start=start)
+        report.answers = {"not_measured": NO_DATA}
+        warn_of_damage(report, config)
+        return new, report
+    from .calibration import hold_back, load_calibration
 
-    data = load_calibration(config.calibration.source, source)
+    # the last few samples are held back: the answers are measured on inputs the conversion never saw
+    data, held = hold_back(load_calibration(config.calibration.source, source), source)
     for name, shape in shapes.input_shapes.items():
         if name in data and tuple(shape[1:]) != tuple(data[name].shape[1:]):
             raise LowRankError(
@@ -159,6 +164,8 @@ def _convert(
     run = CalibrationRun(data, config.calibration, policy, progress)
     new, report = calibrated_conversion(source, run, config, None, progress, workers, sizes=sizes)
     report.calibration["seconds"] = time.perf_counter() - start
+    report.answers = measure_answers(source, new, held, config.speed.resolved_threads)
+    warn_of_damage(report, config)
     report.seconds = time.perf_counter() - start
     return new, report
 

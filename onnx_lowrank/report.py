@@ -76,6 +76,9 @@ class Report:
     # per If/Loop/Scan holding layers: runs, per subgraph what sized it and its MACs (for an If branch, of its path too)
     control_flow: list[dict[str, Any]] = field(default_factory=list)
     notice: str | None = None  # "nothing to decompose: …" when no layer of the model can be decomposed, and why
+    # what the conversion did to the answers: per output the measure and value on held-back calibration samples
+    # ("outputs", "samples", "data"), or "not_measured" and why
+    answers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mac_ratio(self) -> float:

@@ -386,9 +386,10 @@ def _conversions(
     start = time.perf_counter()
     data = None
     if config.calibration.given:
-        from .calibration import load_calibration
+        from .calibration import hold_back, load_calibration
 
-        data = load_calibration(config.calibration.source, proto)
+        # the samples decompose holds back are held back here too: each row is what decompose writes
+        data, _ = hold_back(load_calibration(config.calibration.source, proto), proto)
     sizes = model_sizes(proto, config.shapes, data, samples)
     prepared = prepare(as_model(proto), shapes=config.shapes, fold_bn=config.policy.fold_bn, sizes=sizes)
 

@@ -30,10 +30,11 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
+from .agreement import OutputAgreement, compare
 from .data_io import InputSpec, check_allocation, check_samples, load_npz, load_sample, model_input_specs
 from .errors import LowRankError
 from .model_io import load_model
-from .runtime import make_session
+from .runtime import first_line, make_session
 from .shapes import concrete_input_shapes, needs_input_shape_message, random_feed, session_input_specs
 from .stats import speedup_estimate
 from .timing import kernel_times, paired_times
@@ -41,6 +42,7 @@ from .timing import kernel_times, paired_times
 __all__ = [
     "OutputStats",
     "VerifyResult",
+    "answers",
     "check_random_inputs",
     "compare_outputs",
     "load_inputs",
@@ -323,3 +325,36 @@ def _check_readable(path: str | os.PathLike[str]) -> None:
         return
     if not os.access(p, os.R_OK):
         raise LowRankError(f"{p}: permission denied")
+
+
+def answers(
+    original: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    data: Mapping[str, npt.NDArray[Any]],
+    *,
+    threads: int | None = None,
+    batch: int = 64,
+    labels: npt.NDArray[Any] | None = None,
+) -> list[OutputAgreement]:
+    """How the candidate's answers compare with the original's on ``data`` (samples on axis 0, checked already):
+    per output the measure that fits it (:mod:`onnx_lowrank.agreement`)."""
+    ref = make_session(original, threads=threads)
+    cand = make_session(candidate, threads=threads)
+    names = [o.name for o in ref.get_outputs()]
+    inputs = [i.name for i in ref.get_inputs()]
+    fixed = {i.name: (i.shape[0] if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 else None) for i in ref.get_inputs()}
+    fixed_batch = min((b for b in fixed.values() if b), default=None)
+    step = fixed_batch or batch
+    count = min(len(data[n]) for n in inputs)
+    if fixed_batch:
+        count -= count % fixed_batch  # a fixed batch takes whole batches only
+    outs: tuple[list[list[npt.NDArray[Any]]], list[list[npt.NDArray[Any]]]] = ([], [])
+    try:
+        for start in range(0, count, step):
+            feed = {n: np.ascontiguousarray(data[n][start : start + step]) for n in inputs}
+            outs[0].append(ref.run(names, feed))
+            outs[1].append(cand.run(names, feed))
+    except Exception as exc:  # onnxruntime's own exception types
+        raise LowRankError(f"onnxruntime failed to run on the held-back samples: {first_line(exc)}") from None
+    merged = [[np.concatenate([b[i] for b in side]) for i in range(len(names))] for side in outs]
+    return compare(names, merged[0], merged[1], original, labels)

@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "onnx_lowrank"
 # bottom (0) to top; a package's modules share its layer
 LAYERS: dict[str, int] = {
     "errors": 0,
+    "agreement": 0,
     "stats": 0,
     "threads": 0,
     "factorization": 0,
@@ -41,6 +42,7 @@ LAYERS: dict[str, int] = {
     "planning": 6,
     "quantize": 6,
     "layers": 7,
+    "answers": 7,
     "api": 8,
     "sweep": 9,
     "html_report": 10,

@@ -18,7 +18,7 @@ This package does not import :mod:`onnx_lowrank.api`; the API imports it.
 
 from __future__ import annotations
 
-from .data import CalibrationSource, iter_batches, load_calibration
+from .data import CalibrationSource, hold_back, iter_batches, load_calibration
 from .plan import CalibrationOptions, DataAwarePlan, data_aware_plan
 from .refit import LayerRefit, RefitResult, refit, refit_layers
 
@@ -29,6 +29,7 @@ __all__ = [
     "LayerRefit",
     "RefitResult",
     "data_aware_plan",
+    "hold_back",
     "iter_batches",
     "load_calibration",
     "refit",

@@ -31,7 +31,16 @@ from ..data_io import check_finite, convert_dtype, format_dims, load_npy, load_n
 from ..errors import LowRankError
 from ..model_io import load_model
 
-__all__ = ["Batches", "CalibrationSource", "batch_size_of", "iter_batches", "load_calibration", "sample_count"]
+__all__ = [
+    "HELD_BACK_MIN_SAMPLES",
+    "Batches",
+    "CalibrationSource",
+    "batch_size_of",
+    "hold_back",
+    "iter_batches",
+    "load_calibration",
+    "sample_count",
+]
 
 Array = npt.NDArray[Any]
 CalibrationSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | Iterable[Mapping[str, npt.ArrayLike]]
@@ -77,6 +86,27 @@ def batch_size_of(model: onnx.ModelProto) -> int | None:
 def sample_count(data: Mapping[str, Array]) -> int:
     """Samples in a checked calibration set (0 when it is empty)."""
     return min((len(v) for v in data.values()), default=0)
+
+
+# what a conversion with calibration data holds back to measure its answers on: an eighth of the samples, between
+# HELD_BACK_LEAST and HELD_BACK_MOST, and none when fewer than HELD_BACK_MIN_SAMPLES are given (the statistics and the
+# refit need the rest more than the measurement needs a few)
+HELD_BACK_SHARE = 8
+HELD_BACK_LEAST = 8
+HELD_BACK_MOST = 64
+HELD_BACK_MIN_SAMPLES = 32
+
+
+def hold_back(data: Mapping[str, Array], model: onnx.ModelProto) -> tuple[dict[str, Array], dict[str, Array]]:
+    """``data`` split into the samples the conversion uses and the last few, held back to measure its answers on
+    (an eighth, 8 to 64, a whole number of the model's fixed batch; none below 32 samples: ``held`` is empty)."""
+    count = sample_count(data)
+    batch = batch_size_of(model) or 1
+    held = min(HELD_BACK_MOST, max(HELD_BACK_LEAST, count // HELD_BACK_SHARE)) // batch * batch
+    if count < HELD_BACK_MIN_SAMPLES or held == 0 or count - held < batch:
+        return dict(data), {}
+    used = count - held
+    return {k: v[:used] for k, v in data.items()}, {k: v[used:count] for k, v in data.items()}
 
 
 def load_calibration(source: CalibrationSource, model: ModelLike | None = None) -> dict[str, Array]:

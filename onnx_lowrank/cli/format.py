@@ -68,6 +68,7 @@ def format_report(report: Report, quiet: bool = False) -> str:
         header = ["node", "op", "weight", "kind", "rank", "rel.err", "MACs", "MACs after", "ratio"]
         out.append(table(rows, [*header, *(["int8"] if quantized else []), "note"]))
     out += _latency_lines(report.latency)
+    out += _answers_lines(report.answers)
     if report.calibration:
         cal = report.calibration
         line = f"calibration: {cal.get('samples', 0)} samples; ranks by {report.policy.get('allocation', 'kernel error')}"
@@ -186,6 +187,19 @@ def _latency_lines(lat: dict[str, Any]) -> list[str]:
     elif lat.get("not_timed"):
         lines.append(f"not timed: {lat['not_timed']}")
     return lines
+
+
+def _answers_lines(answers: dict[str, Any]) -> list[str]:
+    """What the conversion did to the answers, measured on held-back samples, or why it was not measured."""
+    if not answers:
+        return []
+    if "not_measured" in answers:
+        return [f"answers: not measured ({answers['not_measured']})"]
+    parts = []
+    for output in answers["outputs"]:
+        value = f"{output['value']:.1%}" if output["higher_is_better"] else f"{output['value']:.3g}"
+        parts.append(f"{output['measure']} {value} ({output['output']})")
+    return [f"answers on {answers['samples']} held-back {answers['data'].removeprefix('held-back ')}: {'; '.join(parts)}"]
 
 
 def _layer_note(layer: LayerReport) -> str:
