@@ -267,8 +267,9 @@ def test_shape_ops_chain() -> None:
 # --------------------------------------------------------------------------- interpreter: recurrent layers, If, Resize
 
 
-def lstm_model(direction: str, layout: int, steps: int = 6, batch: int = 2) -> onnx.ModelProto:
-    dirs, hidden, size = (2 if direction == "bidirectional" else 1), 5, 3
+def lstm_model(direction: str, layout: int, peepholes: bool = True, states: bool = True, bias: bool = True) -> onnx.ModelProto:
+    """One LSTM over (6 steps, batch 2, 3 features), hidden 5; without peepholes it runs torch's fused kernel."""
+    steps, batch, dirs, hidden, size = 6, 2, (2 if direction == "bidirectional" else 1), 5, 3
     x_shape = [batch, steps, size] if layout else [steps, batch, size]
     state_shape = (batch, dirs, hidden) if layout else (dirs, batch, hidden)
     rng = np.random.default_rng(1)
@@ -280,29 +281,50 @@ def lstm_model(direction: str, layout: int, steps: int = 6, batch: int = 2) -> o
         "c0": rng.standard_normal(state_shape).astype(np.float32),
         "p": rng.standard_normal((dirs, 3 * hidden)).astype(np.float32),
     }
-    node = helper.make_node(
-        "LSTM", ["x", "w", "r", "b", "", "h0", "c0", "p"], ["y", "yh", "yc"], hidden_size=hidden, direction=direction, layout=layout
-    )
-    return make_model(
-        [node],
-        [helper.make_tensor_value_info("x", F32, x_shape)],
-        [helper.make_empty_tensor_value_info(n) for n in ("y", "yh", "yc")],
-        weights,
-    )
+    inputs = ["x", "w", "r", "b" if bias else "", "", "h0" if states else "", "c0" if states else "", "p" if peepholes else ""]
+    while not inputs[-1]:
+        inputs.pop()
+    node = helper.make_node("LSTM", inputs, ["y", "yh", "yc"], hidden_size=hidden, direction=direction, layout=layout)
+    used = {k: v for k, v in weights.items() if k in inputs}
+    outputs = [helper.make_empty_tensor_value_info(n) for n in ("y", "yh", "yc")]
+    return make_model([node], [helper.make_tensor_value_info("x", F32, x_shape)], outputs, used)
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
-def test_lstm_matches_onnxruntime(direction: str) -> None:
-    assert_matches_runtime(lstm_model(direction, 0), {"x": randn(6, 2, 3)})
+@pytest.mark.parametrize("peepholes", [True, False], ids=["looped", "fused"])
+def test_lstm_matches_onnxruntime(direction: str, peepholes: bool) -> None:
+    assert_matches_runtime(lstm_model(direction, 0, peepholes), {"x": randn(6, 2, 3)})
+
+
+def test_lstm_without_bias_or_states() -> None:
+    for peepholes in (True, False):
+        assert_matches_runtime(lstm_model("bidirectional", 0, peepholes, states=False, bias=False), {"x": randn(6, 2, 3)})
+
+
+def test_lstm_gradients_of_both_paths_agree() -> None:
+    """The fused kernel and the step loop compute the same function and the same gradients."""
+    x = torch.from_numpy(randn(6, 2, 3))
+    grads = []
+    for peepholes in (True, False):
+        model = lstm_model("bidirectional", 0, peepholes)
+        if peepholes:  # zero peepholes: the same equations as without
+            tensor = next(t for t in model.graph.initializer if t.name == "p")
+            tensor.CopyFrom(numpy_helper.from_array(np.zeros((2, 15), np.float32), "p"))
+        module = GraphModule(model, trainable=["w", "r", "b"])
+        y = module({"x": x})[0]
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append([p.grad.clone() for p in module.weights])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_lstm_batch_first_layout() -> None:
     """layout=1 (onnxruntime has no kernel for it): the same numbers as layout 0 with the axes swapped."""
     x = randn(6, 2, 3)
-    seq_first = interpret(lstm_model("bidirectional", 0), {"x": x})
-    model = lstm_model("bidirectional", 1)
+    seq_first = interpret(lstm_model("bidirectional", 0, peepholes=False), {"x": x})
+    model = lstm_model("bidirectional", 1, peepholes=False)
     # the same initial states, stored batch-first
-    reference = lstm_model("bidirectional", 0)
+    reference = lstm_model("bidirectional", 0, peepholes=False)
     states = {t.name: numpy_helper.to_array(t) for t in reference.graph.initializer}
     for tensor in model.graph.initializer:
         if tensor.name in ("h0", "c0"):
@@ -731,3 +753,24 @@ def test_float_weights_leave_statistics_and_bounds_out() -> None:
     ]
     model = make_model(nodes, [helper.make_tensor_value_info("x", F32, [1, 3, 2, 2])], [helper.make_empty_tensor_value_info("y")], weights)
     assert float_weights(model) == ("s", "b")
+
+
+def test_sequence_scores_get_string_agreement_and_a_ctc_term() -> None:
+    """[N, T, C] scores from a linear layer: KL per position, the greedy-CTC string metric, and the CTC term."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"), helper.make_node("Add", ["m", "b"], ["scores"], name="bias")]
+    weights = {"w": rng.standard_normal((6, 5)).astype(np.float32) * 2, "b": rng.standard_normal(5).astype(np.float32)}
+    original = make_model(
+        nodes, [helper.make_tensor_value_info("x", F32, ["n", 7, 6])], [helper.make_empty_tensor_value_info("scores")], weights
+    )
+    converted = onnx.ModelProto()
+    converted.CopyFrom(original)
+    perturbed = numpy_helper.from_array(weights["w"] + rng.standard_normal((6, 5)).astype(np.float32), "w")
+    next(t for t in converted.graph.initializer if t.name == "w").CopyFrom(perturbed)
+    data = {"x": rng.standard_normal((30, 7, 6)).astype(np.float32)}
+    options = FinetuneOptions(**{**FAST.to_dict(), "sequence_weight": 0.5, "steps": 20, "eval_every": 10})
+    _, result = finetune(original, converted, data, trainable=["w", "b"], options=options)
+    assert result.loss_kinds == {"scores": "KL over the last axis (logits)"}
+    assert result.metric is not None and result.metric.name == "string agreement (greedy CTC, blank 0)"
+    assert [h["step"] for h in result.history] == [0, 10, 20]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]  # the held-back loss (KL + CTC) comes down

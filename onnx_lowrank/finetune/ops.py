@@ -1346,6 +1346,8 @@ def _lstm(spec: NodeSpec) -> Kernel:
     directions, layout, clip, functions = _recurrent_setup(spec, 4, ["Sigmoid", "Tanh", "Tanh"])
     reverse_only = str(spec.get("direction", "forward")) == "reverse"
     coupled = int(spec.get("input_forget", 0))
+    defaults = all(fs[0] is torch.sigmoid and fs[1] is torch.tanh and fs[2] is torch.tanh for fs in functions)
+    fused = defaults and clip is None and not coupled
 
     def run(inputs: Inputs) -> list[Tensor]:
         x, w, r = _need(inputs[0], "X"), _need(inputs[1], "W"), _need(inputs[2], "R")
@@ -1357,18 +1359,31 @@ def _lstm(spec: NodeSpec) -> Kernel:
         steps, batch = x.shape[0], x.shape[1]
         _check_lengths(lengths, steps)
         hidden = r.shape[-1]
+        if fused and peep is None:
+            y, y_h, y_c = _fused_lstm(x, w, r, b, h0, c0, directions, reverse_only)
+        else:
+            y, y_h, y_c = _looped_lstm(x, w, r, b, h0, c0, peep)
+        if layout:
+            y, y_h, y_c = y.permute(2, 0, 1, 3), y_h.transpose(0, 1), y_c.transpose(0, 1)
+        return [y, y_h, y_c]
+
+    def _looped_lstm(
+        x: Tensor, w: Tensor, r: Tensor, b: Tensor | None, h0: Tensor | None, c0: Tensor | None, peep: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        steps, batch, hidden = x.shape[0], x.shape[1], r.shape[-1]
         ys, hs, cs = [], [], []
         for d in range(directions):
             f, g, h = functions[d]
             projected = torch.matmul(x, w[d].t())  # (steps, batch, 4·hidden), gates i o f c
             if b is not None:
                 projected = projected + b[d, : 4 * hidden] + b[d, 4 * hidden :]
+            per_step = projected.unbind(0)  # one view per step (indexing in the loop would cost a full-size gradient each)
             state_h = h0[d] if h0 is not None else x.new_zeros(batch, hidden)
             state_c = c0[d] if c0 is not None else x.new_zeros(batch, hidden)
             p_i, p_o, p_f = (peep[d, k * hidden : (k + 1) * hidden] for k in range(3)) if peep is not None else (None, None, None)
             out: list[Tensor | None] = [None] * steps
             for t in _steps(d, reverse_only, steps):
-                z = projected[t] + state_h @ r[d].t()
+                z = per_step[t] + state_h @ r[d].t()
                 zi, zo, zf, zc = _parts(z, hidden, -1)
                 if p_i is not None and p_f is not None:
                     zi, zf = zi + p_i * state_c, zf + p_f * state_c
@@ -1384,13 +1399,36 @@ def _lstm(spec: NodeSpec) -> Kernel:
             ys.append(torch.stack([o for o in out if o is not None]))
             hs.append(state_h)
             cs.append(state_c)
-        y = torch.stack(ys, dim=1)  # (steps, directions, batch, hidden)
-        y_h, y_c = torch.stack(hs), torch.stack(cs)
-        if layout:
-            y, y_h, y_c = y.permute(2, 0, 1, 3), y_h.transpose(0, 1), y_c.transpose(0, 1)
-        return [y, y_h, y_c]
+        return torch.stack(ys, dim=1), torch.stack(hs), torch.stack(cs)  # Y: (steps, directions, batch, hidden)
 
     return run
+
+
+_TORCH_GATES = [0, 2, 3, 1]  # torch's LSTM gate order i f g o, as blocks of ONNX's i o f c
+
+
+def _torch_gates(value: Tensor, hidden: int) -> Tensor:
+    """Gate blocks along axis 0 (or the last axis of a bias) from ONNX's order to torch's."""
+    return torch.cat([value.narrow(0, k * hidden, hidden) for k in _TORCH_GATES])
+
+
+def _fused_lstm(
+    x: Tensor, w: Tensor, r: Tensor, b: Tensor | None, h0: Tensor | None, c0: Tensor | None, directions: int, reverse_only: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The default-activation LSTM without peepholes or clip through torch's own fused kernel (same equations)."""
+    batch, hidden = x.shape[1], r.shape[-1]
+    params: list[Tensor] = []
+    for d in range(directions):
+        params += [_torch_gates(w[d], hidden), _torch_gates(r[d], hidden)]
+        if b is not None:
+            params += [_torch_gates(b[d, : 4 * hidden], hidden), _torch_gates(b[d, 4 * hidden :], hidden)]
+    zeros = x.new_zeros(directions, batch, hidden)
+    states = (h0 if h0 is not None else zeros, c0 if c0 is not None else zeros)
+    source = x.flip(0) if reverse_only else x
+    y, y_h, y_c = torch.lstm(source, states, params, b is not None, 1, 0.0, False, directions == 2, False)
+    if reverse_only:
+        y = y.flip(0)
+    return y.reshape(x.shape[0], batch, directions, hidden).transpose(1, 2), y_h, y_c
 
 
 @_op("GRU")

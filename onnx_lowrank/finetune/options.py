@@ -38,6 +38,9 @@ class FinetuneOptions:
             ``λ·x_i + (1 − λ)·x_j`` with ``λ ~ Beta(α, α)``, and the teacher (and the fixed upstream part of a
             segment) is run by onnxruntime on the blend: more distinct inputs to match than the data holds,
             at the price of one pass of the original per step. Needs floating-point inputs.
+        sequence_weight: weight of a CTC term for ``[N, T, C]`` per-position class scores (0: off): the
+            student's scores against the teacher's greedy decoding (arg-max per position, repeats merged,
+            class 0 the blank), so the strings the student decodes are fitted, not only each position.
         temperature: of the KL term (both distributions are softened by it; the term is scaled by T²).
         feature_weight: weight of the feature term (0: off).
         features: ``(converted tensor, original tensor)`` pairs the feature term compares (MSE over the
@@ -62,6 +65,7 @@ class FinetuneOptions:
     min_held_back: int = 4
     seed: int = 0
     mixup: float = 0.0
+    sequence_weight: float = 0.0
     temperature: float = 1.0
     feature_weight: float = 0.0
     features: tuple[tuple[str, str], ...] = ()
@@ -96,8 +100,10 @@ class FinetuneOptions:
             raise LowRankError(f"fine-tune held_back must be a fraction in (0, 1), got {self.held_back!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise LowRankError(f"fine-tune seed must be an integer >= 0, got {self.seed!r}")
-        if not (isinstance(self.mixup, (int, float)) and math.isfinite(self.mixup) and self.mixup >= 0):
-            raise LowRankError(f"fine-tune mixup must be a number >= 0, got {self.mixup!r}")
+        for name in ("mixup", "sequence_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise LowRankError(f"fine-tune {name} must be a number >= 0, got {value!r}")
         if not (isinstance(self.feature_weight, (int, float)) and math.isfinite(self.feature_weight) and self.feature_weight >= 0):
             raise LowRankError(f"fine-tune feature_weight must be a number >= 0, got {self.feature_weight!r}")
         if self.feature_weight > 0 and not self.features:

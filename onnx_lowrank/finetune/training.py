@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import torch
+import torch.nn.functional as F
 
 from .._threads import default_threads
 from ..calibration.collect import prepare
@@ -46,7 +47,7 @@ from ..runtime import run_session
 from .interpreter import GraphModule, describe_problems, graph_problems, inline_functions
 from .ops import Unsupported
 from .options import CheckResult, FinetuneOptions, FinetuneResult, HeldBackMetric
-from .outputs import OutputLoss, agreement, choose_loss, primary
+from .outputs import BLANK, OutputLoss, agreement, choose_loss, primary
 from .segment import Segment, choose_segment
 from .writeback import write_back
 
@@ -158,6 +159,22 @@ def _output_loss(loss: OutputLoss, student: Tensor, teacher: Tensor, temperature
     return (diff * diff).mean() / loss.variance
 
 
+def _sequence_loss(loss: OutputLoss, student: Tensor, teacher: Tensor) -> Tensor:
+    """CTC of the student's ``[N, T, C]`` scores toward the teacher's greedy decoding (class 0 the blank)."""
+    best = teacher.argmax(dim=-1)
+    keep = best != BLANK
+    keep[:, 1:] &= best[:, 1:] != best[:, :-1]
+    lengths = keep.sum(dim=1)
+    width = max(int(lengths.max()), 1)
+    labels = torch.zeros((best.shape[0], width), dtype=torch.int64)
+    for row in range(best.shape[0]):
+        decoded = best[row][keep[row]]
+        labels[row, : len(decoded)] = decoded
+    log_probs = _log_probs(student, loss, 1.0).transpose(0, 1)  # (T, N, C)
+    steps = torch.full((best.shape[0],), best.shape[1], dtype=torch.int64)
+    return F.ctc_loss(log_probs, labels, steps, lengths, blank=BLANK, reduction="mean", zero_infinity=True)
+
+
 class _Objective:
     """The loss of one batch: Σ output terms + feature_weight · mean of the feature terms."""
 
@@ -177,6 +194,8 @@ class _Objective:
         total = torch.zeros((), dtype=torch.float32)
         for loss in self.losses:
             total = total + _output_loss(loss, outputs[loss.name], targets[loss.name], self.options.temperature)
+            if self.options.sequence_weight > 0 and loss.metric.startswith("string agreement"):
+                total = total + self.options.sequence_weight * _sequence_loss(loss, outputs[loss.name], targets[loss.name])
         if self.options.feature_weight > 0 and self.features:
             term = torch.zeros((), dtype=torch.float32)
             for student, teacher in self.features:
