@@ -1356,9 +1356,7 @@ def _lstm(spec: NodeSpec) -> Kernel:
             x = x.transpose(0, 1)
             h0 = h0.transpose(0, 1) if h0 is not None else None
             c0 = c0.transpose(0, 1) if c0 is not None else None
-        steps, batch = x.shape[0], x.shape[1]
-        _check_lengths(lengths, steps)
-        hidden = r.shape[-1]
+        _check_lengths(lengths, x.shape[0])
         if fused and peep is None:
             y, y_h, y_c = _fused_lstm(x, w, r, b, h0, c0, directions, reverse_only)
         else:
