@@ -325,6 +325,116 @@ def train(
         torch.set_num_threads(saved_threads)
 
 
+@dataclass
+class _Student:
+    """What torch evaluates: the module over the segment, the tensors it is fed and those the loss reads."""
+
+    inlined: onnx.ModelProto
+    module: GraphModule
+    mode: str
+    outputs: list[str]  # the segment's outputs (graph outputs and the cut)
+    fed: list[str]  # tensors onnxruntime computes upstream of the segment (graph inputs excluded)
+    features: list[tuple[str, str]]
+
+
+def _student(converted: onnx.ModelProto, trained: list[str], inputs: Mapping[str, Array], options: FinetuneOptions) -> _Student:
+    try:
+        inlined = inline_functions(converted)
+    except Unsupported as exc:
+        raise LowRankError(f"the fine-tune cannot read the converted model: {exc}") from None
+    problems = graph_problems(inlined)
+    if any(i < 0 for i in problems):
+        raise LowRankError(f"the fine-tune interpreter cannot read the converted model: {describe_problems(inlined, problems)}")
+    segment: Segment = choose_segment(inlined, trained, problems)
+    mode = segment.describe(len(inlined.graph.node))
+    if problems:
+        mode += f" (the interpreter has no kernel for the rest: {describe_problems(inlined, problems)})"
+    try:
+        module = GraphModule(inlined, trained, nodes=segment.nodes)
+    except Unsupported as exc:
+        raise LowRankError(f"the fine-tune interpreter cannot run the converted model: {exc}") from None
+    unknown = sorted(set(options.loss_kinds) - set(module.output_names))
+    if unknown:
+        raise LowRankError(f"loss kind given for {unknown[0]!r}, which is not an output of the model")
+    features = list(options.features) if options.feature_weight > 0 else []
+    made = {o for i in segment.nodes for o in inlined.graph.node[i].output if o}
+    for name, _ in features:
+        if name not in made:
+            raise LowRankError(f"feature tensor {name!r} is not computed by the part of the converted model that is trained")
+    outputs = list(segment.outputs)
+    fed = [n for n in module.external_reads(outputs + [s for s, _ in features]) if n not in inputs]
+    return _Student(inlined, module, mode, outputs, fed, features)
+
+
+@dataclass
+class _References:
+    """onnxruntime's side: the sessions (kept for input mixing), the tensors they run, and what they computed."""
+
+    data: _Data
+    teacher: Any
+    reference: Any
+    teacher_names: list[str]
+    student_names: list[str]
+
+
+def _references(
+    original: onnx.ModelProto,
+    converted: onnx.ModelProto,
+    student: _Student,
+    inputs: Mapping[str, Array],
+    options: FinetuneOptions,
+    held_rows: Array,
+    fixed: int | None,
+    threads: int,
+) -> _References:
+    """The teacher's targets (the original) and the fed tensors and outputs of the converted model, all samples."""
+    outputs, fed, features = student.outputs, student.fed, student.features
+    teacher_names = list(dict.fromkeys(outputs + [t for _, t in features]))
+    teacher = _session(original, teacher_names, threads, "original")
+    student_names = list(dict.fromkeys(fed + outputs))
+    reference = _session(converted, student_names, threads, "converted")
+    axes = _sample_axes(teacher, teacher_names, inputs, fixed, "original")
+    converted_axes = _sample_axes(reference, student_names, inputs, fixed, "converted")
+    for name in outputs:
+        if axes[name] != converted_axes[name]:
+            raise LowRankError(
+                f"tensor {name!r} holds the samples on axis {axes[name]} in the original model, {converted_axes[name]} in the converted one"
+            )
+    axes.update(converted_axes)
+    feature_types = {t: np.float16 for _, t in features if t not in outputs}
+    teacher_values = _ort_pass(teacher, teacher_names, inputs, axes, options.eval_batch_size, fixed, "original", feature_types)
+    converted_values = _ort_pass(reference, student_names, inputs, axes, options.eval_batch_size, fixed, "converted")
+    data = _Data(
+        feeds={**{k: np.asarray(v) for k, v in inputs.items()}, **{n: converted_values[n] for n in fed}},
+        targets={n: teacher_values[n] for n in outputs},
+        features={t: teacher_values[t] for _, t in features},
+        converted={n: converted_values[n][held_rows] for n in outputs},
+        axes=axes,
+    )
+    return _References(data, teacher, reference, teacher_names, student_names)
+
+
+class _HeldBack:
+    """Evaluations on the held-back slice: the student's tensors, the metric of every output, the loss."""
+
+    def __init__(
+        self, student: _Student, data: _Data, objective: _Objective, rows: Array, options: FinetuneOptions, fixed: int | None
+    ) -> None:
+        self.student, self.data, self.objective, self.rows = student, data, objective, rows
+        self.batch, self.fixed = options.eval_batch_size, fixed
+        self.targets = {loss.name: data.targets[loss.name][rows] for loss in objective.losses}
+        self.features = {t: data.features[t][rows] for _, t in objective.features}
+
+    def outputs(self, names: Sequence[str]) -> dict[str, Array]:
+        return _evaluate(self.student.module, self.data, names, self.rows, self.batch, self.fixed)
+
+    def metrics(self, outputs: Mapping[str, Array]) -> dict[str, float]:
+        return _metrics(self.objective.losses, outputs, self.targets)
+
+    def loss(self, outputs: Mapping[str, Array]) -> float:
+        return _held_back_loss(self.objective, outputs, self.targets, self.features)
+
+
 def _train(
     original: onnx.ModelProto,
     converted: onnx.ModelProto,
@@ -342,87 +452,32 @@ def _train(
     order = np.random.default_rng(options.seed).permutation(count)
     held_rows, train_rows = np.sort(order[:held]), np.sort(order[held:])
     fixed = batch_size_of(converted)
+    student = _student(converted, trained, inputs, options)
+    refs = _references(original, converted, student, inputs, options, held_rows, fixed, threads)
+    data = refs.data
 
-    # what torch evaluates
-    try:
-        inlined = inline_functions(converted)
-    except Unsupported as exc:
-        raise LowRankError(f"the fine-tune cannot read the converted model: {exc}") from None
-    problems = graph_problems(inlined)
-    if any(i < 0 for i in problems):
-        raise LowRankError(f"the fine-tune interpreter cannot read the converted model: {describe_problems(inlined, problems)}")
-    segment: Segment = choose_segment(inlined, trained, problems)
-    mode = segment.describe(len(inlined.graph.node))
-    if problems:
-        mode += f" (the interpreter has no kernel for the rest: {describe_problems(inlined, problems)})"
-    try:
-        module = GraphModule(inlined, trained, nodes=segment.nodes)
-    except Unsupported as exc:
-        raise LowRankError(f"the fine-tune interpreter cannot run the converted model: {exc}") from None
-    graph_outputs = set(module.output_names)
-    unknown = sorted(set(options.loss_kinds) - graph_outputs)
-    if unknown:
-        raise LowRankError(f"loss kind given for {unknown[0]!r}, which is not an output of the model")
-    feature_pairs = list(options.features) if options.feature_weight > 0 else []
-    made = {o for i in segment.nodes for o in inlined.graph.node[i].output if o}
-    for student_name, _ in feature_pairs:
-        if student_name not in made:
-            raise LowRankError(f"feature tensor {student_name!r} is not computed by the part of the converted model that is trained")
-    outputs = list(segment.outputs)
-    fed = [n for n in module.external_reads(outputs + [s for s, _ in feature_pairs]) if n not in inputs]
-
-    # onnxruntime: the teacher's targets, the converted model's fed tensors and outputs
-    teacher_names = list(dict.fromkeys(outputs + [t for _, t in feature_pairs]))
-    teacher = _session(original, teacher_names, threads, "original")
-    student_names = list(dict.fromkeys(fed + outputs))
-    reference = _session(converted, student_names, threads, "converted")
-    axes = _sample_axes(teacher, teacher_names, inputs, fixed, "original")
-    converted_axes = _sample_axes(reference, student_names, inputs, fixed, "converted")
-    for name in outputs:
-        if axes[name] != converted_axes[name]:
-            raise LowRankError(
-                f"tensor {name!r} holds the samples on axis {axes[name]} in the original model, {converted_axes[name]} in the converted one"
-            )
-    axes.update(converted_axes)
-    feature_types = {t: np.float16 for _, t in feature_pairs if t not in outputs}
-    teacher_values = _ort_pass(teacher, teacher_names, inputs, axes, options.eval_batch_size, fixed, "original", feature_types)
-    converted_values = _ort_pass(reference, student_names, inputs, axes, options.eval_batch_size, fixed, "converted")
-    if options.mixup <= 0:
-        del teacher, reference
-    data = _Data(
-        feeds={**{k: np.asarray(v) for k, v in inputs.items()}, **{n: converted_values[n] for n in fed}},
-        targets={n: teacher_values[n] for n in outputs},
-        features={t: teacher_values[t] for _, t in feature_pairs},
-        converted={n: converted_values[n][held_rows] for n in outputs},
-        axes=axes,
-    )
-    del converted_values
-
-    # per output: its loss, chosen on the training rows
-    losses = []
-    for name in outputs:
-        if name in graph_outputs:
-            losses.append(choose_loss(name, data.targets[name][train_rows], inlined, options.loss_kinds.get(name)))
-        else:
-            losses.append(choose_loss(name, data.targets[name][train_rows], None, "mse"))
+    # per output: its loss, chosen on the training rows (a cut tensor inside the graph is fitted by MSE)
+    graph_outputs = set(student.module.output_names)
+    losses = [
+        choose_loss(name, data.targets[name][train_rows], student.inlined, options.loss_kinds.get(name))
+        if name in graph_outputs
+        else choose_loss(name, data.targets[name][train_rows], None, "mse")
+        for name in student.outputs
+    ]
     if all(loss.kind == "none" for loss in losses):
         raise LowRankError("no output of the trained part is floating point: nothing to fit")
     watched = primary(losses)
-    variances = {t: max(float(np.var(data.features[t][train_rows].astype(np.float64))), 1e-12) for _, t in feature_pairs}
-    objective = _Objective(losses, feature_pairs, variances, options)
-    requested = objective.requested
-    fitted = [loss for loss in losses if loss.kind != "none"]
-    held_targets = {loss.name: data.targets[loss.name][held_rows] for loss in fitted}
-    held_features = {t: data.features[t][held_rows] for _, t in feature_pairs}
+    variances = {t: max(float(np.var(data.features[t][train_rows].astype(np.float64))), 1e-12) for _, t in student.features}
+    objective = _Objective(losses, student.features, variances, options)
+    held_back = _HeldBack(student, data, objective, held_rows, options, fixed)
 
-    # the same function? (interpreter vs onnxruntime, converted model, held-back inputs)
-    before = _evaluate(module, data, requested, held_rows, options.eval_batch_size, fixed)
+    # the same function? (interpreter against onnxruntime, converted model, held-back inputs)
+    before = held_back.outputs(objective.requested)
     equivalence = _compare("equivalence check (converted model)", before, data.converted, options)
-    metrics_before = _metrics(fitted, data.converted, held_targets)
-    loss_before = _held_back_loss(objective, before, held_targets, held_features)
-
+    metrics_before = held_back.metrics(data.converted)
+    module = student.module
     result = FinetuneResult(
-        mode=mode,
+        mode=student.mode,
         trained=list(module.parameter_names),
         trained_elements=int(sum(p.numel() for p in module.weights)),
         loss_kinds={loss.name: loss.description for loss in losses},
@@ -432,29 +487,81 @@ def _train(
         seed=options.seed,
         threads=threads,
         equivalence=equivalence,
-        held_back_loss_before=loss_before,
-        features=[list(p) for p in feature_pairs],
+        held_back_loss_before=held_back.loss(before),
+        features=[list(p) for p in student.features],
         options=options.to_dict(),
     )
-    best_key = (metrics_before[watched.name] if watched.higher_is_better else -metrics_before[watched.name], -loss_before)
-    best_state, best_metrics, best_loss = module.snapshot(), metrics_before, loss_before
-    result.history.append({"step": 0, "loss": loss_before, "metric": metrics_before[watched.name]})
+    mixing = _mixer(refs, student, objective, inputs, options) if options.mixup > 0 else None
+    if mixing is None:
+        refs.teacher = refs.reference = None  # let the sessions go: everything is cached
+    _fit(student, data, objective, held_back, watched, train_rows, options, fixed, result, metrics_before, mixing, progress)
 
-    mixing = None
-    if options.mixup > 0:
-        not_float = [n for n, v in inputs.items() if not np.issubdtype(v.dtype, np.floating)]
-        if not_float:
-            raise LowRankError(f"mixup blends inputs, and input {not_float[0]!r} is not floating point")
-        mix_rng = np.random.default_rng(options.seed + 2)
+    # write back, then onnxruntime must compute what the trained network computes
+    written = write_back(converted, module.stored_arrays())
+    names = [loss.name for loss in objective.losses]
+    trained_outputs = held_back.outputs(names)
+    check = _session(written, refs.student_names, threads, "written")
+    after = _ort_pass(check, names, _rows(data.feeds, held_rows), data.axes, options.eval_batch_size, fixed, "written")
+    result.write_back = _compare("write-back check (written model)", trained_outputs, after, options)
+    metrics_after = held_back.metrics(after)
+    result.metrics = [
+        HeldBackMetric(loss.name, loss.metric, metrics_before[loss.name], metrics_after[loss.name], loss.higher_is_better)
+        for loss in objective.losses
+    ]
+    result.metric = next(m for m in result.metrics if m.output == watched.name)
+    result.seconds = time.perf_counter() - start
+    return written, result
 
-        def mixing(batch: Mapping[str, Array]) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-            blended = _mixed(batch, mix_rng, options.mixup)
-            wanted = _run(teacher, teacher_names, blended, "original")
-            upstream = _run(reference, fed, blended, "converted") if fed else {}
-            feeds = {**_native(blended, {}), **{n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in upstream.items()}}
-            first = {n: torch.from_numpy(np.ascontiguousarray(np.moveaxis(v, axes[n], 0))) for n, v in wanted.items()}
-            return feeds, {loss.name: first[loss.name] for loss in fitted}, {t: first[t] for _, t in feature_pairs}
 
+Batch = tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]
+
+
+def _mixer(
+    refs: _References, student: _Student, objective: _Objective, inputs: Mapping[str, Array], options: FinetuneOptions
+) -> Callable[[Array], Batch]:
+    """A batch of blended inputs (:func:`_mixed`) with the teacher's targets and the fed tensors onnxruntime makes for it."""
+    not_float = [n for n, v in inputs.items() if not np.issubdtype(v.dtype, np.floating)]
+    if not_float:
+        raise LowRankError(f"mixup blends inputs, and input {not_float[0]!r} is not floating point")
+    rng = np.random.default_rng(options.seed + 2)
+    axes = refs.data.axes
+
+    def mixed_batch(index: Array) -> Batch:
+        blended = _mixed(_rows(inputs, index), rng, options.mixup)
+        wanted = _run(refs.teacher, refs.teacher_names, blended, "original")
+        upstream = _run(refs.reference, student.fed, blended, "converted") if student.fed else {}
+        feeds = {**_native(blended, {}), **{n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in upstream.items()}}
+        first = {n: torch.from_numpy(np.ascontiguousarray(np.moveaxis(v, axes[n], 0))) for n, v in wanted.items()}
+        return feeds, {loss.name: first[loss.name] for loss in objective.losses}, {t: first[t] for _, t in objective.features}
+
+    return mixed_batch
+
+
+def _fit(
+    student: _Student,
+    data: _Data,
+    objective: _Objective,
+    held_back: _HeldBack,
+    watched: OutputLoss,
+    train_rows: Array,
+    options: FinetuneOptions,
+    fixed: int | None,
+    result: FinetuneResult,
+    metrics_before: Mapping[str, float],
+    mixing: Callable[[Array], Batch] | None,
+    progress: Progress | None,
+) -> None:
+    """The optimisation loop; leaves the module in its best held-back state and records the run in ``result``."""
+    module = student.module
+    requested = objective.requested
+
+    def key(metrics: Mapping[str, float], loss: float) -> tuple[float, float]:
+        value = metrics[watched.name]
+        return (value if watched.higher_is_better else -value, -loss)
+
+    assert result.held_back_loss_before is not None
+    best_key, best_state, best_loss = key(metrics_before, result.held_back_loss_before), module.snapshot(), result.held_back_loss_before
+    result.history.append({"step": 0, "loss": best_loss, "metric": metrics_before[watched.name]})
     optimizer = torch.optim.Adam(list(module.weights), lr=options.lr)
     micro = fixed or options.batch_size
     accumulate = math.ceil(options.batch_size / fixed) if fixed else 1
@@ -463,8 +570,7 @@ def _train(
     budget = options.minutes * 60 if options.minutes is not None else None
     train_start = time.perf_counter()
     losses_seen: list[float] = []
-    stale = 0
-    step = 0
+    stale = step = 0
     result.stop_reason = "step budget reached"
     total = options.steps or 0
     while options.steps is None or step < options.steps:
@@ -484,14 +590,13 @@ def _train(
             index, queue = np.asarray(queue[:micro]), queue[micro:]
             if mixing is None:
                 feeds = _native(_rows(data.feeds, index), data.axes)
-                targets = {loss.name: torch.from_numpy(data.targets[loss.name][index]) for loss in fitted}
-                feats = {t: torch.from_numpy(data.features[t][index]) for _, t in feature_pairs}
+                targets = {loss.name: torch.from_numpy(data.targets[loss.name][index]) for loss in objective.losses}
+                features = {t: torch.from_numpy(data.features[t][index]) for _, t in objective.features}
             else:
-                feeds, targets, feats = mixing(_rows(inputs, index))
-            got = _student_outputs(module, feeds, requested, data.axes)
-            loss_value = objective(got, targets, feats) / accumulate
-            loss_value.backward()  # type: ignore[no-untyped-call]
-            batch_loss += float(loss_value.detach())
+                feeds, targets, features = mixing(index)
+            value = objective(_student_outputs(module, feeds, requested, data.axes), targets, features) / accumulate
+            value.backward()  # type: ignore[no-untyped-call]
+            batch_loss += float(value.detach())
         optimizer.step()
         step += 1
         if not math.isfinite(batch_loss):
@@ -501,13 +606,11 @@ def _train(
         losses_seen.append(batch_loss)
         last = options.steps is not None and step == options.steps
         if step % options.eval_every == 0 or last:
-            student = _evaluate(module, data, requested, held_rows, options.eval_batch_size, fixed)
-            metrics = _metrics(fitted, student, held_targets)
-            held_loss = _held_back_loss(objective, student, held_targets, held_features)
+            outputs = held_back.outputs(requested)
+            metrics, held_loss = held_back.metrics(outputs), held_back.loss(outputs)
             result.history.append({"step": step, "loss": held_loss, "metric": metrics[watched.name]})
-            key = (metrics[watched.name] if watched.higher_is_better else -metrics[watched.name], -held_loss)
-            if _better(key, best_key):
-                best_key, best_state, best_metrics, best_loss, result.best_step = key, module.snapshot(), metrics, held_loss, step
+            if _better(key(metrics, held_loss), best_key):
+                best_key, best_state, best_loss, result.best_step = key(metrics, held_loss), module.snapshot(), held_loss, step
                 stale = 0
             else:
                 stale += 1
@@ -525,20 +628,3 @@ def _train(
     result.train_loss_end = float(np.mean(losses_seen[-10:])) if losses_seen else None
     module.restore(best_state)
     result.held_back_loss_after = best_loss
-    del best_metrics
-
-    # write back, then onnxruntime must compute what the trained network computes
-    written = write_back(converted, module.stored_arrays())
-    trained_outputs = _evaluate(module, data, [loss.name for loss in fitted], held_rows, options.eval_batch_size, fixed)
-    check_session = _session(written, student_names, threads, "written")
-    held_inputs = _rows(data.feeds, held_rows)
-    after = _ort_pass(check_session, [loss.name for loss in fitted], held_inputs, axes, options.eval_batch_size, fixed, "written")
-    result.write_back = _compare("write-back check (written model)", trained_outputs, after, options)
-    metrics_after = _metrics(fitted, after, held_targets)
-    result.metrics = [
-        HeldBackMetric(loss.name, loss.metric, metrics_before[loss.name], metrics_after[loss.name], loss.higher_is_better)
-        for loss in fitted
-    ]
-    result.metric = next(m for m in result.metrics if m.output == watched.name)
-    result.seconds = time.perf_counter() - start
-    return written, result
