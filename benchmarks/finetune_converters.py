@@ -255,12 +255,16 @@ def main() -> None:
     parser.add_argument("--worker", nargs=3, metavar=("CONVERTER", "MODEL", "INPUTS"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune_converters.json"))
     parser.add_argument("--work", default=None, help="folder for the exported models (default: a temporary one)")
+    parser.add_argument("--table", action="store_true", help="only print the table of the results file --out")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     if args.worker:
         print(json.dumps(measure(*args.worker)))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_common import log, machine_info, markdown_table, write_json
+    from bench_common import log, machine_info, write_json
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
@@ -302,25 +306,27 @@ def main() -> None:
             log(f"node cases: {json.dumps({k: v for k, v in results['node_cases'].items() if k != 'refusal_reasons'})[:500]}")
     write_json(Path(args.out), results)
 
+    print(table(results))
+
+
+def table(results: dict[str, Any]) -> str:
+    """The coverage table in Markdown."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_common import markdown_table
+
     def cell(row: dict[str, Any], mode: str) -> str:
         if not row.get("converts"):
             return "–"
         value = row.get(mode, {})
         return f"{value['max_abs']:.1e}" if "max_abs" in value else f"fails: {value.get('error', '?')[:60]}"
 
-    table = [
-        [
-            r["model"],
-            r["converter"],
-            "yes" if r.get("converts") else f"no: {r.get('error', '')[:80]}",
-            cell(r, "eval"),
-            cell(r, "train"),
-            cell(r, "eval_batch3"),
-        ]
-        for r in rows
+    modes = ("eval", "eval_batch3", "train", "eval_after_train")
+    rows = [
+        [r["model"], r["converter"], "yes" if r.get("converts") else f"no: {r.get('error', '')[:80]}", *(cell(r, m) for m in modes)]
+        for r in results["rows"]
     ]
     headers = ["model", "converter", "converts", "max abs diff, eval", "eval, batch 3", "train mode", "eval after a train pass"]
-    print(markdown_table(headers, table))
+    return markdown_table(headers, rows)
 
 
 if __name__ == "__main__":
