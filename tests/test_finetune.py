@@ -552,8 +552,11 @@ def test_decomposed_weights_are_the_factors_and_biases() -> None:
 def test_finetune_changes_only_the_trained_initializers() -> None:
     original, converted, names, _ = converted_cnn()
     before = converted.SerializeToString()
-    written, result = finetune(original, converted, samples(), trainable=names, options=FAST)
+    calls: list[tuple[int, int, str]] = []
+    written, result = finetune(original, converted, samples(), trainable=names, options=FAST, progress=lambda *a: calls.append(a))
     assert converted.SerializeToString() == before  # the input model is not edited
+    assert [(step, total) for step, total, _ in calls] == [(step, 6) for step in range(1, 7)]
+    assert calls[1][2].startswith("loss ") and " held-back agree " in calls[1][2] and calls[1][2].endswith("%")
     old, new = tensors(converted), tensors(written)
     assert list(old) == list(new)
     changed = {name for name in old if old[name] != new[name]}
