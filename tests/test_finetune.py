@@ -777,3 +777,17 @@ def test_sequence_scores_get_string_agreement_and_a_ctc_term() -> None:
     assert result.metric is not None and result.metric.name == "string agreement (greedy CTC, blank 0)"
     assert [h["step"] for h in result.history] == [0, 10, 20]
     assert result.history[-1]["loss"] < result.history[0]["loss"]  # the held-back loss (KL + CTC) comes down
+
+
+def test_held_back_selection_treats_one_sample_as_noise() -> None:
+    from onnx_lowrank.finetune.training import _better
+
+    agreement_loss = choose_loss("s", np.eye(3, dtype=np.float32)[None].repeat(4, 0))
+    assert agreement_loss.higher_is_better
+    # 77 held-back samples at 96.1 %: one more sample agreeing is within the noise, so the loss decides
+    assert not _better(74 / 77, 0.5, 73 / 77, 0.4, 73 / 77, agreement_loss, 77)
+    assert _better(74 / 77, 0.3, 73 / 77, 0.4, 73 / 77, agreement_loss, 77)
+    assert _better(77 / 77, 0.9, 73 / 77, 0.4, 73 / 77, agreement_loss, 77)  # four more: a real gain
+    assert not _better(71 / 77, 0.1, 74 / 77, 0.4, 75 / 77, agreement_loss, 77)  # below the best kept agreement
+    l2 = choose_loss("r", np.ones((4, 3, 5, 5), np.float32))
+    assert _better(0.1, 9.0, 0.2, 0.0, 0.2, l2, 77) and not _better(0.2, 0.1, 0.1, 9.0, 0.1, l2, 77)

@@ -12,9 +12,10 @@ Order of work, each step a refusal point that says why in one line:
 4. **equivalence check**: the interpreter against onnxruntime on the converted model, held-back inputs;
    beyond the tolerance the fine-tune refuses rather than train a different function;
 5. Adam over the trained tensors, batches in a seeded order, the learning rate warmed up then decayed
-   (cosine), every ``eval_every`` steps the held-back loss and metric; the best state by (metric, then
-   loss) is kept and restored at the end; stop at the step or time budget or after ``patience``
-   evaluations without a better state;
+   (cosine), every ``eval_every`` steps the held-back loss and metric; the best state (by the metric
+   where it differs by more than its noise on the slice, else by the loss: :func:`_better`) is kept and
+   restored at the end; stop at the step or time budget or after ``patience`` evaluations without a
+   better state;
 6. write-back into the converted model's initializers, then the **write-back check**: onnxruntime on the
    written model against the trained torch network on the held-back inputs, beyond the tolerance a
    refusal; the metric after is onnxruntime's.
@@ -290,8 +291,23 @@ def _short(loss: OutputLoss, value: float) -> str:
     return f"agree {100 * value:.1f}%" if loss.higher_is_better else f"rel L2 {value:.4f}"
 
 
-def _better(a: tuple[float, float], b: tuple[float, float] | None) -> bool:
-    return b is None or a > b
+def _better(metric: float, loss: float, best_metric: float, best_loss: float, peak: float, watched: OutputLoss, samples: int) -> bool:
+    """Whether a held-back state beats the best so far.
+
+    An agreement (a share of ``samples``) must be higher than the best's by more than its standard error
+    ``√(p(1 − p)/n)`` (at least one sample) to win outright, and one lower than the highest agreement of
+    any kept state (``peak``) by as much loses; within that band the difference is noise on a slice this
+    small, and the lower held-back loss wins. A relative L2 (continuous) wins when lower, ties going to
+    the lower loss.
+    """
+    if not watched.higher_is_better:
+        return metric < best_metric or (metric == best_metric and loss < best_loss)
+    noise = max(math.sqrt(peak * (1 - peak) / samples), 1 / samples) + 1e-12
+    if metric > best_metric + noise:
+        return True
+    if metric < peak - noise:
+        return False
+    return loss < best_loss
 
 
 # --------------------------------------------------------------------------- the fine-tune
@@ -555,12 +571,9 @@ def _fit(
     module = student.module
     requested = objective.requested
 
-    def key(metrics: Mapping[str, float], loss: float) -> tuple[float, float]:
-        value = metrics[watched.name]
-        return (value if watched.higher_is_better else -value, -loss)
-
     assert result.held_back_loss_before is not None
-    best_key, best_state, best_loss = key(metrics_before, result.held_back_loss_before), module.snapshot(), result.held_back_loss_before
+    best_metric, best_state, best_loss = metrics_before[watched.name], module.snapshot(), result.held_back_loss_before
+    peak = best_metric
     result.history.append({"step": 0, "loss": best_loss, "metric": metrics_before[watched.name]})
     optimizer = torch.optim.Adam(list(module.weights), lr=options.lr)
     micro = fixed or options.batch_size
@@ -609,8 +622,9 @@ def _fit(
             outputs = held_back.outputs(requested)
             metrics, held_loss = held_back.metrics(outputs), held_back.loss(outputs)
             result.history.append({"step": step, "loss": held_loss, "metric": metrics[watched.name]})
-            if _better(key(metrics, held_loss), best_key):
-                best_key, best_state, best_loss, result.best_step = key(metrics, held_loss), module.snapshot(), held_loss, step
+            if _better(metrics[watched.name], held_loss, best_metric, best_loss, peak, watched, len(held_back.rows)):
+                best_metric, best_state, best_loss, result.best_step = metrics[watched.name], module.snapshot(), held_loss, step
+                peak = max(peak, best_metric) if watched.higher_is_better else min(peak, best_metric)
                 stale = 0
             else:
                 stale += 1
