@@ -16,6 +16,7 @@ No test depends on timing; the fine-tunes run a few steps of a model of a few hu
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -569,7 +570,9 @@ def test_finetune_changes_only_the_trained_initializers() -> None:
     assert result.loss_kinds == {"logits": "KL over the last axis (logits)"}
     assert result.metric is not None and result.metric.name == "top-1 agreement"
     assert result.samples_held_back == 4 and result.samples_train == 20
-    assert result.to_dict()["trained_count"] == len(names)
+    as_json = json.loads(json.dumps(result.to_dict()))
+    assert as_json["trained_count"] == len(names) and as_json["write_back"]["tolerance"] == FAST.tolerance
+    assert as_json["stop_reason"] == "step budget reached" and not as_json["stopped_early"] and as_json["seed"] == 0
 
 
 def test_written_model_computes_what_the_trained_network_computes() -> None:
