@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "verify": 5,
     "calibration": 5,
     "planning": 6,
+    "finetune": 6,
     "quantize": 6,
     "layers": 7,
     "answers": 7,
@@ -107,3 +108,38 @@ def test_no_private_module_of_another_package(name: str) -> None:
             owner = ".".join(parts[:i])
             here = ".".join(name.split(".")[:i]) if name.count(".") >= i else name
             assert owner == here, f"{name} imports the private module {target} of package {owner or 'onnx_lowrank'} (line {line})"
+
+
+# the optional extra: torch is imported by these modules of the fine-tune alone, which the package imports only
+# once it has checked that torch is there (finetune._torch.require_torch)
+TORCH_MODULES = {"finetune.interpreter", "finetune.ops", "finetune.training"}
+
+
+def _imports_torch(path: Path) -> list[int]:
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(n.split(".")[0] == "torch" for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n))
+def test_torch_is_imported_only_by_the_fine_tune(name: str) -> None:
+    lines = _imports_torch(MODULES[name])
+    assert name in TORCH_MODULES or not lines, f"{name} imports torch (line {lines[0] if lines else 0}): only {sorted(TORCH_MODULES)} may"
+
+
+def test_the_fine_tune_imports_its_torch_modules_lazily() -> None:
+    """What ``import onnx_lowrank.finetune`` runs does not import the modules that import torch."""
+    for name in ("finetune", "finetune.distill", "finetune.options", "finetune.targets", "finetune.outputs", "finetune._torch"):
+        for node in ast.parse(MODULES[name].read_text()).body:  # module level only: a function's import is lazy
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # a module of the fine-tune package
+                targets = [f"finetune.{node.module}"] if node.module else [f"finetune.{a.name}" for a in node.names]
+                for target in targets:
+                    assert target not in TORCH_MODULES, f"{name} imports {target} at module level (line {node.lineno})"
