@@ -27,6 +27,7 @@ import pytest
 from builders import make_model, run
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_lowrank.agreement import STRINGS, agreement, greedy_ctc
 from onnx_lowrank.errors import LowRankError
 from onnx_lowrank.finetune import (
     MISSING_TORCH,
@@ -36,7 +37,7 @@ from onnx_lowrank.finetune import (
     float_weights,
 )
 from onnx_lowrank.finetune import _torch as torch_import
-from onnx_lowrank.finetune.outputs import agreement, choose_loss, greedy_ctc
+from onnx_lowrank.finetune.outputs import choose_loss
 
 torch = pytest.importorskip("torch")
 
@@ -653,7 +654,7 @@ def test_greedy_ctc_and_agreement() -> None:
     assert greedy_ctc(scores) == [(1, 1, 2), (3, 3)]
     loss = choose_loss("s", np.log(np.clip(scores, 1e-6, 1)) - 0.0, override="kl")
     other = np.stack([one_hot([1, 0, 1, 1, 2, 0]), one_hot([3, 3, 3, 3, 3, 3])])
-    assert agreement(loss, other, scores) == 0.5
+    assert loss.metric == STRINGS and agreement(loss.metric, other, scores) == 0.5
 
 
 # --------------------------------------------------------------------------- refusals

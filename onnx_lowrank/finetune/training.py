@@ -40,6 +40,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from ..agreement import BLANK, STRINGS, agreement
 from ..calibration.collect import prepare
 from ..calibration.data import batch_size_of
 from ..errors import LowRankError
@@ -48,7 +49,7 @@ from ..threads import default_threads
 from .interpreter import GraphModule, describe_problems, graph_problems, inline_functions
 from .ops import Unsupported
 from .options import CheckResult, FinetuneOptions, FinetuneResult, HeldBackMetric
-from .outputs import BLANK, OutputLoss, agreement, choose_loss, primary
+from .outputs import OutputLoss, choose_loss, primary
 from .segment import Segment, choose_segment
 from .writeback import write_back
 
@@ -195,7 +196,7 @@ class _Objective:
         total = torch.zeros((), dtype=torch.float32)
         for loss in self.losses:
             total = total + _output_loss(loss, outputs[loss.name], targets[loss.name], self.options.temperature)
-            if self.options.sequence_weight > 0 and loss.metric.startswith("string agreement"):
+            if self.options.sequence_weight > 0 and loss.metric == STRINGS:
                 total = total + self.options.sequence_weight * _sequence_loss(loss, outputs[loss.name], targets[loss.name])
         if self.options.feature_weight > 0 and self.features:
             term = torch.zeros((), dtype=torch.float32)
@@ -272,7 +273,7 @@ def _compare(what: str, ours: Mapping[str, Array], reference: Mapping[str, Array
 
 
 def _metrics(losses: Sequence[OutputLoss], student: Mapping[str, Array], teacher: Mapping[str, Array]) -> dict[str, float]:
-    return {loss.name: agreement(loss, student[loss.name], teacher[loss.name]) for loss in losses if loss.kind != "none"}
+    return {loss.name: agreement(loss.metric, student[loss.name], teacher[loss.name]) for loss in losses if loss.kind != "none"}
 
 
 def _held_back_loss(
