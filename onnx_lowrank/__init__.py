@@ -10,7 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import decompose, inspect
-from .config import CalibrationConfig, DecomposeConfig, MobileConfig, PolicyConfig, ShapeConfig, SpeedConfig
+from .config import CalibrationConfig, DecomposeConfig, FinetuneConfig, MobileConfig, PolicyConfig, ShapeConfig, SpeedConfig
 from .errors import LowRankError
 from .mobile import save_ort
 from .model_io import count_params, load_model, save_model
@@ -21,6 +21,7 @@ from .verify import OutputStats, VerifyResult, verify
 __all__ = [
     "CalibrationConfig",
     "DecomposeConfig",
+    "FinetuneConfig",
     "InspectLayer",
     "LayerReport",
     "LowRankError",

@@ -48,7 +48,8 @@ DAMAGE_CUT = 2.5
 
 def warn_of_damage(report: Report, config: DecomposeConfig) -> None:
     """A warning when the plan's damage to the answers is extreme: measured, or from the MACs it cuts."""
-    advice = "a lower --speedup, --by macs or --finetune keeps more of them"
+    tuned = bool(report.finetune) and "skipped" not in report.finetune
+    advice = f"a lower --speedup{' or' if tuned else ','} --by macs{'' if tuned else ' or --finetune'} keeps more of them"
     for output in report.answers.get("outputs", []):
         value, measure = output["value"], output["measure"]
         if (higher_is_better(measure) and value < AGREEMENT_WARNING) or (not higher_is_better(measure) and value > RELATIVE_L2_WARNING):

@@ -19,7 +19,12 @@ call into the module that owns it:
    with calibration data each pair is then refit to the original's outputs;
 5. **check**: the result is timed against the original
    (:func:`onnx_lowrank.timing.check_result`) unless the plan by latency timed it;
-6. **report** what was done per layer and in total (:class:`onnx_lowrank.report.Report`).
+6. **fine-tune** (``finetune=``, with calibration data): the converted model distilled toward the original
+   on the calibration samples (:func:`onnx_lowrank.finetune.finetune_conversion`; its weights change, its
+   graph and its speed do not);
+7. **answers**: with calibration data the converted model's answers are measured on the samples held back
+   from every step above (:mod:`onnx_lowrank.answers`), and an extreme plan is warned of;
+8. **report** what was done per layer and in total (:class:`onnx_lowrank.report.Report`).
 
 The options come in groups (:mod:`onnx_lowrank.config`); the keyword
 arguments of :func:`decompose` build the same groups. Nothing here knows of
@@ -36,7 +41,7 @@ from typing import Any, Unpack
 import onnx
 
 from .answers import NO_DATA, measure_answers, warn_of_damage
-from .config import DecomposeConfig, DecomposeKeywords
+from .config import DecomposeConfig, DecomposeKeywords, FinetuneConfig
 from .data_io import model_input_specs
 from .errors import LowRankError
 from .layers import (
@@ -111,6 +116,10 @@ def decompose(
     arguments or models, with one line that says what is wrong.
     """
     config = DecomposeConfig.from_keywords(config, **options)
+    if config.finetune.enabled:
+        from .finetune import check_torch
+
+        check_torch()  # refused before any work when torch is missing; imported when the fine-tune starts
     # numpy's BLAS on one thread: our workers (and onnxruntime's threads) fill the cores; a multi-threaded
     # OpenBLAS beside them was measured 2-20x slower on 2 cores, and slower even alone for these sizes
     with single_threaded_blas():
@@ -120,14 +129,18 @@ def decompose(
 
             # the original is converted more than once and checked against: it is never rewritten in place
             source = as_model(model)
+            rounds = DecomposeConfig.from_keywords(config, finetune=FinetuneConfig())  # the fine-tune runs once, after them
 
             def convert(exclude: str | None) -> tuple[onnx.ModelProto, Report]:
-                changed = DecomposeConfig.from_keywords(config, exclude=exclude)
+                changed = DecomposeConfig.from_keywords(rounds, exclude=exclude)
                 return _convert(as_model(source), changed, progress, workers)
 
             new, report = keep_partitions_whole(source, convert, config.policy.exclude, mobile_shapes(source, config))
+            if config.finetune.enabled:
+                new = _finetune(source, new, report, config, progress)
         else:
             new, report = _convert(as_model(model, inplace), config, progress, workers)
+        warn_of_damage(report, config)
         if config.mobile.quantize is not None:
             from .quantize import quantize_conversion
 
@@ -147,7 +160,6 @@ def _convert(
         prepared = prepare(source, shapes=shapes, fold_bn=policy.fold_bn)
         new, report = convert_prepared(prepared, config, progress=progress, workers=workers, copy=False, start=start)
         report.answers = {"not_measured": NO_DATA}
-        warn_of_damage(report, config)
         return new, report
     from .calibration import hold_back, load_calibration
 
@@ -164,10 +176,38 @@ def _convert(
     run = CalibrationRun(data, config.calibration, policy, progress)
     new, report = calibrated_conversion(source, run, config, None, progress, workers, sizes=sizes)
     report.calibration["seconds"] = time.perf_counter() - start
-    report.answers = measure_answers(source, new, held, config.speed.resolved_threads)
-    warn_of_damage(report, config)
+    if config.finetune.enabled:
+        new = _finetune(source, new, report, config, progress, (data, held))
+    else:
+        report.answers = measure_answers(source, new, held, config.speed.resolved_threads)
     report.seconds = time.perf_counter() - start
     return new, report
+
+
+def _finetune(
+    source: onnx.ModelProto,
+    new: onnx.ModelProto,
+    report: Report,
+    config: DecomposeConfig,
+    progress: Progress | None,
+    split: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> onnx.ModelProto:
+    """The fine-tune of the converted model on the calibration samples it may train on (``split``: those and the
+    held-back ones, else read again), with the answers on the held-back samples measured before and after."""
+    from .calibration import hold_back, load_calibration
+    from .finetune import finetune_conversion
+
+    data, held = split if split is not None else hold_back(load_calibration(config.calibration.source, source), source)
+    threads = config.speed.resolved_threads
+    before = measure_answers(source, new, held, threads)
+    new, report.finetune = finetune_conversion(source, new, report, data, config.finetune, config.speed.threads, progress)
+    if "skipped" in report.finetune:
+        report.answers = before
+        return new
+    report.answers = measure_answers(source, new, held, threads)
+    measured = {key: value for key, value in before.items() if key != "outputs"}  # the data and samples, or why not measured
+    report.finetune["answers"] = {**measured, "before": before.get("outputs"), "after": report.answers.get("outputs")}
+    return new
 
 
 def calibrated_conversion(

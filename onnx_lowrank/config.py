@@ -8,7 +8,8 @@ one-line :class:`~onnx_lowrank.errors.LowRankError` that names the flag:
 * :class:`ShapeConfig` — the input the plan is sized on (a sample, or sizes for a random one) and its branches;
 * :class:`CalibrationConfig` — calibration data and what the conversion does with it;
 * :class:`SpeedConfig` — what ``--speedup`` plans by, the threads, the timing of the result;
-* :class:`MobileConfig` — mobile execution providers and INT8.
+* :class:`MobileConfig` — mobile execution providers and INT8;
+* :class:`FinetuneConfig` — the distillation fine-tune of the converted model on the calibration samples.
 
 :class:`DecomposeConfig` holds one of each, checks what one group cannot check
 alone (``--by latency`` needs a ``--speedup`` budget alone, say), and is what
@@ -44,11 +45,15 @@ __all__ = [
     "DEFAULT_OBJECTIVE",
     "DEFAULT_RANK_MULTIPLE",
     "DEFAULT_SPEEDUP",
+    "FINETUNE_MINUTES",
+    "FINETUNE_STEPS",
+    "FINETUNE_TRAINABLE",
     "QUANTIZE_MODES",
     "CalibrationConfig",
     "CalibrationSource",
     "DecomposeConfig",
     "DecomposeKeywords",
+    "FinetuneConfig",
     "MobileConfig",
     "PolicyConfig",
     "SampleSource",
@@ -72,6 +77,11 @@ CHECK_RUNS = 10
 QUANTIZE_MODES = ("dynamic", "static")
 # which If branches a plan sizes: those the reference input runs, or every one (each by a run of its own)
 BRANCH_CHOICES = ("run", "all")
+# what a fine-tune trains: the decomposed layers' factors and biases, or every float weight
+FINETUNE_TRAINABLE = ("factors", "all")
+# the fine-tune's budget when none is given, whichever ends first: a few minutes on two cores for the text line
+FINETUNE_STEPS = 600
+FINETUNE_MINUTES = 5.0
 
 CalibrationSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | Iterable[Mapping[str, npt.ArrayLike]]
 SampleSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike]
@@ -353,6 +363,66 @@ class MobileConfig:
         return self.mobile_safe or self.quantize is not None
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tune: distil the converted model toward the original on the calibration samples (no labels).
+
+    ``enabled`` runs it after the rewrite (and the refit), before the answers are measured: it trains on the
+    calibration samples except those held back to measure the answers, which it never sees, and stops early
+    on agreement with the original over a slice of its own samples. ``trainable``: ``"factors"`` (the
+    decomposed layers' factors and biases; every other weight stays byte-identical) or ``"all"`` (every float
+    weight). ``steps`` / ``minutes``: the budget; with neither, :data:`FINETUNE_STEPS` steps or
+    :data:`FINETUNE_MINUTES` minutes, whichever ends first; with one, that one alone. The same inputs give the
+    same file whenever the steps end the run (a time budget ends it where the clock says). ``seed``: the
+    split, the batches and torch's generator. ``features``: also fit the decomposed layers' outputs to the
+    original's (the feature term). ``options``: the loop's other knobs
+    (:class:`onnx_lowrank.finetune.FinetuneOptions`, whose budget, seed, threads and features these fields
+    replace; None: its defaults). Needs torch (``pip install 'onnx-lowrank[finetune]'``).
+    """
+
+    enabled: bool = False
+    trainable: str = "factors"
+    steps: int | None = None
+    minutes: float | None = None
+    seed: int = 0
+    features: bool = False
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        if self.trainable not in FINETUNE_TRAINABLE:
+            raise LowRankError(f"fine-tune trainable must be one of {', '.join(FINETUNE_TRAINABLE)}, got {self.trainable!r}")
+        if self.steps is not None and not _whole(self.steps, 1):
+            raise LowRankError(f"--finetune-steps must be a whole number >= 1, got {self.steps!r}")
+        minutes = self.minutes
+        if minutes is not None and not (
+            isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and math.isfinite(minutes) and minutes > 0
+        ):
+            raise LowRankError(f"--finetune-minutes must be a number > 0, got {minutes!r}")
+        if not _whole(self.seed, 0):
+            raise LowRankError(f"fine-tune seed must be a whole number >= 0, got {self.seed!r}")
+        if not self.enabled:
+            given = [
+                flag
+                for flag, on in (
+                    ("--finetune-all", self.trainable != "factors"),
+                    ("--finetune-steps", self.steps is not None),
+                    ("--finetune-minutes", self.minutes is not None),
+                    ("--finetune-features", self.features),
+                    ("finetune_options", self.options is not None),
+                )
+                if on
+            ]
+            if given:
+                raise LowRankError(f"{given[0]} needs --finetune (finetune=True)")
+
+    @property
+    def budget(self) -> tuple[int | None, float | None]:
+        """``(steps, minutes)`` in force (see the class docstring)."""
+        if self.steps is None and self.minutes is None:
+            return FINETUNE_STEPS, FINETUNE_MINUTES
+        return self.steps, self.minutes
+
+
 class DecomposeKeywords(TypedDict, total=False):
     """The keyword arguments :func:`onnx_lowrank.decompose` takes for the common cases, each a field of one group."""
 
@@ -383,6 +453,13 @@ class DecomposeKeywords(TypedDict, total=False):
     check_runs: int | None
     mobile_safe: bool
     quantize: str | None
+    finetune: bool | FinetuneConfig
+    finetune_all: bool
+    finetune_steps: int | None
+    finetune_minutes: float | None
+    finetune_seed: int | None
+    finetune_features: bool
+    finetune_options: Any
 
 
 # keyword → (group, field); a keyword given as None takes the field's default
@@ -399,8 +476,15 @@ _KEYWORDS: dict[str, tuple[str, str]] = {
     **{name: ("speed", name) for name in (f.name for f in fields(SpeedConfig))},
     "mobile_safe": ("mobile", "mobile_safe"),
     "quantize": ("mobile", "quantize"),
+    "finetune": ("finetune", "enabled"),
+    "finetune_all": ("finetune", "trainable"),
+    "finetune_steps": ("finetune", "steps"),
+    "finetune_minutes": ("finetune", "minutes"),
+    "finetune_seed": ("finetune", "seed"),
+    "finetune_features": ("finetune", "features"),
+    "finetune_options": ("finetune", "options"),
 }
-_DEFAULTED_WHEN_NONE = {"kinds", "objective", "input_shapes", "check_runs", "branches"}
+_DEFAULTED_WHEN_NONE = {"kinds", "objective", "input_shapes", "check_runs", "branches", "finetune_seed"}
 _POLICY_CHOICE = ("rank", "energy", "speedup", "params_ratio", "ranks")
 
 
@@ -413,6 +497,7 @@ class DecomposeConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     mobile: MobileConfig = field(default_factory=MobileConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         policy = self.policy
@@ -424,6 +509,11 @@ class DecomposeConfig:
             raise LowRankError(f"--sensitivity allocates ranks under a budget: it needs --speedup or --params-ratio, not --{policy.name}")
         if self.mobile.quantize == "static" and not self.calibration.given:
             raise LowRankError("--quantize static needs calibration data (--calibration FILE.npz|FOLDER)")
+        if self.finetune.enabled and not self.calibration.given:
+            raise LowRankError(
+                "--finetune needs --calibration FILE.npz|FOLDER: it trains on the calibration samples (no labels), "
+                "those held back to measure the answers excepted"
+            )
 
     @classmethod
     def from_keywords(cls, base: DecomposeConfig | None = None, **keywords: Any) -> DecomposeConfig:
@@ -438,14 +528,20 @@ class DecomposeConfig:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
         base = base or cls()
         changes: dict[str, dict[str, Any]] = {}
+        # finetune= may be a whole group, which the other finetune_ keywords tune
+        whole = keywords.pop("finetune") if isinstance(keywords.get("finetune"), FinetuneConfig) else None
         for key, value in keywords.items():
             group, name = _KEYWORDS[key]
             if value is None and key in _DEFAULTED_WHEN_NONE:
                 continue
             if key == "kinds" and isinstance(value, str):
                 value = [k.strip() for k in value.split(",") if k.strip()]
+            if key == "finetune_all":
+                value = "all" if value else "factors"
             changes.setdefault(group, {})[name] = value
-        groups = {name: replace(getattr(base, name), **values) for name, values in changes.items() if name != "policy"}
+        groups = {name: replace(getattr(base, name), **values) for name, values in changes.items() if name not in ("policy", "finetune")}
+        if whole is not None or "finetune" in changes:
+            groups["finetune"] = replace(whole or base.finetune, **changes.get("finetune", {}))
         if "policy" in changes:
             given = changes["policy"]
             values = {f.name: getattr(base.policy, f.name) for f in fields(PolicyConfig)}
@@ -468,7 +564,7 @@ class DecomposeConfig:
                     value = os.fspath(value)
                 elif group.name == "calibration" and f.name == "data" and value is not None and not isinstance(value, str):
                     value = "given"
-                elif group.name == "calibration" and f.name == "options" and value is not None:
+                elif group.name in ("calibration", "finetune") and f.name == "options" and value is not None:
                     value = {k.name: getattr(value, k.name) for k in fields(value)}
                 elif isinstance(value, Mapping):
                     value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}

@@ -79,6 +79,10 @@ class Report:
     # what the conversion did to the answers: per output the measure and value on held-back calibration samples
     # ("outputs", "samples", "data"), or "not_measured" and why
     answers: dict[str, Any] = field(default_factory=dict)
+    # with a fine-tune: what trained and how long, each output's loss, the early stopping's held-back metrics, the
+    # answers before and after ("answers": "before", "after" on the samples of ``answers``), the equivalence and
+    # write-back checks with their tolerance; or "skipped" and why
+    finetune: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mac_ratio(self) -> float:

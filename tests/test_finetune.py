@@ -574,6 +574,8 @@ def test_finetune_changes_only_the_trained_initializers() -> None:
     as_json = json.loads(json.dumps(result.to_dict()))
     assert as_json["trained_count"] == len(names) and as_json["write_back"]["tolerance"] == FAST.tolerance
     assert as_json["stop_reason"] == "step budget reached" and not as_json["stopped_early"] and as_json["seed"] == 0
+    (logits,) = as_json["output_losses"].items()
+    assert logits[0] == "logits" and logits[1]["kind"] == "kl" and logits[1]["before"] >= 0 and logits[1]["after"] >= 0
 
 
 def test_written_model_computes_what_the_trained_network_computes() -> None:

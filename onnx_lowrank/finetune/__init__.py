@@ -10,6 +10,7 @@ only when :func:`finetune` runs.
 Modules, each one job:
 
 * :mod:`.distill` — :func:`finetune`, the entry point: checks the inputs and the trainable names;
+* :mod:`.conversion` — :func:`finetune_conversion`, the step of a conversion: what trains, the report's entry;
 * :mod:`.options` — :class:`FinetuneOptions` and :class:`FinetuneResult` (no torch);
 * :mod:`.targets` — which initializers train: :func:`decomposed_weights`, :func:`float_weights`;
 * :mod:`.outputs` — per output, the loss (KL for class scores, MSE otherwise) and the held-back metric;
@@ -18,26 +19,33 @@ Modules, each one job:
 * :mod:`.training` — the loop, the equivalence check before and the write-back check after;
 * :mod:`.writeback` — the trained tensors into the initializers, in their own dtypes.
 
-This package does not import :mod:`onnx_lowrank.api` or the CLI.
+This package does not import :mod:`onnx_lowrank.api` or the CLI; the API calls :func:`finetune_conversion`.
 """
 
 from __future__ import annotations
 
-from ._torch import EXTRA, MISSING_TORCH, require_torch
+from ._torch import EXTRA, MISSING_TORCH, check_torch, require_torch
+from .conversion import NOTHING_DECOMPOSED, PHASE, finetune_conversion, finetune_options
 from .distill import finetune
-from .options import CheckResult, FinetuneOptions, FinetuneResult, HeldBackMetric
+from .options import CheckResult, FinetuneOptions, FinetuneResult, HeldBackMetric, OutputLossResult
 from .targets import DecomposedWeights, decomposed_weights, float_weights
 
 __all__ = [
     "EXTRA",
     "MISSING_TORCH",
+    "NOTHING_DECOMPOSED",
+    "PHASE",
     "CheckResult",
     "DecomposedWeights",
     "FinetuneOptions",
     "FinetuneResult",
     "HeldBackMetric",
+    "OutputLossResult",
+    "check_torch",
     "decomposed_weights",
     "finetune",
+    "finetune_conversion",
+    "finetune_options",
     "float_weights",
     "require_torch",
 ]

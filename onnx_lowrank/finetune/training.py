@@ -48,7 +48,7 @@ from ..runtime import run_session
 from ..threads import default_threads
 from .interpreter import GraphModule, describe_problems, graph_problems, inline_functions
 from .ops import Unsupported
-from .options import CheckResult, FinetuneOptions, FinetuneResult, HeldBackMetric
+from .options import CheckResult, FinetuneOptions, FinetuneResult, HeldBackMetric, OutputLossResult
 from .outputs import OutputLoss, choose_loss, primary
 from .segment import Segment, choose_segment
 from .writeback import write_back
@@ -192,12 +192,17 @@ class _Objective:
     def requested(self) -> list[str]:
         return [loss.name for loss in self.losses] + [student for student, _ in self.features if self.options.feature_weight > 0]
 
+    def term(self, loss: OutputLoss, student: Tensor, teacher: Tensor) -> Tensor:
+        """One output's part of the loss (with its CTC term, when on)."""
+        value = _output_loss(loss, student, teacher, self.options.temperature)
+        if self.options.sequence_weight > 0 and loss.metric == STRINGS:
+            value = value + self.options.sequence_weight * _sequence_loss(loss, student, teacher)
+        return value
+
     def __call__(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], features: Mapping[str, Tensor]) -> Tensor:
         total = torch.zeros((), dtype=torch.float32)
         for loss in self.losses:
-            total = total + _output_loss(loss, outputs[loss.name], targets[loss.name], self.options.temperature)
-            if self.options.sequence_weight > 0 and loss.metric == STRINGS:
-                total = total + self.options.sequence_weight * _sequence_loss(loss, outputs[loss.name], targets[loss.name])
+            total = total + self.term(loss, outputs[loss.name], targets[loss.name])
         if self.options.feature_weight > 0 and self.features:
             term = torch.zeros((), dtype=torch.float32)
             for student, teacher in self.features:
@@ -286,6 +291,15 @@ def _held_back_loss(
             {k: torch.from_numpy(v) for k, v in features.items()},
         )
     return float(value)
+
+
+def _output_losses(objective: _Objective, student: Mapping[str, Array], teacher: Mapping[str, Array]) -> dict[str, float]:
+    """Each output's loss term on the held-back slice (no feature term)."""
+    with torch.no_grad():
+        return {
+            loss.name: float(objective.term(loss, torch.from_numpy(student[loss.name]), torch.from_numpy(teacher[loss.name])))
+            for loss in objective.losses
+        }
 
 
 def _short(loss: OutputLoss, value: float) -> str:
@@ -451,6 +465,9 @@ class _HeldBack:
     def loss(self, outputs: Mapping[str, Array]) -> float:
         return _held_back_loss(self.objective, outputs, self.targets, self.features)
 
+    def output_losses(self, outputs: Mapping[str, Array]) -> dict[str, float]:
+        return _output_losses(self.objective, outputs, self.targets)
+
 
 def _train(
     original: onnx.ModelProto,
@@ -526,6 +543,11 @@ def _train(
         for loss in objective.losses
     ]
     result.metric = next(m for m in result.metrics if m.output == watched.name)
+    losses_before, losses_after = held_back.output_losses(before), held_back.output_losses(trained_outputs)
+    result.output_losses = {
+        loss.name: OutputLossResult(loss.kind, loss.description, losses_before[loss.name], losses_after[loss.name])
+        for loss in objective.losses
+    }
     result.seconds = time.perf_counter() - start
     return written, result
 
