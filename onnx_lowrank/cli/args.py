@@ -26,8 +26,11 @@ from ..config import (
     DEFAULT_KINDS,
     DEFAULT_RANK_MULTIPLE,
     DEFAULT_SPEEDUP,
+    FINETUNE_MINUTES,
+    FINETUNE_STEPS,
     QUANTIZE_MODES,
     CalibrationConfig,
+    FinetuneConfig,
     MobileConfig,
     PolicyConfig,
     ShapeConfig,
@@ -41,6 +44,7 @@ from ..timing_cache import CACHE_ENV
 __all__ = [
     "ArgGroup",
     "CalibrationArgs",
+    "FinetuneArgs",
     "MobileArgs",
     "Parser",
     "PolicyArgs",
@@ -92,6 +96,17 @@ def at_least_one(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
     if not (math.isfinite(value) and value >= 1.0):
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 
@@ -493,3 +508,66 @@ class MobileArgs(ArgGroup):
 
     def parse(self, args: argparse.Namespace) -> MobileConfig:
         return MobileConfig(mobile_safe=args.mobile_safe, quantize=args.quantize)
+
+
+class FinetuneArgs(ArgGroup):
+    """Fine-tune: distil the converted model toward the original on the calibration samples (torch, the ``finetune`` extra)."""
+
+    title = "fine-tune"
+    description = (
+        "distil the converted model toward the original on the calibration samples, no labels (needs --calibration, "
+        "and torch: pip install 'onnx-lowrank[finetune]'); the samples held back to measure the answers are never trained on"
+    )
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--finetune",
+            action="store_true",
+            help="after the conversion, train the decomposed layers' factors and biases so that the outputs match the original's "
+            "(KL for class scores, MSE otherwise); every other weight and the graph stay as converted",
+        )
+        group.add_argument("--finetune-all", action="store_true", help="with --finetune: train every float weight instead")
+        group.add_argument(
+            "--finetune-steps",
+            type=whole_number(1),
+            metavar="N",
+            help=f"with --finetune: optimiser steps at most (default {FINETUNE_STEPS}, or {FINETUNE_MINUTES:g} minutes, "
+            "whichever ends first; given alone, the only bound)",
+        )
+        group.add_argument(
+            "--finetune-minutes",
+            type=positive,
+            metavar="M",
+            help="with --finetune: minutes of training at most (given alone, the only bound; the same inputs give the same "
+            "file only when the steps end the run)",
+        )
+        group.add_argument(
+            "--finetune-features",
+            action="store_true",
+            help="with --finetune: also fit each decomposed layer's output to the original layer's (the feature term)",
+        )
+        group.add_argument("--finetune-seed", type=whole_number(0), metavar="S", help="with --finetune: the seed (default 0)")
+
+    def parse(self, args: argparse.Namespace) -> FinetuneConfig:
+        """The group, checked before the model is read: its flags need --finetune, which needs --calibration and torch."""
+        if not args.finetune:
+            for flag in ("finetune_all", "finetune_steps", "finetune_minutes", "finetune_features", "finetune_seed"):
+                if getattr(args, flag) not in (None, False):
+                    raise LowRankError(f"--{flag.replace('_', '-')} needs --finetune")
+            return FinetuneConfig()
+        if getattr(args, "calibration", None) is None:
+            raise LowRankError(
+                "--finetune needs --calibration FILE.npz|FOLDER: it trains on the calibration samples (no labels), "
+                "those held back to measure the answers excepted"
+            )
+        from ..finetune import check_torch
+
+        check_torch()
+        return FinetuneConfig(
+            enabled=True,
+            trainable="all" if args.finetune_all else "factors",
+            steps=args.finetune_steps,
+            minutes=args.finetune_minutes,
+            seed=args.finetune_seed or 0,
+            features=args.finetune_features,
+        )

@@ -16,7 +16,7 @@ from ..errors import LowRankError
 from ..model_io import StagedOutputs, load_model_files, save_model
 from ..report import Report
 from ..verify import VerifyResult, check_random_inputs, load_inputs, verify
-from .args import ArgGroup, CalibrationArgs, MobileArgs, PolicyArgs, ShapeArgs, SpeedArgs
+from .args import ArgGroup, CalibrationArgs, FinetuneArgs, MobileArgs, PolicyArgs, ShapeArgs, SpeedArgs
 from .command import Command
 from .format import format_report, format_verify
 from .progress import ProgressBar
@@ -67,11 +67,12 @@ class Decompose(Command):
             sample_use="the latency plan, the result check and --verify run on it, the --mobile-safe check takes its shapes",
         )
         self.calibration = CalibrationArgs()
+        self.finetune = FinetuneArgs()
         self.speed = SpeedArgs()
         self.mobile = MobileArgs()
 
     def groups(self) -> list[ArgGroup]:
-        return [self.policy, self.shapes, self.calibration, self.speed, OutputArgs(), self.mobile, CheckArgs()]
+        return [self.policy, self.shapes, self.calibration, self.finetune, self.speed, OutputArgs(), self.mobile, CheckArgs()]
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("input", help="the ONNX model to read (never modified)")
@@ -84,6 +85,7 @@ class Decompose(Command):
             calibration=self.calibration.parse(args),
             speed=self.speed.parse(args),
             mobile=self.mobile.parse(args),
+            finetune=self.finetune.parse(args),
         )
 
     def run(self, args: argparse.Namespace) -> int:

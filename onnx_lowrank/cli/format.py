@@ -69,6 +69,7 @@ def format_report(report: Report, quiet: bool = False) -> str:
         out.append(table(rows, [*header, *(["int8"] if quantized else []), "note"]))
     out += _latency_lines(report.latency)
     out += _answers_lines(report.answers)
+    out += _finetune_lines(report.finetune)
     if report.calibration:
         cal = report.calibration
         line = f"calibration: {cal.get('samples', 0)} samples; ranks by {report.policy.get('allocation', 'kernel error')}"
@@ -195,11 +196,40 @@ def _answers_lines(answers: dict[str, Any]) -> list[str]:
         return []
     if "not_measured" in answers:
         return [f"answers: not measured ({answers['not_measured']})"]
-    parts = []
-    for output in answers["outputs"]:
-        value = f"{output['value']:.1%}" if output["higher_is_better"] else f"{output['value']:.3g}"
-        parts.append(f"{output['measure']} {value} ({output['output']})")
+    parts = [f"{output['measure']} {_value(output)} ({output['output']})" for output in answers["outputs"]]
     return [f"answers on {answers['samples']} held-back {answers['data'].removeprefix('held-back ')}: {'; '.join(parts)}"]
+
+
+def _value(output: dict[str, Any]) -> str:
+    return f"{output['value']:.1%}" if output["higher_is_better"] else f"{output['value']:.3g}"
+
+
+def _finetune_lines(tune: dict[str, Any]) -> list[str]:
+    """What the fine-tune trained, how long, the answers before and after it, and how closely onnxruntime follows it."""
+    if not tune:
+        return []
+    if "skipped" in tune:
+        return [f"fine-tune: skipped ({tune['skipped']})"]
+    what = "the decomposed layers' factors and biases" if tune["trainable"] == "factors" else "every float weight"
+    losses = ", ".join(f"{loss['kind'].upper()} on {name}" for name, loss in tune["output_losses"].items())
+    best = f"; best at step {tune['best_step']}" if tune["best_step"] != tune["steps"] else ""
+    lines = [
+        f"fine-tune: {tune['steps']} steps in {tune['seconds']:.1f} s ({tune['stop_reason']}{best}); trained {what}, "
+        f"{tune['trained_count']} tensors of {count(tune['trained_elements'])} values; {losses}"
+    ]
+    answers = tune.get("answers") or {}
+    pairs = list(zip(answers.get("before") or [], answers.get("after") or [], strict=False))
+    if pairs:
+        said = "; ".join(f"{after['measure']} {_value(before)} -> {_value(after)} ({after['output']})" for before, after in pairs)
+        line = f"fine-tune: answers on {answers['samples']} held-back samples (never trained on): {said}"
+    else:
+        line = f"fine-tune: answers not measured ({answers.get('not_measured', 'no held-back samples')})"
+    check = tune["write_back"]
+    lines.append(
+        f"{line}; onnxruntime runs the trained network within {check['max_relative']:.1e} of each output's magnitude "
+        f"(tolerance {check['tolerance']:g})"
+    )
+    return lines
 
 
 def _layer_note(layer: LayerReport) -> str:
