@@ -79,6 +79,8 @@ class Report:
     # what the conversion did to the answers: per output the measure and value on held-back calibration samples
     # ("outputs", "samples", "data"), or "not_measured" and why
     answers: dict[str, Any] = field(default_factory=dict)
+    # with an accuracy budget (--max-drop): every target searched (MACs cut, measured speedup, drop) and the one kept
+    search: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mac_ratio(self) -> float:
