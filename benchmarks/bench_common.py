@@ -66,6 +66,14 @@ MODELS: dict[str, ModelSpec] = {
             "CRNN text-line recogniser, trained (models/textline_crnn.onnx), lines of 32x256",
             {"input": (1, 1, 32, 256)},
         ),
+        ModelSpec(
+            "textdet",
+            "file:models/textdet.onnx",
+            320,
+            320,
+            "DB-style text detector, trained (models/textdet.onnx), pages of 320x320",
+            {"input": (1, 1, 320, 320)},
+        ),
     ]
 }
 # the models speed.py runs by default (the others through --models): the published speed tables

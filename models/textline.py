@@ -48,6 +48,7 @@ __all__ = [
     "agreement",
     "character_error_rate",
     "edit_distance",
+    "encode_labels",
     "exact_accuracy",
     "greedy_decode",
     "load_split",
@@ -61,6 +62,15 @@ BLANK = 0  # class 0; class i >= 1 is ALPHABET[i - 1]
 HEIGHT = 32  # input height in pixels
 WIDTH = 256  # width of the shipped lines (the model accepts any multiple of 4)
 STRIDE = 4  # input columns per output time step
+
+
+def encode_labels(texts: list[str], alphabet: str = ALPHABET) -> npt.NDArray[np.int64]:
+    """Strings as ``(N, longest)`` class sequences padded with -1: the ``labels`` of onnx-lowrank's evaluation inputs."""
+    longest = max((len(t) for t in texts), default=0)
+    out = np.full((len(texts), longest), -1, dtype=np.int64)
+    for row, text in enumerate(texts):
+        out[row, : len(text)] = [alphabet.index(c) + 1 for c in text]
+    return out
 
 
 def greedy_decode(logits: npt.NDArray[Any], alphabet: str = ALPHABET) -> list[str]:

@@ -36,7 +36,8 @@ Writes (into the folder given, default: this script's folder)::
 
     textline_crnn.onnx            the recogniser
     textline_calibration.npz      input (512, 1, 32, 256) uint8
-    textline_test.npz             input (600, 1, 32, 256) uint8, labels_text (600,) unicode
+    textline_test.npz             input (600, 1, 32, 256) uint8, labels_text (600,) unicode,
+                                  labels (600, 20) int64 class sequences padded with -1
 
 Seeded (the same seeds draw the same lines). Needs torch and Pillow
 (``pip install -e '.[models]'``)::
@@ -66,7 +67,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `models` is a folder of scripts beside the package
 
-from models.textline import ALPHABET, HEIGHT, STRIDE, WIDTH, greedy_decode, read_lines, score
+from models.textline import ALPHABET, HEIGHT, STRIDE, WIDTH, encode_labels, greedy_decode, read_lines, score
 
 SEED = 0
 TEST_SEED, CALIBRATION_SEED = 1, 2
@@ -289,7 +290,8 @@ def main() -> None:
     onnx_path = out / "textline_crnn.onnx"
     export(model, onnx_path)
     worst = check_export(model, onnx_path, test_x[:16].astype(np.float32))
-    np.savez_compressed(out / "textline_test.npz", input=test_x, labels_text=np.array(test_y))
+    labels = encode_labels(list(test_y))  # the class sequences `decompose --max-drop --eval-inputs` scores strings by
+    np.savez_compressed(out / "textline_test.npz", input=test_x, labels_text=np.array(test_y), labels=labels)
     np.savez_compressed(out / "textline_calibration.npz", input=calib_x)
     ort_metrics = score(read_lines(onnx_path, test_x), test_y)
 

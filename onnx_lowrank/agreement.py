@@ -12,7 +12,8 @@ Each output is measured by what a user of it reads, decided from the original's 
 * **relative L2** ``||candidate − original|| / ||original||`` otherwise (boxes, masks, embeddings; lower is
   better); integer and boolean outputs are compared for equality.
 
-With labels (one class index per sample) a ``[N, C]`` output also gives both models' accuracy.
+With labels a ``[N, C]`` output also gives both models' accuracy (one class index per sample), and so does a
+string output (a ``[N, L]`` array per sample of class indices, padded with -1: its decoded string must be exact).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "Scores",
     "agreement",
     "greedy_ctc",
+    "label_sequences",
     "measure_of",
     "score_kind",
     "summary_measure",
@@ -97,6 +99,11 @@ def greedy_ctc(scores: Array) -> list[tuple[int, ...]]:
     return [tuple(int(c) for c in row[mask]) for row, mask in zip(best, keep, strict=True)]
 
 
+def label_sequences(labels: Array) -> list[tuple[int, ...]]:
+    """``[N, L]`` class indices padded with negative values → each sample's sequence."""
+    return [tuple(int(c) for c in row if c >= 0) for row in labels]
+
+
 def agreement(measure: str, candidate: Array, original: Array) -> float:
     """The value of ``measure`` between the candidate's and the original's outputs (samples on axis 0)."""
     if measure in (TOP1, POSITIONS):
@@ -153,9 +160,14 @@ def compare(
     for name, o, c in zip(names, original, candidate, strict=True):
         measure = measure_of(name, o, model)
         entry = OutputAgreement(name, measure, agreement(measure, c, o), int(o.shape[0]) if o.ndim else 1)
-        if labels is not None and measure == TOP1 and len(labels) == o.shape[0]:
-            entry.accuracy_original = float(np.mean(o.argmax(axis=-1) == labels))
-            entry.accuracy_candidate = float(np.mean(c.argmax(axis=-1) == labels))
+        if labels is not None and len(labels) == o.shape[0]:
+            if measure == TOP1 and labels.ndim == 1:
+                entry.accuracy_original = float(np.mean(o.argmax(axis=-1) == labels))
+                entry.accuracy_candidate = float(np.mean(c.argmax(axis=-1) == labels))
+            elif measure == STRINGS and labels.ndim == 2:
+                truth = label_sequences(labels)
+                entry.accuracy_original = float(np.mean([a == b for a, b in zip(greedy_ctc(o), truth, strict=True)]))
+                entry.accuracy_candidate = float(np.mean([a == b for a, b in zip(greedy_ctc(c), truth, strict=True)]))
         out.append(entry)
     return out
 

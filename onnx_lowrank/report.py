@@ -83,6 +83,8 @@ class Report:
     # answers before and after ("answers": "before", "after" on the samples of ``answers``), the equivalence and
     # write-back checks with their tolerance; or "skipped" and why
     finetune: dict[str, Any] = field(default_factory=dict)
+    # with an accuracy budget (--max-drop): every target searched (MACs cut, measured speedup, drop) and the one kept
+    search: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mac_ratio(self) -> float:

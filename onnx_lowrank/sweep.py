@@ -30,11 +30,10 @@ Evaluation inputs are checked against the model before any conversion.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Unpack
@@ -43,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
+from .agreement import OutputAgreement, compare
 from .api import ModelLike, as_model, calibrated_conversion, convert_prepared
 from .config import DEFAULT_SPEEDUP, DecomposeConfig, DecomposeKeywords
 from .errors import LowRankError
@@ -59,7 +59,18 @@ from .threads import single_threaded_blas
 from .timing import kernel_times, paired_times
 from .verify import OutputStats, compare_outputs, load_inputs, random_inputs
 
-__all__ = ["DEFAULT_SPEEDUPS", "LayerSpectrum", "SweepResult", "SweepRow", "layer_spectra", "parse_speedups", "report_spectra", "sweep"]
+__all__ = [
+    "DEFAULT_SPEEDUPS",
+    "LayerSpectrum",
+    "SweepResult",
+    "SweepRow",
+    "TargetRunner",
+    "layer_spectra",
+    "parse_speedups",
+    "report_spectra",
+    "sweep",
+    "sweep_config",
+]
 
 DEFAULT_SPEEDUPS = (1.25, 1.5, 2.0, 3.0, 4.0)
 EVAL_BATCH = 64  # samples per onnxruntime run where the batch dimension is free
@@ -97,6 +108,7 @@ class SweepRow:
     speedup_low: float | None = None  # the 95 % interval of the latency ratio (bootstrap over the paired runs)
     speedup_high: float | None = None
     outputs: list[OutputStats] = field(default_factory=list)
+    answers: list[OutputAgreement] = field(default_factory=list)  # each output in the measure that fits it (agreement.py)
     top1_agreement: float | None = None
     accuracy_original: float | None = None
     accuracy: float | None = None
@@ -238,7 +250,7 @@ def _evaluation(
         description = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "given arrays"
         feeds = {n: data[n] for n in names}
         count = len(next(iter(feeds.values())))
-        if labels is not None and (labels.ndim != 1 or len(labels) != count):
+        if labels is not None and len(labels) != count:
             raise LowRankError(f"eval inputs: labels has shape {list(labels.shape)}; expected one label per sample ({count})")
     count = len(next(iter(feeds.values())))
     fixed = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0]
@@ -278,7 +290,9 @@ def _compare(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LowRankError(f"onnxruntime failed to run the converted model: {first}") from None
     merged = [np.concatenate([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in range(len(evaluation.names))]
-    row.outputs = compare_outputs(evaluation.names, evaluation.reference, merged, rtol=1e-3, atol=1e-4, labels=evaluation.labels)
+    flat_labels = evaluation.labels if evaluation.labels is not None and evaluation.labels.ndim == 1 else None
+    row.outputs = compare_outputs(evaluation.names, evaluation.reference, merged, rtol=1e-3, atol=1e-4, labels=flat_labels)
+    row.answers = compare(evaluation.names, evaluation.reference, merged, original[0], evaluation.labels)
     classified = next((o for o in row.outputs if o.top1_agreement is not None), None)
     if classified is not None:
         row.top1_agreement = classified.top1_agreement
@@ -363,62 +377,73 @@ def _targets(speedups: Sequence[float]) -> list[float]:
     return sorted(set(values))
 
 
-def _timed(fn: Callable[[], tuple[onnx.ModelProto, Report]]) -> tuple[onnx.ModelProto, Report, float]:
-    start = time.perf_counter()
-    with single_threaded_blas():
-        model, report = fn()
-    return model, report, time.perf_counter() - start
+class TargetRunner:
+    """One preparation shared by conversions at any ``--speedup`` target, each result compared with the original.
 
-
-def _conversions(
-    proto: onnx.ModelProto,
-    targets: list[float],
-    config: DecomposeConfig,
-    workers: int | None,
-    info: dict[str, Any],
-    samples: list[tuple[str, dict[str, Array]]],
-) -> Iterator[tuple[float, tuple[onnx.ModelProto, Report, float] | LowRankError]]:
-    """Each target's converted model, report and seconds (or the error that stopped it), sharing one preparation
-    sized on the sample (``samples``, as read), else the first calibration sample, else random values.
-
-    ``info`` receives ``prepared``, ``prepare_seconds`` and, with calibration data, ``calibration``.
+    The model is loaded, sized, folded and its layers found once; with calibration data the statistics the
+    targets share are measured by the first conversion and reused (the samples decompose holds back are held
+    back here too: each row is what decompose writes). :meth:`row` converts at one target and fills its
+    :class:`SweepRow`; the evaluation inputs are checked against the model before any conversion.
     """
-    start = time.perf_counter()
-    data = None
-    if config.calibration.given:
-        from .calibration import hold_back, load_calibration
 
-        # the samples decompose holds back are held back here too: each row is what decompose writes
-        data, _ = hold_back(load_calibration(config.calibration.source, proto), proto)
-    sizes = model_sizes(proto, config.shapes, data, samples)
-    prepared = prepare(as_model(proto), shapes=config.shapes, fold_bn=config.policy.fold_bn, sizes=sizes)
+    def __init__(
+        self,
+        model: ModelLike,
+        config: DecomposeConfig,
+        eval_inputs: str | os.PathLike[str] | Mapping[str, Array] | None,
+        runs: int,
+        profile: bool = False,
+        workers: int | None = None,
+    ) -> None:
+        self.proto = as_model(model)
+        self.config = config
+        self.runs = runs
+        self.profile = profile
+        self.workers = workers
+        self.threads = config.speed.resolved_threads
+        self.session = make_session(self.proto, threads=self.threads)
+        samples = load_samples(self.proto, config.shapes)
+        self.evaluation = _evaluation(self.session, eval_inputs, config.shapes.input_shapes, samples[0] if samples else None)
+        self.calibration: dict[str, Any] = {}
+        start = time.perf_counter()
+        data = None
+        if config.calibration.given:
+            from .calibration import hold_back, load_calibration
 
-    def at(target: float) -> DecomposeConfig:
-        return DecomposeConfig.from_keywords(config, speedup=target)
+            data, _ = hold_back(load_calibration(config.calibration.source, self.proto), self.proto)
+        sizes = model_sizes(self.proto, config.shapes, data, samples)
+        self.prepared = prepare(as_model(self.proto), shapes=config.shapes, fold_bn=config.policy.fold_bn, sizes=sizes)
+        self._run = None if data is None else CalibrationRun(data, config.calibration, config.policy)
+        if self._run is not None:
+            self.calibration = {"samples": len(next(iter(data.values()))) if data else 0, "refit": self._run.refit}
+        self.prepare_seconds = time.perf_counter() - start
 
-    convert: Callable[[float], tuple[onnx.ModelProto, Report]]
-    if data is None:
+    def convert(self, target: float) -> tuple[onnx.ModelProto, Report]:
+        """The model converted at ``target`` as decompose converts it (raises :class:`LowRankError` when unreachable)."""
+        config = DecomposeConfig.from_keywords(self.config, speedup=target)
+        with single_threaded_blas():
+            if self._run is None:
+                return convert_prepared(self.prepared, config, workers=self.workers)
+            new, report = calibrated_conversion(self.proto, self._run, config, self.prepared, None, self.workers)
+        if self._run.plan is not None and "statistics_seconds" not in self.calibration:
+            self.calibration.update(self._run.plan.to_dict())  # measured by the first target, shared by the rest
+        return new, report
 
-        def convert(target: float) -> tuple[onnx.ModelProto, Report]:
-            return convert_prepared(prepared, at(target), workers=workers)
-
-    else:
-        run = CalibrationRun(data, config.calibration, config.policy)
-        info["calibration"] = {"samples": len(next(iter(data.values()))) if data else 0, "refit": run.refit}
-
-        def convert(target: float) -> tuple[onnx.ModelProto, Report]:
-            new, report = calibrated_conversion(proto, run, at(target), prepared, None, workers)
-            if run.plan is not None and "statistics_seconds" not in info["calibration"]:
-                info["calibration"].update(run.plan.to_dict())  # measured by the first target, shared by the rest
-            return new, report
-
-    info["prepared"] = prepared
-    info["prepare_seconds"] = time.perf_counter() - start
-    for target in targets:
+    def row(self, target: float) -> tuple[SweepRow, onnx.ModelProto | None]:
+        """The row of one target and its converted model (``None`` when the target gave none: the row says why)."""
+        row = SweepRow(target=target, reached=True)
+        start = time.perf_counter()
         try:
-            yield target, _timed(functools.partial(convert, target))
+            candidate, report = self.convert(target)
         except LowRankError as exc:
-            yield target, exc
+            row.reached, row.reason = False, str(exc)
+            return row, None
+        _fill(row, report, time.perf_counter() - start)
+        try:
+            _compare(self.evaluation, (self.proto, self.session), candidate, self.runs, self.threads, self.profile, row)
+        except LowRankError as exc:
+            row.notes.append(str(exc))
+        return row, candidate
 
 
 def sweep(
@@ -441,69 +466,59 @@ def sweep(
     options (``config`` and the keyword arguments, as for :func:`~onnx_lowrank.decompose`; by default by
     latency measured here at onnxruntime's default threads wherever the model can be timed), so the row of
     the default target is the model ``decompose`` writes. ``eval_inputs``: an ``.npz`` (or mapping) keyed by
-    input name with samples on axis 0, and optionally ``labels`` (one class index per sample) for accuracy;
+    input name with samples on axis 0, and optionally ``labels`` (one class index per sample, or for
+    per-position class scores a ``[N, L]`` array of class sequences padded with -1) for accuracy;
     default: the sample (``sample=``), else seeded random inputs. ``runs``: interleaved timed runs of each model per target (0: not timed),
     at the plan's threads. ``profile``: also time each operator type (onnxruntime's profiler).
     ``save_dir``: write each converted model there as ``<model>-x<target>.onnx``; nothing is written
     otherwise. ``progress(done, total, name)`` is called as targets finish.
     """
     targets = _targets(speedups)
-    config = DecomposeConfig.from_keywords(config, **options)
-    if config.policy.name != "budget" or config.policy.params_ratio is not None:
-        raise LowRankError("sweep converts at --speedup targets: --rank, --energy, --ranks and --params-ratio are decompose's")
-    # the sweep times every result itself: the conversions' own check is not run
-    config = DecomposeConfig.from_keywords(config, speedup=targets[0], check_runs=0)
-    if config.mobile.wanted:
-        raise LowRankError("sweep does not quantize or keep mobile partitions: --mobile-safe and --quantize are decompose's")
+    config = sweep_config(DecomposeConfig.from_keywords(config, **options), targets[0])
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
         raise LowRankError(f"--runs must be a whole number >= 0, got {runs!r}")
     if profile and runs == 0:
         raise LowRankError("--profile times the models: it needs --runs > 0")
-    threads = config.speed.resolved_threads
     out_dir = Path(save_dir) if save_dir is not None else None
     if out_dir is not None and not out_dir.is_dir():
         raise LowRankError(f"{out_dir}: --save-dir folder does not exist")
     name = Path(model).name if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
-    proto = as_model(model)
-    session = make_session(proto, threads=threads)
-    samples = load_samples(proto, config.shapes)
-    evaluation = _evaluation(session, eval_inputs, config.shapes.input_shapes, samples[0] if samples else None)
-    info: dict[str, Any] = {}
+    runner = TargetRunner(model, config, eval_inputs, runs, profile, workers)
     rows: list[SweepRow] = []
-    conversions = _conversions(proto, targets, config, workers, info, samples)
-    for done, (target, outcome) in enumerate(conversions, 1):
-        row = SweepRow(target=target, reached=not isinstance(outcome, LowRankError))
-        if isinstance(outcome, LowRankError):
-            row.reason = str(outcome)
-        else:
-            candidate, report, seconds = outcome
-            _fill(row, report, seconds)
-            try:
-                _compare(evaluation, (proto, session), candidate, runs, threads, profile, row)
-            except LowRankError as exc:
-                row.notes.append(str(exc))
-            if out_dir is not None:
-                path = out_dir / f"{Path(name).stem}-x{target:g}.onnx"
-                save_model(candidate, path, inputs=(model,) if not isinstance(model, onnx.ModelProto) else ())
-                row.saved = str(path)
+    for done, target in enumerate(targets, 1):
+        row, candidate = runner.row(target)
+        if candidate is not None and out_dir is not None:
+            path = out_dir / f"{Path(name).stem}-x{target:g}.onnx"
+            save_model(candidate, path, inputs=(model,) if not isinstance(model, onnx.ModelProto) else ())
+            row.saved = str(path)
+        del candidate
         rows.append(row)
         if progress is not None:
             progress(done, len(targets), f"{target:g}x")
-    prepared = info.get("prepared")
-    spectra = layer_spectra(prepared, [r.report for r in rows if r.report is not None]) if prepared is not None else []
+    spectra = layer_spectra(runner.prepared, [r.report for r in rows if r.report is not None])
     return SweepResult(
         model=name,
         rows=rows,
-        inputs=evaluation.description,
-        samples=evaluation.samples,
-        labelled=evaluation.labels is not None,
+        inputs=runner.evaluation.description,
+        samples=runner.evaluation.samples,
+        labelled=runner.evaluation.labels is not None,
         runs=runs,
-        threads=threads,
-        prepare_seconds=info.get("prepare_seconds", 0.0),
-        calibration=info.get("calibration", {}),
+        threads=runner.threads,
+        prepare_seconds=runner.prepare_seconds,
+        calibration=runner.calibration,
         spectra=spectra,
         by=config.speed.by,
     )
+
+
+def sweep_config(config: DecomposeConfig, first: float) -> DecomposeConfig:
+    """``config`` as a sweep of targets uses it (raises :class:`LowRankError` for options that are decompose's alone):
+    the conversions' own result check is off, each target's result is timed by the sweep itself."""
+    if config.policy.name != "budget" or config.policy.params_ratio is not None:
+        raise LowRankError("sweep converts at --speedup targets: --rank, --energy, --ranks and --params-ratio are decompose's")
+    if config.mobile.wanted:
+        raise LowRankError("sweep does not quantize or keep mobile partitions: --mobile-safe and --quantize are decompose's")
+    return DecomposeConfig.from_keywords(config, speedup=first, check_runs=0)
 
 
 def _fill(row: SweepRow, report: Report, seconds: float) -> None:

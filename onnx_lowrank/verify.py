@@ -213,9 +213,10 @@ def load_inputs(
     labels = data.pop("labels", None)
     if labels is not None:
         labels = np.asarray(labels)
-        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+        if labels.ndim not in (1, 2) or not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
             raise LowRankError(
-                f"{what}: labels of shape {tuple(labels.shape)} and dtype {labels.dtype}; expected one class index per sample"
+                f"{what}: labels of shape {tuple(labels.shape)} and dtype {labels.dtype}; expected one class index per "
+                "sample, or per sample a sequence of class indices padded with -1"
             )
     return check_samples(data, specs, what.removesuffix(" file").removesuffix("s"), what), labels
 

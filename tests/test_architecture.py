@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "answers": 7,
     "api": 8,
     "sweep": 9,
+    "accuracy_budget": 10,
     "html_report": 10,
     "cli": 11,
     "__main__": 12,

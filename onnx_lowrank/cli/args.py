@@ -52,6 +52,7 @@ __all__ = [
     "SpeedArgs",
     "add_sample",
     "input_shapes",
+    "non_negative",
     "sample_files",
     "whole_number",
 ]
@@ -85,6 +86,17 @@ def unit_interval(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
     return value
 
 

@@ -16,12 +16,14 @@ from ..errors import LowRankError
 from ..model_io import StagedOutputs, load_model_files, save_model
 from ..report import Report
 from ..verify import VerifyResult, check_random_inputs, load_inputs, verify
-from .args import ArgGroup, CalibrationArgs, FinetuneArgs, MobileArgs, PolicyArgs, ShapeArgs, SpeedArgs
+from .args import ArgGroup, CalibrationArgs, FinetuneArgs, MobileArgs, PolicyArgs, ShapeArgs, SpeedArgs, non_negative
 from .command import Command
 from .format import format_report, format_verify
 from .progress import ProgressBar
 
 __all__ = ["Decompose"]
+
+SEARCH_RUNS = 20  # interleaved runs per target --max-drop times (--check-runs sets them; 0: the fastest by MACs)
 
 
 class OutputArgs(ArgGroup):
@@ -55,6 +57,52 @@ class CheckArgs(ArgGroup):
         group.add_argument("--verify-inputs", metavar="FILE.npz", help="inputs (and `labels`) for --verify, which it implies")
 
 
+class BudgetArgs(ArgGroup):
+    title = "accuracy budget"
+    description = "instead of --speedup: the fastest conversion whose answers drop at most P points on your data"
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--max-drop",
+            type=non_negative,
+            metavar="P",
+            help="search --speedup targets as `sweep` does and keep the fastest measured result whose drop on "
+            "--eval-inputs is at most P points: accuracy lost with `labels`, else 100 x (1 - agreement with the "
+            "original's answers); the summary shows every target searched; each is timed in --check-runs "
+            f"interleaved runs (default {SEARCH_RUNS}; 0: the fastest by MACs)",
+        )
+        group.add_argument(
+            "--eval-inputs",
+            metavar="FILE.npz",
+            help="the data --max-drop measures on: inputs keyed by name (samples on axis 0), optionally `labels` "
+            "(a class index per sample, or per sample a class sequence padded with -1 for per-position scores)",
+        )
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> None:
+        if args.max_drop is None:
+            if args.eval_inputs:
+                raise LowRankError("--eval-inputs is the data of --max-drop: give --max-drop P too")
+            return
+        if not args.eval_inputs:
+            raise LowRankError("--max-drop measures the drop on your data: give --eval-inputs FILE.npz")
+        chosen = [
+            flag
+            for flag, value in (
+                ("--speedup", args.speedup),
+                ("--rank", args.rank),
+                ("--energy", args.energy),
+                ("--ranks", args.ranks),
+                ("--params-ratio", args.params_ratio),
+            )
+            if value is not None
+        ]
+        if chosen:
+            raise LowRankError(f"--max-drop chooses the speedup itself: drop {' and '.join(chosen)}")
+        if args.mobile_safe or args.quantize:
+            raise LowRankError("--max-drop searches plain conversions: --mobile-safe and --quantize are not searched")
+
+
 class Decompose(Command):
     name = "decompose"
     help = "write a decomposed copy of a model"
@@ -72,7 +120,7 @@ class Decompose(Command):
         self.mobile = MobileArgs()
 
     def groups(self) -> list[ArgGroup]:
-        return [self.policy, self.shapes, self.calibration, self.finetune, self.speed, OutputArgs(), self.mobile, CheckArgs()]
+        return [self.policy, BudgetArgs(), self.shapes, self.calibration, self.finetune, self.speed, OutputArgs(), self.mobile, CheckArgs()]
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("input", help="the ONNX model to read (never modified)")
@@ -91,7 +139,12 @@ class Decompose(Command):
     def run(self, args: argparse.Namespace) -> int:
         # what this run reads must not be replaced by what it writes
         protected: dict[str | os.PathLike[str], str] = {args.input: "input model"}
-        for flag, what in ((args.ranks, "ranks file"), (args.verify_inputs, "inputs file"), (args.calibration, "calibration data")):
+        for flag, what in (
+            (args.ranks, "ranks file"),
+            (args.verify_inputs, "inputs file"),
+            (args.calibration, "calibration data"),
+            (args.eval_inputs, "eval inputs file"),
+        ):
             if flag:
                 protected.setdefault(flag, what)
         for sample in args.sample or []:
@@ -114,6 +167,7 @@ class Decompose(Command):
             outputs.stage(ort_config_path(ort_dst), "ORT required-operators config")
         if args.html:
             outputs.stage(args.html, "HTML report")
+        BudgetArgs.check(args)
         config = self.config(args)  # every flag checked before the model is read
         start = time.perf_counter()
         model, data_files = load_model_files(src)
@@ -131,7 +185,13 @@ class Decompose(Command):
         bar = ProgressBar(not args.quiet)
         try:
             # the loaded copy is ours: rewriting it in place saves a copy of the weights
-            new, report = decompose(model, config, progress=bar, inplace=True)
+            if args.max_drop is not None:
+                from ..accuracy_budget import fastest_within_drop
+
+                runs = args.check_runs if args.check_runs is not None else SEARCH_RUNS
+                new, report, _ = fastest_within_drop(model, args.max_drop, args.eval_inputs, config, runs=runs, progress=bar)
+            else:
+                new, report = decompose(model, config, progress=bar, inplace=True)
         finally:
             bar.close()
         del model

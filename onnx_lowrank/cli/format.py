@@ -70,6 +70,7 @@ def format_report(report: Report, quiet: bool = False) -> str:
     out += _latency_lines(report.latency)
     out += _answers_lines(report.answers)
     out += _finetune_lines(report.finetune)
+    out += _search_lines(report.search)
     if report.calibration:
         cal = report.calibration
         line = f"calibration: {cal.get('samples', 0)} samples; ranks by {report.policy.get('allocation', 'kernel error')}"
@@ -188,6 +189,32 @@ def _latency_lines(lat: dict[str, Any]) -> list[str]:
     elif lat.get("not_timed"):
         lines.append(f"not timed: {lat['not_timed']}")
     return lines
+
+
+def _search_lines(search: dict[str, Any]) -> list[str]:
+    """The targets an accuracy budget searched: MACs cut, measured speedup, drop; the one kept starred."""
+    if not search:
+        return []
+    rows = []
+    for point in search["points"]:
+        star = "*" if point["target"] == search["chosen"] else ""
+        if not point["reached"]:
+            rows.append([f"{point['target']:g}x{star}", "-", "-", "-", f"not reached: {point['reason']}"])
+            continue
+        measured = "-"
+        if point["speedup"] is not None:
+            measured = f"{point['speedup']:.2f}x"
+            if point["speedup_low"] is not None:
+                measured += f" ({point['speedup_low']:.2f}-{point['speedup_high']:.2f})"
+        drop = f"{point['drop']:.2f}" if point["drop"] is not None else "-"
+        verdict = "within" if point["within"] else "beyond"
+        rows.append([f"{point['target']:g}x{star}", f"{point['mac_ratio']:.2f}x", measured, drop, verdict])
+    measure = next((p["measure"] for p in search["points"] if p["measure"]), "agreement")
+    head = (
+        f"accuracy budget: at most {search['max_drop']:g} points of {measure} on {search['samples']} samples of "
+        f"{search['inputs']}; kept the fastest measured within it ({search['chosen']:g}x, starred)"
+    )
+    return [head, table(rows, ["target", "MACs cut", "measured (95 % CI)", "drop (points)", "budget"])]
 
 
 def _answers_lines(answers: dict[str, Any]) -> list[str]:
