@@ -27,10 +27,11 @@ import datetime
 import html
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .agreement import OutputAgreement, summary_measure
 from .report import LayerReport, Report
 from .verify import OutputStats, VerifyResult
 
@@ -85,6 +86,23 @@ def _num(value: float | None, fmt: str = ".3g", missing: str = "–") -> str:
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f} %"
+
+
+def _before_after(before: float | None, after: float | None, show: Callable[[float | None], str]) -> str:
+    """``after``, or ``before → after`` where a fine-tune came between them."""
+    return f"{show(before)} → {show(after)}" if before is not None and after is not None else show(after)
+
+
+def _answers_cell(before: OutputAgreement | None, after: OutputAgreement | None) -> str:
+    """The summary measure (a share, or a relative L2) with its name, before → after a fine-tune."""
+    if after is None:
+        return "–"
+
+    def show(value: float | None) -> str:
+        return _pct(value) if after.higher_is_better else _num(value, ".3g")
+
+    value = _before_after(before.value if before is not None else None, after.value, show)
+    return f'{value}<br><span class="why">{_e(after.measure)}</span>'
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool] | None = None, caption: str = "") -> str:
@@ -191,6 +209,9 @@ def _tradeoff_figure(result: SweepResult) -> tuple[str, str] | None:
         ys = [100 * float(r.relative_l2) for r in rows]  # type: ignore[arg-type]
         original_y = 0.0
         ylabel = "output error: relative L2 (%), lower is better"
+    # with a fine-tune, the converted models before it (the row's own values are after it)
+    before = [r.untuned.accuracy if labelled else r.untuned.relative_l2 for r in rows if r.untuned is not None]
+    untuned = [100 * float(v) if v is not None else None for v in before] if len(before) == len(rows) else []
     panels = [
         ([r.latency_ratio for r in rows], f"measured speedup (×): original / converted latency,\nmedian of {result.runs} interleaved runs"),
         ([r.mac_ratio for r in rows], "MAC ratio (×): MACs of the decomposable layers\nbefore / after"),
@@ -203,6 +224,12 @@ def _tradeoff_figure(result: SweepResult) -> tuple[str, str] | None:
             ax.text(0.5, 0.5, "not timed (--runs 0)", ha="center", va="center", transform=ax.transAxes, fontsize=12, color="#777")
             continue
         ax.axhline(original_y, color="#888", linestyle="--", linewidth=1.2)
+        if untuned:
+            pairs = [(float(x), y) for x, y in zip(xs, untuned, strict=True) if x is not None and y is not None]
+            ax.plot(
+                [1.0] + [p[0] for p in pairs], [original_y] + [p[1] for p in pairs], color="#9db4cf", linestyle=":", linewidth=1.6,
+                marker="o", markersize=4, zorder=1,
+            )  # fmt: skip
         ax.plot([1.0] + [p[0] for p in points], [original_y] + [p[1] for p in points], color="#3b6ea8", linewidth=1.6, marker="o", zorder=2)
         for i, (x, y, row) in enumerate(points):
             # neighbouring targets often land close together: their labels go alternately above and below
@@ -213,7 +240,7 @@ def _tradeoff_figure(result: SweepResult) -> tuple[str, str] | None:
         ax.set_xlim(left=min(0.95, min(p[0] for p in points) - 0.05), right=max(p[0] for p in points) * 1.06)
         ax.tick_params(labelsize=10)
     axes[0].set_ylabel(ylabel, fontsize=10.5)
-    values = [*ys, original_y]
+    values = [*ys, original_y, *(y for y in untuned if y is not None)]
     low, high = min(values), max(values)
     if labelled:  # a drop of a few tenths of a point must not fill the whole height
         low = min(low, high - 5.0)
@@ -223,8 +250,10 @@ def _tradeoff_figure(result: SweepResult) -> tuple[str, str] | None:
         axes[0].set_ylim(0.0, high * 1.15 if high > 0 else 1.0)
     handles = [
         Line2D([], [], color="#888", linestyle="--", label="original model"),
-        Line2D([], [], color="#3b6ea8", marker="o", label="converted at each --speedup target"),
+        Line2D([], [], color="#3b6ea8", marker="o", label=f"{'fine-tuned' if untuned else 'converted'} at each --speedup target"),
     ]
+    if untuned:
+        handles.append(Line2D([], [], color="#9db4cf", linestyle=":", marker="o", markersize=4, label="before the fine-tune"))
     if any(r.target == result.default_target for r in rows):
         star = f"what decompose --speedup {result.default_target:g} writes"
         handles.append(Line2D([], [], color="#d62728", marker="*", markersize=13, linestyle="none", label=star))
@@ -236,6 +265,7 @@ def _tradeoff_figure(result: SweepResult) -> tuple[str, str] | None:
         f"{_e(what[0].upper() + what[1:])} of the model converted at each target (labelled), against the measured speedup in onnxruntime "
         f"({result.threads} thread(s)) on the left and against the MAC ratio on the right. The dashed line and the point at 1× are "
         f"the original model."
+        + (" The dotted line: each target's converted model before its fine-tune (same speed, other weights)." if untuned else "")
     )
     return _png(fig), caption
 
@@ -443,6 +473,11 @@ def sweep_html(result: SweepResult, plots: bool | None = None) -> str:
     sections = []
     header = ["target", "plan", "MAC ratio", "measured speedup", "latency ms<br>original → converted", "output rel. L2", "top-1 agreement"]
     numeric = [True, False, *[True] * 5]
+    tuned = any(r.untuned is not None for r in result.rows)
+    show_answers = any(r.answers for r in result.rows)
+    if show_answers:
+        header.append("answers<br>before → after the fine-tune" if tuned else "answers")
+        numeric.append(True)
     if result.labelled:
         header.append("accuracy")
         numeric.append(True)
@@ -462,9 +497,15 @@ def sweep_html(result: SweepResult, plots: bool | None = None) -> str:
             _num(row.latency_ratio, ".2f") + ("×" if row.latency_ratio else ""),
             ms,
         ]
-        cells += [_num(row.relative_l2, ".3g"), _pct(row.top1_agreement)]
+        before = row.untuned
+        cells += [
+            _before_after(before.relative_l2 if before else None, row.relative_l2, lambda v: _num(v, ".3g")),
+            _before_after(before.top1_agreement if before else None, row.top1_agreement, _pct),
+        ]
+        if show_answers:
+            cells.append(_answers_cell(summary_measure(before.answers) if before else None, row.answer))
         if result.labelled:
-            cells.append(_pct(row.accuracy))
+            cells.append(_before_after(before.accuracy if before else None, row.accuracy, _pct))
         cells += [f"{row.decomposed}/{row.layers}", f"{row.convert_seconds:.2f}", _e("; ".join(row.notes))]
         rows.append(cells)
     if not any(row.notes or not row.reached for row in result.rows):  # no notes: no empty column

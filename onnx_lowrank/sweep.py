@@ -24,6 +24,11 @@ Per target the result is run in onnxruntime beside the original:
   shared preparation is reported once, in :attr:`SweepResult.prepare_seconds`;
   the first target's time includes the spectra the later targets reuse).
 
+With a fine-tune (``finetune=``, as :func:`onnx_lowrank.decompose` takes it) every target's converted model is
+distilled toward the original on the calibration samples decompose would train on, after it was timed (the
+fine-tune changes weights, not the graph: the timing stands); the row then measures the fine-tuned model
+and keeps the converted model's errors, agreement and accuracy beside it (:class:`Untuned`).
+
 A target that cannot be reached is a row with the reason, not an error.
 Evaluation inputs are checked against the model before any conversion.
 """
@@ -42,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from .agreement import OutputAgreement, compare
+from .agreement import OutputAgreement, compare, summary_measure
 from .api import ModelLike, as_model, calibrated_conversion, convert_prepared
 from .config import DEFAULT_SPEEDUP, DecomposeConfig, DecomposeKeywords
 from .errors import LowRankError
@@ -65,6 +70,7 @@ __all__ = [
     "SweepResult",
     "SweepRow",
     "TargetRunner",
+    "Untuned",
     "layer_spectra",
     "parse_speedups",
     "report_spectra",
@@ -95,6 +101,16 @@ class LayerSpectrum:
 
 
 @dataclass
+class Untuned:
+    """A target's converted model before its fine-tune, in the measures of the row (which are the fine-tuned model's)."""
+
+    relative_l2: float | None = None
+    top1_agreement: float | None = None
+    accuracy: float | None = None
+    answers: list[OutputAgreement] = field(default_factory=list)
+
+
+@dataclass
 class SweepRow:
     """One target: what the conversion gave and how the result compares with the original."""
 
@@ -120,6 +136,8 @@ class SweepRow:
     notes: list[str] = field(default_factory=list)  # what the user should know about this row
     saved: str | None = None
     kernels: dict[str, dict[str, float]] | None = None  # with profile: kernel ms per operator type, original and candidate
+    untuned: Untuned | None = None  # with a fine-tune: the converted model's measures before it (the row's are after)
+    finetune_seconds: float | None = None
     report: Report | None = None
 
     @property
@@ -137,6 +155,11 @@ class SweepRow:
     @property
     def max_abs(self) -> float | None:
         return max((o.max_abs for o in self.outputs), default=None)
+
+    @property
+    def answer(self) -> OutputAgreement | None:
+        """The output that speaks for the model's answers (:func:`onnx_lowrank.agreement.summary_measure`)."""
+        return summary_measure(self.answers)
 
     @property
     def min_cosine(self) -> float | None:
@@ -394,12 +417,18 @@ class TargetRunner:
         runs: int,
         profile: bool = False,
         workers: int | None = None,
+        progress: Progress | None = None,
     ) -> None:
+        if config.finetune.enabled:
+            from .finetune import check_torch
+
+            check_torch()  # before any work
         self.proto = as_model(model)
         self.config = config
         self.runs = runs
         self.profile = profile
         self.workers = workers
+        self.progress = progress  # the fine-tunes' steps
         self.threads = config.speed.resolved_threads
         self.session = make_session(self.proto, threads=self.threads)
         samples = load_samples(self.proto, config.shapes)
@@ -411,6 +440,7 @@ class TargetRunner:
             from .calibration import hold_back, load_calibration
 
             data, _ = hold_back(load_calibration(config.calibration.source, self.proto), self.proto)
+        self.data = data  # what the conversions (and the fine-tunes) use: the calibration samples decompose does not hold back
         sizes = model_sizes(self.proto, config.shapes, data, samples)
         self.prepared = prepare(as_model(self.proto), shapes=config.shapes, fold_bn=config.policy.fold_bn, sizes=sizes)
         self._run = None if data is None else CalibrationRun(data, config.calibration, config.policy)
@@ -443,7 +473,35 @@ class TargetRunner:
             _compare(self.evaluation, (self.proto, self.session), candidate, self.runs, self.threads, self.profile, row)
         except LowRankError as exc:
             row.notes.append(str(exc))
+            return row, candidate
+        if self.config.finetune.enabled:
+            candidate = self._finetune(row, report, candidate)
         return row, candidate
+
+    def _finetune(self, row: SweepRow, report: Report, candidate: onnx.ModelProto) -> onnx.ModelProto:
+        """The target's model fine-tuned (the row measures it, :class:`Untuned` keeps what it replaced); a fine-tune
+        that cannot run is a note, and the converted model stays the row's."""
+        from .finetune import finetune_conversion
+
+        assert self.data is not None  # a fine-tune needs calibration data (DecomposeConfig checks it)
+        start = time.perf_counter()
+        try:
+            tuned, report.finetune = finetune_conversion(
+                self.proto, candidate, report, self.data, self.config.finetune, self.config.speed.threads, self.progress
+            )
+        except LowRankError as exc:
+            row.notes.append(f"not fine-tuned: {exc}")
+            return candidate
+        row.finetune_seconds = time.perf_counter() - start
+        if "skipped" in report.finetune:
+            row.notes.append(f"not fine-tuned: {report.finetune['skipped']}")
+            return candidate
+        row.untuned = Untuned(row.relative_l2, row.top1_agreement, row.accuracy, row.answers)
+        try:  # the same graph, other weights: the timing stands, the answers are measured again
+            _compare(self.evaluation, (self.proto, self.session), tuned, 0, self.threads, False, row)
+        except LowRankError as exc:
+            row.notes.append(str(exc))
+        return tuned
 
 
 def sweep(
@@ -471,7 +529,9 @@ def sweep(
     default: the sample (``sample=``), else seeded random inputs. ``runs``: interleaved timed runs of each model per target (0: not timed),
     at the plan's threads. ``profile``: also time each operator type (onnxruntime's profiler).
     ``save_dir``: write each converted model there as ``<model>-x<target>.onnx``; nothing is written
-    otherwise. ``progress(done, total, name)`` is called as targets finish.
+    otherwise. ``progress(done, total, name)`` is called as targets finish (and as a fine-tune steps, ``name``
+    starting with ``"fine-tune "``). With ``finetune=`` (which needs calibration data) every target's model is
+    fine-tuned after it is timed, each row measuring the fine-tuned model beside the converted one (``untuned``).
     """
     targets = _targets(speedups)
     config = sweep_config(DecomposeConfig.from_keywords(config, **options), targets[0])
@@ -483,7 +543,7 @@ def sweep(
     if out_dir is not None and not out_dir.is_dir():
         raise LowRankError(f"{out_dir}: --save-dir folder does not exist")
     name = Path(model).name if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
-    runner = TargetRunner(model, config, eval_inputs, runs, profile, workers)
+    runner = TargetRunner(model, config, eval_inputs, runs, profile, workers, progress)
     rows: list[SweepRow] = []
     for done, target in enumerate(targets, 1):
         row, candidate = runner.row(target)

@@ -205,6 +205,10 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "torch", None)
     outcome = run_cli(["decompose", *common, "--calibration", data, "--finetune"])
     assert outcome.code == 2 and EXTRA in outcome.error and not out.exists()
+    from onnx_lowrank.sweep import sweep
+
+    with pytest.raises(LowRankError, match=r"onnx-lowrank\[finetune\]"):
+        sweep(tiny_cnn(), [2], calibration=calibration(), finetune=True, runs=0)
 
 
 @needs_torch
@@ -239,3 +243,60 @@ def test_progress_bar_draws_the_fine_tune_steps(monkeypatch: pytest.MonkeyPatch)
     text = err.getvalue()
     assert "analysing layers 3/10" in text
     assert "fine-tune 4/600 loss 0.0123 held-back agree 97.5%" in text and "fine-tune 5 loss 0.0120" in text
+
+
+# --------------------------------------------------------------------------- sweep --finetune, --max-drop with a fine-tune
+
+
+def evaluation() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(9).standard_normal((16, 3, 8, 8)).astype(np.float32)}
+
+
+SWEEP: dict[str, Any] = dict(by="macs", runs=0, rank_multiple=1, threads=1, kinds=["spatial"])
+
+
+@needs_torch
+def test_sweep_fine_tunes_every_target_and_keeps_both_measures(tmp_path: Path) -> None:
+    from onnx_lowrank.cli.format import format_sweep
+    from onnx_lowrank.finetune import FinetuneOptions
+    from onnx_lowrank.html_report import sweep_html
+    from onnx_lowrank.sweep import sweep
+
+    slow = FinetuneOptions(lr=1e-3, batch_size=8, eval_every=2, warmup=0)
+    plain = sweep(tiny_cnn(), [1.5, 3], calibration=calibration(), eval_inputs=evaluation(), **SWEEP)
+    result = sweep(
+        tiny_cnn(), [1.5, 3], calibration=calibration(), eval_inputs=evaluation(), save_dir=tmp_path,
+        finetune=True, finetune_steps=6, finetune_options=slow, **SWEEP,
+    )  # fmt: skip
+    (want,) = run(tiny_cnn(), evaluation())
+    for row, without in zip(result.rows, plain.rows, strict=True):
+        assert row.untuned is not None and row.report is not None and row.report.finetune["steps"] == 6
+        # before: the converted model the sweep without a fine-tune measures; after: the model the row saved
+        assert row.untuned.relative_l2 == pytest.approx(without.relative_l2)
+        assert [a.value for a in row.untuned.answers] == [a.value for a in without.answers]
+        assert row.saved is not None
+        (got,) = run(onnx.load(row.saved), evaluation())
+        assert row.relative_l2 == pytest.approx(float(np.linalg.norm(got - want) / np.linalg.norm(want)), rel=1e-5)
+    assert any(r.relative_l2 != r.untuned.relative_l2 for r in result.rows if r.untuned is not None)  # some target gained
+    text = format_sweep(result)
+    assert "fine-tuned: 2 of 2 targets" in text and " -> " in text
+    assert "before → after the fine-tune" in sweep_html(result, plots=False)
+    assert json.loads(json.dumps(result.to_dict()))["rows"][0]["untuned"]["answers"]
+
+
+@needs_torch
+def test_max_drop_searches_fine_tuned_conversions() -> None:
+    from onnx_lowrank.accuracy_budget import fastest_within_drop
+
+    config = DecomposeConfig.from_keywords(
+        calibration=calibration(), finetune=True, finetune_steps=2, finetune_options=options(), by="macs", rank_multiple=1, threads=1
+    )
+    _, report, search = fastest_within_drop(tiny_cnn(), 100.0, evaluation(), config, runs=0)
+    assert search.chosen is not None and report.finetune["steps"] == 2 and "answers" not in report.finetune
+
+
+def test_sweep_finetune_needs_calibration(tmp_path: Path) -> None:
+    source = tmp_path / "m.onnx"
+    onnx.save(tiny_cnn(), source)
+    outcome = run_cli(["sweep", source, "--speedups", "2", "--runs", "0", "--finetune"])
+    assert outcome.code == 2 and "--finetune needs --calibration" in outcome.error

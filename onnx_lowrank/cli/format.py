@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..agreement import OutputAgreement, summary_measure
 from ..mobile import EP_NAMES, MobileCoverage
 from ..report import InspectLayer, LayerReport, Report, unsized_warning
 from ..sweep import SweepResult
@@ -244,18 +245,20 @@ def _finetune_lines(tune: dict[str, Any]) -> list[str]:
         f"fine-tune: {tune['steps']} steps in {tune['seconds']:.1f} s ({tune['stop_reason']}{best}); trained {what}, "
         f"{tune['trained_count']} tensors of {count(tune['trained_elements'])} values; {losses}"
     ]
-    answers = tune.get("answers") or {}
-    pairs = list(zip(answers.get("before") or [], answers.get("after") or [], strict=False))
-    if pairs:
-        said = "; ".join(f"{after['measure']} {_value(before)} -> {_value(after)} ({after['output']})" for before, after in pairs)
-        line = f"fine-tune: answers on {answers['samples']} held-back samples (never trained on): {said}"
-    else:
-        line = f"fine-tune: answers not measured ({answers.get('not_measured', 'no held-back samples')})"
     check = tune["write_back"]
-    lines.append(
-        f"{line}; onnxruntime runs the trained network within {check['max_relative']:.1e} of each output's magnitude "
+    line = (
+        f"onnxruntime runs the trained network within {check['max_relative']:.1e} of each output's magnitude "
         f"(tolerance {check['tolerance']:g})"
     )
+    answers = tune.get("answers")  # measured by decompose on its held-back samples (a --max-drop search measures its own)
+    if answers is not None:
+        pairs = list(zip(answers.get("before") or [], answers.get("after") or [], strict=False))
+        if pairs:
+            said = "; ".join(f"{after['measure']} {_value(before)} -> {_value(after)} ({after['output']})" for before, after in pairs)
+            line = f"answers on {answers['samples']} held-back samples (never trained on): {said}; {line}"
+        else:
+            line = f"answers not measured ({answers.get('not_measured', 'no held-back samples')}); {line}"
+    lines.append(f"fine-tune: {line}")
     return lines
 
 
@@ -479,6 +482,21 @@ def _ratio_with_interval(ratio: float | None, low: float | None, high: float | N
     return text + (f" ({low:.2f}-{high:.2f})" if low is not None and high is not None else "")
 
 
+def _answers_cell(before: OutputAgreement | None, after: OutputAgreement | None) -> str:
+    """The summary measure's value (a share, or a relative L2), ``before -> after`` a fine-tune."""
+    if after is None:
+        return "-"
+    spec = ".1%" if after.higher_is_better else ".3g"
+    return _tuned(before.value if before is not None else None, after.value, spec)
+
+
+def _tuned(before: float | None, after: float | None, spec: str) -> str:
+    """``after``, or ``before -> after`` when a fine-tune came between them."""
+    if after is None:
+        return "-"
+    return f"{before:{spec}} -> {after:{spec}}" if before is not None else f"{after:{spec}}"
+
+
 def format_sweep(result: SweepResult) -> str:
     """One row per target: MAC ratio, measured speedup, output error, agreement, accuracy, conversion time."""
     rows = []
@@ -494,6 +512,7 @@ def format_sweep(result: SweepResult) -> str:
                     "-",
                     "-",
                     "-",
+                    "-",
                     *(["-"] if result.labelled else []),
                     "-",
                     "-",
@@ -502,6 +521,7 @@ def format_sweep(result: SweepResult) -> str:
             )
             continue
         timed = row.latency_ratio is not None
+        before = row.untuned
         cells = [
             f"{row.target:g}x",
             row.planned_by or "-",
@@ -510,18 +530,29 @@ def format_sweep(result: SweepResult) -> str:
             if timed
             else "not timed",
             f"{row.original_ms:.3f} -> {row.candidate_ms:.3f}" if timed else "-",
-            f"{row.relative_l2:.3g}" if row.relative_l2 is not None else "-",
+            _tuned(before.relative_l2 if before else None, row.relative_l2, ".3g"),
             f"{row.max_abs:.3g}" if row.max_abs is not None else "-",
-            f"{row.top1_agreement:.2%}" if row.top1_agreement is not None else "-",
+            _tuned(before.top1_agreement if before else None, row.top1_agreement, ".2%"),
+            _answers_cell(summary_measure(before.answers) if before else None, row.answer),
         ]
         if result.labelled:
-            cells.append(f"{row.accuracy:.2%}" if row.accuracy is not None else "-")
+            cells.append(_tuned(before.accuracy if before else None, row.accuracy, ".2%"))
         cells += [f"{row.decomposed}/{row.layers}", f"{row.convert_seconds:.2f}", "; ".join(row.notes)]
         rows.append(cells)
-    header = ["target", "plan", "MACs", "speedup", "ms (orig -> conv)", "rel L2", "max abs", "top-1 agree"]
+    header = ["target", "plan", "MACs", "speedup", "ms (orig -> conv)", "rel L2", "max abs", "top-1 agree", "answers"]
     header += ["accuracy"] if result.labelled else []
     header += ["layers", "convert s", "note"]
     lines = [table(rows, header)]
+    speaker = next((r.answer for r in result.rows if r.answer is not None), None)
+    if speaker is not None:
+        lines.append(f"answers: {speaker.measure} of output {speaker.output!r} with the original's")
+    tuned = [r for r in result.rows if r.untuned is not None]
+    if tuned:
+        seconds = [r.finetune_seconds or 0.0 for r in tuned]
+        lines.append(
+            f"fine-tuned: {len(tuned)} of {len(result.rows)} targets, {min(seconds):.0f}-{max(seconds):.0f} s each; "
+            "before -> after the fine-tune (its speed is the converted model's)"
+        )
     accuracy = next((r.accuracy_original for r in result.rows if r.accuracy_original is not None), None)
     if accuracy is not None:
         lines.append(f"original accuracy {accuracy:.2%} on {result.samples} labelled samples")

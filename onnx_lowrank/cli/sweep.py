@@ -12,7 +12,7 @@ from ..config import DecomposeConfig
 from ..errors import LowRankError
 from ..model_io import StagedOutputs
 from ..sweep import sweep
-from .args import ArgGroup, CalibrationArgs, PolicyArgs, ShapeArgs, SpeedArgs
+from .args import ArgGroup, CalibrationArgs, FinetuneArgs, PolicyArgs, ShapeArgs, SpeedArgs
 from .command import Command
 from .format import format_sweep
 from .progress import ProgressBar
@@ -57,10 +57,11 @@ class Sweep(Command):
             sample_use="the latency plans time it, and without --eval-inputs every target is evaluated on it",
         )
         self.calibration = CalibrationArgs(shared=True)
+        self.finetune = FinetuneArgs()
         self.speed = SpeedArgs(runs=True)
 
     def groups(self) -> list[ArgGroup]:
-        return [self.policy, self.shapes, self.calibration, self.speed, EvalArgs(), SweepOutputArgs()]
+        return [self.policy, self.shapes, self.calibration, self.finetune, self.speed, EvalArgs(), SweepOutputArgs()]
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("input", help="the ONNX model to read (never modified)")
@@ -84,6 +85,7 @@ class Sweep(Command):
                 shapes=self.shapes.parse(args),
                 calibration=self.calibration.parse(args),
                 speed=self.speed.parse(args),
+                finetune=self.finetune.parse(args),
             )
             bar = ProgressBar(True, "converting and measuring targets", "target")
             try:
