@@ -79,9 +79,10 @@ QUANTIZE_MODES = ("dynamic", "static")
 BRANCH_CHOICES = ("run", "all")
 # what a fine-tune trains: the decomposed layers' factors and biases, or every float weight
 FINETUNE_TRAINABLE = ("factors", "all")
-# the fine-tune's budget when none is given, whichever ends first: a few minutes on two cores for the text line
-FINETUNE_STEPS = 600
-FINETUNE_MINUTES = 5.0
+# the fine-tune's budget when none is given, whichever ends first: the steps end it on the models of models/ (the
+# text line: about 3 minutes at one thread), so the same inputs give the same file; the minutes bound a large model
+FINETUNE_STEPS = 300
+FINETUNE_MINUTES = 10.0
 
 CalibrationSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | Iterable[Mapping[str, npt.ArrayLike]]
 SampleSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike]

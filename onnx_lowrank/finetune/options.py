@@ -57,8 +57,8 @@ class FinetuneOptions:
         eval_batch_size: samples per forward pass when evaluating and running onnxruntime.
     """
 
-    steps: int | None = 600
-    minutes: float | None = 5.0
+    steps: int | None = 300
+    minutes: float | None = 10.0
     lr: float = 3e-4
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup: int = 20
