@@ -17,7 +17,7 @@ inputs through the API (``onnx_lowrank.finetune.finetune_conversion``, every wei
 itself data-aware. A plan by latency is made afresh by each
 command, so its rows may differ in plan (their MAC ratio and measured speedup are in the table).
 
-    python benchmarks/finetune.py                                   # every row, results/finetune.json (about 45 min)
+    python benchmarks/finetune.py                                   # every row, results/finetune.json (about an hour)
     python benchmarks/finetune.py --models textline --targets 2x-latency --variants factors
     python benchmarks/finetune.py --quick                           # a development check: 20 steps, results/quick/
     python benchmarks/finetune.py --table                           # the table of the last results
