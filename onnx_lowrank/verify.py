@@ -193,7 +193,7 @@ def compare_outputs(
             if a.ndim == 2 and a.shape[1] > 1:
                 top_a, top_b = a.argmax(axis=1), b.argmax(axis=1)
                 entry.top1_agreement = float(np.mean(top_a == top_b))
-                if labels is not None and len(labels) == a.shape[0]:
+                if labels is not None and labels.ndim == 1 and len(labels) == a.shape[0]:
                     entry.accuracy_original = float(np.mean(top_a == labels))
                     entry.accuracy_candidate = float(np.mean(top_b == labels))
         stats.append(entry)
