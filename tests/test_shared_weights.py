@@ -1,12 +1,14 @@
-"""Sessions that share weights: the store of onnx_lowrank.runtime.
+"""Sessions that share weights: the store of onnx_lowrank.runtime, the check of a result, the plan's rounds, verify.
 
 What is tested is deterministic: the outputs (the same as sessions of their own), which tensors the candidate's
-session reads from the original's copy (the same map objects, one copy in the store's file), and that the
-store's temporary file does not outlive it.
+session reads from the original's copy (the same map objects, one copy in the store's file), the lines the
+command prints about the check, and that the store's temporary file never outlives the command.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +17,14 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from fake_clock import FakeClock, install
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank import decompose
-from onnx_lowrank.runtime import SHARE_MIN_BYTES, SharedWeights, make_session
+from onnx_lowrank import LowRankError, decompose
+from onnx_lowrank.api import convert
+from onnx_lowrank.cli import main
+from onnx_lowrank.runtime import SHARE_MIN_BYTES, HeldModel, SharedWeights, make_session
+from onnx_lowrank.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 VGG_SMALL = ROOT / "models" / "vgg16_small.onnx"
@@ -131,3 +137,162 @@ def test_small_weights_stay_in_the_model() -> None:
         held = store.hold(chain(channels=8))
         assert not held.slots and store.folder is None and store.file_bytes == 0
         assert store.session(held).run(None, {"x": np.zeros((1, 8, 16, 16), np.float32)})[0].shape == (1, 8, 16, 16)
+
+
+# --------------------------------------------------------------------------- the check of a result
+
+
+def spy_holds(monkeypatch: pytest.MonkeyPatch) -> list[HeldModel]:
+    """Every model held by any store from now on (``given`` on each: the names of the given model's initializers
+    that came without their data, pointing at the store already)."""
+    held: list[HeldModel] = []
+    real = SharedWeights.hold
+
+    def hold(self: SharedWeights, model: Any) -> HeldModel:
+        got = real(self, model)
+        stubs = (
+            {t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+            if isinstance(model, onnx.ModelProto)
+            else set()
+        )
+        got.given_stubs = stubs  # type: ignore[attr-defined]
+        held.append(got)
+        return got
+
+    monkeypatch.setattr(SharedWeights, "hold", hold)
+    return held
+
+
+def test_check_times_the_final_model_on_the_original_weights(own_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--by macs: the check holds the original before the rewrite and the result after it; the result's session
+    reads the layers left whole from the original's copy; the file is gone once the check has run."""
+    held = spy_holds(monkeypatch)
+    model = chain()
+    conversion = convert(model, speedup=1.5, by="macs", kinds=["spatial"], threads=1, check_runs=3)
+    assert conversion.check is not None and stores(own_tmp)  # held, not yet run
+    new, report = conversion.finish()
+    assert not stores(own_tmp)
+    assert len(held) == 2
+    whole = {t.name for t in new.graph.initializer} & {"W0", "W1", "W2"}
+    assert set(held[1].slots) >= whole and held[1].shared >= sum(len(t.raw_data) for t in model.graph.initializer if t.name in whole)
+    latency = report.latency
+    assert latency["runs"] == 3 and latency["measured_speedup"] > 0 and latency["check"]["prepacking"] is True
+    assert latency["check"]["seconds"] > 0 and "check_note" not in latency
+
+
+def test_large_model_check_says_first_what_it_costs() -> None:
+    """Above ``large_model`` the check runs without prepacking, and the notice gets its cost before it runs."""
+    notes: list[str] = []
+    conversion = convert(chain(), speedup=1.5, by="macs", threads=1, check_runs=3, large_model=0.1)
+    assert conversion.check is not None and conversion.check.cost_note() is not None
+    _, report = conversion.finish(notice=notes.append)
+    assert len(notes) == 1 and "temporary file" in notes[0] and "prepacking" in notes[0]
+    assert report.latency["check"]["prepacking"] is False and report.latency["check_note"] == notes[0]
+    _, small = decompose(chain(), speedup=1.5, by="macs", threads=1, check_runs=3)
+    assert small.latency["check"]["prepacking"] is True and "check_note" not in small.latency
+
+
+def test_failed_conversion_leaves_no_store(own_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rewrite failing after the original's weights were held: the store's folder is removed."""
+    api = importlib.import_module("onnx_lowrank.api")
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise LowRankError("the rewrite failed")
+
+    monkeypatch.setattr(api, "apply_factors", fail)
+    with pytest.raises(LowRankError, match="the rewrite failed"):
+        decompose(chain(), speedup=1.5, by="macs", check_runs=3)
+    assert not stores(own_tmp)
+
+
+def test_check_that_cannot_run_says_why_and_leaves_nothing(own_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime failing in the check: the report says why, the file is gone."""
+    real = SharedWeights.session
+
+    def session(self: SharedWeights, held: HeldModel, *args: Any, **kwargs: Any) -> Any:
+        got = real(self, held, *args, **kwargs)
+        if "W1" not in held.slots:  # the candidate
+            raise LowRankError("onnxruntime cannot load the model: broken on purpose")
+        return got
+
+    monkeypatch.setattr(SharedWeights, "session", session)
+    _, report = decompose(chain(), rank=8, kinds=["spatial"], include="conv1", check_runs=3)
+    assert "broken on purpose" in report.latency["not_timed"] and "measured_speedup" not in report.latency
+    assert not stores(own_tmp)
+
+
+def test_rounds_of_the_plan_by_latency_share_the_original(own_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each round's candidate is made from the original's held graph: it reads the layers it keeps whole from the
+    original's maps, and nothing is left once the plan is made."""
+    held = spy_holds(monkeypatch)
+    # the machine's timings do not matter here, only which weights the rounds' sessions read: the fake clock
+    # (tests/fake_clock.py), whose sessions are real ones built on the store
+    clock = install(monkeypatch, FakeClock())
+    model = chain(layers=4)
+    _, report = decompose(model, speedup=1.5, by="latency", timing_cache=False, threads=1, exclude="conv3")
+    assert report.latency["by"] == "latency" and clock.rounds and len(held) == 1 + len(clock.rounds)
+    original, rounds = held[0], held[1:]
+    for candidate in rounds:
+        kept = set(candidate.slots) & set(original.slots)
+        assert "W3" in kept and candidate.given_stubs == kept  # type: ignore[attr-defined]  # built without the weights
+        assert all(candidate.slots[name] == original.slots[name] for name in kept)
+        assert candidate.shared == sum(len(t.raw_data) for t in model.graph.initializer if t.name in kept)
+    assert not stores(own_tmp)
+
+
+def test_verify_shares_the_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify on two files: the candidate's layers left whole are read from the original's copy."""
+    held = spy_holds(monkeypatch)
+    src, dst = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    model = chain()
+    onnx.save(model, src)
+    onnx.save(decompose(model, rank=8, kinds=["spatial"], include="conv1", check_runs=0)[0], dst)
+    result = verify(src, dst, runs=2, threads=1)
+    assert result.runs == 2 and len(result.outputs) == 1
+    assert held[1].shared == sum(len(t.raw_data) for t in model.graph.initializer if t.name in ("W0", "W2"))
+    same = verify(src, src, runs=0)
+    assert same.passed and all(o.max_abs == 0 for o in same.outputs)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_cli_prints_the_check_on_its_own_line(tmp_path: Path, own_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """decompose prints the check's runs on their own line; a model above --large-model is checked without
+    prepacking, and the note of what the check costs is printed before it runs (unless --quiet); the report holds
+    both; nothing of the check is left."""
+    dst, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    args = ["decompose", str(VGG_SMALL), str(dst), "--by", "macs", "--threads", "1", "--check-runs", "3"]
+    code = main([*args, "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0 and not err, err
+    assert "checked in " in out and ": 3 interleaved runs; both sessions read one copy of the weights" in out
+    assert "prepacking" not in out and "note: checking" not in out
+    code = main([*args, "--large-model", "1", "--report", str(report)])
+    out, err = capsys.readouterr()
+    assert code == 0 and not err, err  # not a terminal: nothing on stderr
+    lines = out.splitlines()
+    assert lines[0].startswith("note: checking the result against the original") and "temporary file" in lines[0]
+    assert "above --large-model 1 MiB" in lines[0] and "--check-runs 0 skips the check" in lines[0]
+    assert ", without onnxruntime's prepacking" in out and "checked in " in out
+    data = json.loads(report.read_text())
+    assert data["latency"]["check"]["prepacking"] is False and data["latency"]["runs"] == 3
+    assert "temporary file" in data["latency"]["check_note"]
+    code = main([*args, "--large-model", "1", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0 and not err and "note: checking" not in out and ", without onnxruntime's prepacking" in out
+    assert not stores(own_tmp)
+
+
+def test_cli_check_runs_zero_holds_nothing(tmp_path: Path, own_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--check-runs 0: no store is made, no check line."""
+    code = main(["decompose", str(VGG_SMALL), str(tmp_path / "o.onnx"), "--by", "macs", "--check-runs", "0", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "checked in" not in out and "0 check runs" in out
+    assert not stores(own_tmp)
+
+
+def test_bad_large_model_is_refused() -> None:
+    with pytest.raises(LowRankError, match="--large-model"):
+        decompose(chain(), speedup=1.5, by="macs", large_model=-1)
