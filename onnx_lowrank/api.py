@@ -213,7 +213,7 @@ def _convert(source: onnx.ModelProto, config: DecomposeConfig, progress: Progres
     report = conversion.report
     report.calibration["seconds"] = time.perf_counter() - start
     try:
-        report.answers = measure_answers(source, conversion.model, held, config.speed.resolved_threads)
+        report.answers = measure_answers(source, conversion.model, held, config.speed.resolved_threads, config.speed.large_model_bytes)
         warn_of_damage(report, config)
     except BaseException:
         conversion.discard()

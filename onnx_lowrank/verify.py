@@ -382,11 +382,22 @@ def answers(
     threads: int | None = None,
     batch: int = 64,
     labels: npt.NDArray[Any] | None = None,
+    large_model: int = LARGE_MODEL,
 ) -> list[OutputAgreement]:
     """How the candidate's answers compare with the original's on ``data`` (samples on axis 0, checked already):
-    per output the measure that fits it (:mod:`onnx_lowrank.agreement`)."""
-    ref = make_session(original, threads=threads)
-    cand = make_session(candidate, threads=threads)
+    per output the measure that fits it (:mod:`onnx_lowrank.agreement`). The two sessions read one copy of the
+    weights the models have in common, as :func:`verify`'s do."""
+    with SharedWeights() as store:
+        held = store.hold(original)
+        store.prepack = store.held_bytes <= large_model  # the original's size decides, for both sessions alike
+        ref = store.session(held, threads=threads)
+        cand = store.session(store.hold(candidate), threads=threads)
+        return _answers(ref, cand, original, data, batch, labels)
+
+
+def _answers(
+    ref: Any, cand: Any, original: onnx.ModelProto, data: Mapping[str, npt.NDArray[Any]], batch: int, labels: npt.NDArray[Any] | None
+) -> list[OutputAgreement]:
     names = [o.name for o in ref.get_outputs()]
     inputs = [i.name for i in ref.get_inputs()]
     fixed = {i.name: (i.shape[0] if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 else None) for i in ref.get_inputs()}

@@ -254,6 +254,18 @@ def test_verify_shares_the_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert same.passed and all(o.max_abs == 0 for o in same.outputs)
 
 
+def test_answers_on_held_back_samples_share_the_weights(own_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With calibration data the answers are measured on the held-back samples by two sessions that read the
+    layers left whole from one copy; nothing is left once they are measured."""
+    held = spy_holds(monkeypatch)
+    model = chain()
+    data = {"x": np.random.default_rng(2).standard_normal((64, 48, 16, 16)).astype(np.float32)}
+    _, report = decompose(model, rank=8, kinds=["spatial"], include="conv1", calibration=data, check_runs=0, threads=1)
+    assert report.answers["samples"] == 8 and len(held) == 2
+    assert held[1].shared == sum(len(t.raw_data) for t in model.graph.initializer if t.name in ("W0", "W2"))
+    assert not stores(own_tmp)
+
+
 # --------------------------------------------------------------------------- the command
 
 
