@@ -16,10 +16,12 @@ Parts (``--parts``, default all; run the timed ones alone on a quiet machine)::
     cost         ``onnx-lowrank decompose --speedup 2 --by macs --calibration`` in a fresh process (wall time, peak RSS,
                  the report's time per pass) against one plain onnxruntime pass of the original model over the
                  same calibration set (same process, batches of 32), at 64 and 512 samples (``--samples``):
-                 the CRNN (its calibration lines, repeated to 512), ResNet-50 of the zoo at 224x224, and two
-                 detectors at 640x640 (``db640``: benchmarks/detector.py's DB-style text detector, 61 convs;
-                 ``yolo640``: tests/dynamic_models.py's YOLO-style one, 10 convs), on seeded random images
-                 written as a folder of .npy so they are memory-mapped. ``--check`` keeps the default check of
+                 the CRNN (its calibration lines, repeated to 512), ResNet-50 of the zoo at 224x224, and three
+                 detectors at 640x640: ``textdet640``, the trained text detector (models/textdet.onnx, 19 convs)
+                 on pages rendered at 640x640 (models/textdet.py, seeded); ``db640``, benchmarks/detector.py's
+                 DB-style text detector (61 convs, random weights); ``yolo640``, tests/dynamic_models.py's
+                 YOLO-style one (10 convs). ResNet-50 and the random-weight detectors run on seeded random
+                 images. The data is written as a folder of .npy so it is memory-mapped. ``--check`` keeps the default check of
                  the result (else ``--check-runs 0``); ``--before REV`` also converts with the package at git
                  revision REV. One more run of the conversion, untimed, counts what the passes do: the
                  onnxruntime sessions built, the runs and samples, and the passes in plain-pass units (each
@@ -31,7 +33,7 @@ Results go to ``benchmarks/results/calibration_<part>.json`` (``--quick``: fewer
     python benchmarks/calibration.py --parts accuracy objectives
     python benchmarks/calibration.py --parts activations
     python benchmarks/calibration.py --parts cost --models textline resnet50 --samples 64 512
-    python benchmarks/calibration.py --parts cost --models db640 yolo640 --samples 64 --check --before 5a8ab12
+    python benchmarks/calibration.py --parts cost --models textdet640 db640 yolo640 --samples 64 --check --before f83a825
 """
 
 from __future__ import annotations
@@ -346,13 +348,17 @@ def _time_v(stderr: str) -> dict[str, float]:
     return out
 
 
-INPUT_NAMES = {"textline": "input", "resnet50": "input", "db640": "images", "yolo640": "images"}
+INPUT_NAMES = {"textline": "input", "resnet50": "input", "textdet640": "input", "db640": "images", "yolo640": "images"}
+TEXTDET = ROOT / "models" / "textdet.onnx"
+TEXTDET_SEED = 640  # the rendered pages of the cost part (the shipped splits are 256x256)
 
 
 def _model_file(model: str, folder: Path) -> Path:
     """The model of the cost part (the detectors exported by a child process: torch stays out of this one)."""
     if model == "textline":
         return TEXTLINE
+    if model == "textdet640":
+        return TEXTDET
     if model in ("db640", "yolo640"):
         path = folder / f"{model}.onnx"
         if not path.exists():
@@ -373,6 +379,16 @@ def _calibration_folder(model: str, samples: int, folder: Path) -> tuple[Path, P
         with np.load(TEXTLINE_CALIBRATION) as source:
             x = source["input"]
         np.save(data / "input.npy", np.resize(x, (samples, *x.shape[1:])))  # the 512 lines, repeated if more are asked
+        return path, data
+    if model == "textdet640":
+        from models.textdet import render_pages
+
+        out = np.lib.format.open_memmap(data / "input.npy", mode="w+", dtype=np.float32, shape=(samples, 1, 640, 640))
+        for start in range(0, samples, 16):  # grey pages of the trained detector's kind, raw pixel values 0..255
+            stop = min(samples, start + 16)
+            out[start:stop] = render_pages(stop - start, TEXTDET_SEED, 640, 640, start=start)[0]
+        out.flush()
+        del out
         return path, data
     size = 640 if model in ("db640", "yolo640") else 224
     rng = np.random.default_rng(0)
@@ -652,6 +668,7 @@ def main() -> None:
                     "SVDs s",
                     "passes / plain",
                     "wall / plain",
+                    "check s",
                     "peak RSS MiB",
                     "budget MiB",
                     "passes counted (stats / gains / refit)",
@@ -668,6 +685,7 @@ def main() -> None:
                         fmt(r.get("factor_seconds"), ".1f"),
                         fmt(r.get("ratio_passes_to_plain"), ".2f", "x"),
                         fmt(r.get("ratio_wall_to_plain"), ".2f", "x"),
+                        fmt(r.get("check_seconds"), ".1f"),
                         fmt(r.get("peak_rss_mib"), ".0f"),
                         fmt(r.get("rss_budget_mib"), ".0f"),
                         " / ".join(fmt((r.get("counts") or {}).get(p, {}).get("passes"), ".2f") for p in ("statistics", "gains", "refit")),

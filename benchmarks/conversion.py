@@ -19,7 +19,8 @@ size taken from ``os.wait4`` (the kernel's ``ru_maxrss`` of that one child):
     them is the conversion's own work.
 
 ``--models`` adds models to VGG-16 (steps a, b, d each): ``resnet50`` (the zoo's ResNet-50 at 224x224, exported
-once into the zoo cache), ``db640`` (``benchmarks/detector.py``: a DB-style text detector, 61 convs and 4
+once into the zoo cache), ``textdet640`` (``models/textdet.onnx``, the trained text detector, at 640x640 by
+``--input-shape``), ``db640`` (``benchmarks/detector.py``: a DB-style text detector, 61 convs and 4
 transposed convs, at 640x640), ``yolo640`` (``tests/dynamic_models.py``'s YOLO-style detector at 640x640, given by
 ``--input-shape``) and any model of the zoo by its name (``googlenet``, ``mobilenetv2``, …; 224x224).
 ``--before REV`` also runs (b) and (d) with the package as it was at git revision ``REV`` (extracted with
@@ -35,7 +36,7 @@ layer's ``relative_error`` (measured on the stored factors) within 1e-6 of its `
 quarter-width VGG-16 at 64x64, results in ``benchmarks/results/quick/``)::
 
     python benchmarks/conversion.py                                   # full VGG-16, 3 repeats (~1 GB of temporary files)
-    python benchmarks/conversion.py --models resnet50 db640 yolo640 --before 5a8ab12
+    python benchmarks/conversion.py --models resnet50 textdet640 db640 yolo640 --before f83a825  # f83a825: before issue 22
     python benchmarks/conversion.py --quick
 
 Wall times need a quiet machine (run it alone); peak RSS does not.
@@ -146,6 +147,7 @@ def exactness(report_path: Path) -> dict[str, Any]:
 # flags its conversion needs
 EXTRA_MODELS = {
     "resnet50": "the zoo's ResNet-50 (bnfolded) at 224x224",
+    "textdet640": "models/textdet.onnx: the trained text detector at 640x640 (dynamic H/W, --input-shape)",
     "db640": "benchmarks/detector.py: a DB-style text detector at 640x640 (61 Conv, 4 ConvTranspose)",
     "yolo640": "tests/dynamic_models.py's YOLO-style detector at 640x640 (dynamic H/W, --input-shape)",
 }
@@ -159,6 +161,9 @@ shutil.copyfile(cached(sys.argv[1], int(sys.argv[2])), sys.argv[3])
 def make_model(name: str, path: Path, log_path: Path) -> list[str]:
     """Write model ``name`` to ``path`` (in a child process); the extra flags its conversion needs."""
     python = sys.executable
+    if name == "textdet640":
+        shutil.copyfile(ROOT / "models" / "textdet.onnx", path)
+        return ["--input-shape", "input=1,1,640,640"]
     if name == "db640":
         command = [python, str(ROOT / "benchmarks" / "detector.py"), str(path)]
     elif name == "yolo640":
