@@ -20,6 +20,7 @@ from .calibration.data import HELD_BACK_MIN_SAMPLES
 from .config import DecomposeConfig
 from .errors import LowRankError
 from .report import Report
+from .timing import LARGE_MODEL
 from .verify import answers
 
 __all__ = ["AGREEMENT_WARNING", "DAMAGE_CUT", "NO_DATA", "RELATIVE_L2_WARNING", "measure_answers", "warn_of_damage"]
@@ -27,13 +28,16 @@ __all__ = ["AGREEMENT_WARNING", "DAMAGE_CUT", "NO_DATA", "RELATIVE_L2_WARNING", 
 NO_DATA = "no data: --calibration holds some of its samples back to measure them, --verify-inputs measures them on yours"
 
 
-def measure_answers(source: onnx.ModelProto, new: onnx.ModelProto, held: Mapping[str, Any], threads: int | None) -> dict[str, Any]:
-    """The converted model's answers against the original's on the held-back calibration samples, or why not."""
+def measure_answers(
+    source: onnx.ModelProto, new: onnx.ModelProto, held: Mapping[str, Any], threads: int | None, large_model: int = LARGE_MODEL
+) -> dict[str, Any]:
+    """The converted model's answers against the original's on the held-back calibration samples, or why not (the
+    two sessions share the weights the models have in common; above ``large_model`` bytes, without prepacking)."""
     if not held:
         return {"not_measured": f"fewer than {HELD_BACK_MIN_SAMPLES} calibration samples: none held back to measure them on"}
     samples = min(len(v) for v in held.values())
     try:
-        outputs = answers(source, new, held, threads=threads)
+        outputs = answers(source, new, held, threads=threads, large_model=large_model)
     except LowRankError as exc:  # the model is converted; its answers could not be compared
         return {"not_measured": str(exc)}
     return {"data": "held-back calibration samples", "samples": samples, "outputs": [o.to_dict() for o in outputs]}
