@@ -16,8 +16,16 @@ Parts (``--parts``, default all; run the timed ones alone on a quiet machine)::
     cost         ``onnx-lowrank decompose --speedup 2 --by macs --calibration`` in a fresh process (wall time, peak RSS,
                  the report's time per pass) against one plain onnxruntime pass of the original model over the
                  same calibration set (same process, batches of 32), at 64 and 512 samples (``--samples``):
-                 the CRNN (its calibration lines, repeated to 512) and ResNet-50 of the zoo at 224x224
-                 (seeded random images, written as a folder of .npy so they are memory-mapped)
+                 the CRNN (its calibration lines, repeated to 512), ResNet-50 of the zoo at 224x224, and three
+                 detectors at 640x640: ``textdet640``, the trained text detector (models/textdet.onnx, 19 convs)
+                 on pages rendered at 640x640 (models/textdet.py, seeded); ``db640``, benchmarks/detector.py's
+                 DB-style text detector (61 convs, random weights); ``yolo640``, tests/dynamic_models.py's
+                 YOLO-style one (10 convs). ResNet-50 and the random-weight detectors run on seeded random
+                 images. The data is written as a folder of .npy so it is memory-mapped. ``--check`` keeps the default check of
+                 the result (else ``--check-runs 0``); ``--before REV`` also converts with the package at git
+                 revision REV. One more run of the conversion, untimed, counts what the passes do: the
+                 onnxruntime sessions built, the runs and samples, and the passes in plain-pass units (each
+                 run's samples times the share of the model's MACs its session computes, over the samples)
 
 Results go to ``benchmarks/results/calibration_<part>.json`` (``--quick``: fewer samples and speedups, under
 ``results/quick/``)::
@@ -25,6 +33,7 @@ Results go to ``benchmarks/results/calibration_<part>.json`` (``--quick``: fewer
     python benchmarks/calibration.py --parts accuracy objectives
     python benchmarks/calibration.py --parts activations
     python benchmarks/calibration.py --parts cost --models textline resnet50 --samples 64 512
+    python benchmarks/calibration.py --parts cost --models textdet640 db640 yolo640 --samples 64 --check --before f83a825
 """
 
 from __future__ import annotations
@@ -339,23 +348,55 @@ def _time_v(stderr: str) -> dict[str, float]:
     return out
 
 
+INPUT_NAMES = {"textline": "input", "resnet50": "input", "textdet640": "input", "db640": "images", "yolo640": "images"}
+TEXTDET = ROOT / "models" / "textdet.onnx"
+TEXTDET_SEED = 640  # the rendered pages of the cost part (the shipped splits are 256x256)
+
+
+def _model_file(model: str, folder: Path) -> Path:
+    """The model of the cost part (the detectors exported by a child process: torch stays out of this one)."""
+    if model == "textline":
+        return TEXTLINE
+    if model == "textdet640":
+        return TEXTDET
+    if model in ("db640", "yolo640"):
+        path = folder / f"{model}.onnx"
+        if not path.exists():
+            flags = ["--yolo"] if model == "yolo640" else []
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "detector.py"), str(path), *flags], check=True, capture_output=True)
+        return path
+    from models.make_zoo import cached
+
+    return Path(cached("resnet50-bnfolded", 224))
+
+
 def _calibration_folder(model: str, samples: int, folder: Path) -> tuple[Path, Path]:
     """The model file and a folder of ``<input>.npy`` with ``samples`` calibration samples."""
     data = folder / f"calibration-{samples}"
     data.mkdir()
+    path = _model_file(model, folder)
     if model == "textline":
         with np.load(TEXTLINE_CALIBRATION) as source:
             x = source["input"]
         np.save(data / "input.npy", np.resize(x, (samples, *x.shape[1:])))  # the 512 lines, repeated if more are asked
-        return TEXTLINE, data
-    from models.make_zoo import cached
+        return path, data
+    if model == "textdet640":
+        from models.textdet import render_pages
 
-    path = Path(cached("resnet50-bnfolded", 224))
+        out = np.lib.format.open_memmap(data / "input.npy", mode="w+", dtype=np.float32, shape=(samples, 1, 640, 640))
+        for start in range(0, samples, 16):  # grey pages of the trained detector's kind, raw pixel values 0..255
+            stop = min(samples, start + 16)
+            out[start:stop] = render_pages(stop - start, TEXTDET_SEED, 640, 640, start=start)[0]
+        out.flush()
+        del out
+        return path, data
+    size = 640 if model in ("db640", "yolo640") else 224
     rng = np.random.default_rng(0)
-    out = np.lib.format.open_memmap(data / "input.npy", mode="w+", dtype=np.float32, shape=(samples, 3, 224, 224))
-    for start in range(0, samples, 64):
-        stop = min(samples, start + 64)
-        out[start:stop] = rng.standard_normal((stop - start, 3, 224, 224), dtype=np.float32)
+    shape = (samples, 3, size, size)
+    out = np.lib.format.open_memmap(data / f"{INPUT_NAMES[model]}.npy", mode="w+", dtype=np.float32, shape=shape)
+    for start in range(0, samples, 16):
+        stop = min(samples, start + 16)
+        out[start:stop] = rng.standard_normal((stop - start, *shape[1:]), dtype=np.float32)
     out.flush()
     del out
     return path, data
@@ -364,84 +405,169 @@ def _calibration_folder(model: str, samples: int, folder: Path) -> tuple[Path, P
 _PLAIN = """
 import json, sys, time, numpy as np
 from onnx_lowrank.runtime import make_session
-model, data = sys.argv[1], sys.argv[2]
-x = np.load(data + "/input.npy", mmap_mode="r")
+model, data, name = sys.argv[1], sys.argv[2], sys.argv[3]
+x = np.load(data + "/" + name + ".npy", mmap_mode="r")
 session = make_session(model)
-session.run(None, {"input": np.asarray(x[:1], np.float32)})
+session.run(None, {name: np.asarray(x[:1], np.float32)})
 start = time.perf_counter()
 for i in range(0, len(x), 32):
-    session.run(None, {"input": np.asarray(x[i:i + 32], np.float32)})
+    session.run(None, {name: np.asarray(x[i:i + 32], np.float32)})
 print(json.dumps({"plain_seconds": time.perf_counter() - start}))
 """
 
+# the conversion with every onnxruntime session and run recorded, by phase (run untimed: what the passes do)
+_COUNTED = """
+import functools, json, sys
+import onnx, onnxruntime
+import onnx_lowrank.calibration as calibration
+import onnx_lowrank.calibration.plan as plan
+import onnx_lowrank.runtime as runtime
+from onnx_lowrank import decompose
+model, data, check_runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+phase = ["other"]
+sessions = {}
+real_session, real_run = runtime._session, onnxruntime.InferenceSession.run
 
-def part_cost(models: list[str], samples_list: list[int], repeat: int) -> dict[str, Any]:
+def _session(ort, source, options, providers):
+    session = real_session(ort, source, options, providers)
+    graph = (onnx.load_model_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)).graph
+    names = sorted({n.name for n in graph.node} | {o for n in graph.node for o in n.output})
+    sessions[id(session)] = {"phase": phase[0], "names": names, "runs": [], "nodes": len(graph.node)}
+    return session
+
+def run(self, names, feed, *args, **kwargs):
+    entry = sessions.get(id(self))
+    if entry is not None:
+        first = next(iter(feed.values()), None)
+        entry["runs"].append(int(first.shape[0]) if getattr(first, "ndim", 0) else 1)
+    return real_run(self, names, feed, *args, **kwargs)
+
+def within(module, name, label):
+    real = getattr(module, name)
+    @functools.wraps(real)
+    def wrapped(*args, **kwargs):
+        before, phase[0] = phase[0], label
+        try:
+            return real(*args, **kwargs)
+        finally:
+            phase[0] = before
+    setattr(module, name, wrapped)
+
+runtime._session = _session
+onnxruntime.InferenceSession.run = run
+within(plan, "collect_moments", "statistics")
+within(plan, "measure_gains", "gains")
+within(calibration, "refit_layers", "refit")
+_, report = decompose(model, speedup=2, by="macs", calibration=data, check_runs=check_runs)
+print(json.dumps({"report": report.to_dict(), "sessions": list(sessions.values())}))
+"""
+
+
+def _counts(output: dict[str, Any], samples: int) -> dict[str, Any]:
+    """Per phase: sessions built, runs, samples run, and passes in plain-pass units (each run's samples times the
+    share of the model's MACs its session computes — a decomposed layer at its MACs after — over ``samples``)."""
+    report = output["report"]
+    total = max(1, report["macs_before"])
+    by_phase: dict[str, dict[str, Any]] = {}
+    for session in output["sessions"]:
+        names = set(session["names"])
+        macs = 0
+        for layer in report["layers"]:
+            if layer["node"] in names:
+                macs += layer["macs_before"]
+            elif layer.get("vertical_node") in names or layer.get("horizontal_node") in names:
+                macs += layer["macs_after"]
+        row = by_phase.setdefault(session["phase"], {"sessions": 0, "runs": 0, "samples": 0, "passes": 0.0})
+        row["sessions"] += 1
+        row["runs"] += len(session["runs"])
+        row["samples"] += sum(session["runs"])
+        row["passes"] += sum(session["runs"]) * (macs / total) / samples
+    return by_phase
+
+
+def part_cost(models: list[str], samples_list: list[int], repeat: int, check: bool = False, before: str | None = None) -> dict[str, Any]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="calibration-cost-") as tmp:
         folder = Path(tmp)
+        codes: dict[str, Path] = {"after": ROOT}
+        if before:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from conversion import extract_code
+
+            codes = {"before": extract_code(before, folder / "before"), "after": ROOT}
         for name in models:
             for samples in samples_list:
                 model, data = _calibration_folder(name, samples, folder)
-                row: dict[str, Any] = {"model": name, "samples": samples, "file_mib": model.stat().st_size / 2**20, "runs": []}
-                for _ in range(repeat):  # interleaved: plain pass, conversion
-                    plain = subprocess.run(
-                        [sys.executable, "-c", _PLAIN, str(model), str(data)], capture_output=True, text=True, check=True
-                    )
-                    report_path = folder / "report.json"
-                    command = [
-                        "-m",
-                        "onnx_lowrank",
-                        "decompose",
-                        str(model),
-                        str(folder / "out.onnx"),
-                        "--speedup",
-                        "2",
-                        "--by",
-                        "macs",
-                        "--check-runs",
-                        "0",
-                    ]
-                    command += ["--calibration", str(data), "--report", str(report_path), "--quiet"]
-                    wrapped = [str(TIME), "-v", sys.executable, *command] if TIME.exists() else [sys.executable, *command]
-                    start = time.perf_counter()
-                    proc = subprocess.run(wrapped, capture_output=True, text=True, check=False, cwd=ROOT)
-                    wall = time.perf_counter() - start
-                    if proc.returncode != 0:
-                        row["error"] = proc.stderr.strip().splitlines()[-1:]
-                        break
-                    cal = json.loads(report_path.read_text())["calibration"]
-                    passes = (
-                        cal["statistics_seconds"]
-                        + cal.get("sensitivity", {}).get("seconds", 0.0)
-                        + cal.get("refit", {}).get("seconds", 0.0)
-                    )
-                    plain_seconds = json.loads(plain.stdout.strip().splitlines()[-1])["plain_seconds"]
-                    run = {
-                        "plain_seconds": plain_seconds,
-                        "conversion_wall_seconds": wall,
-                        "statistics_seconds": cal["statistics_seconds"],
-                        "factor_seconds": cal["factor_seconds"],
-                        "sensitivity_seconds": cal.get("sensitivity", {}).get("seconds", 0.0),
-                        "refit_seconds": cal.get("refit", {}).get("seconds", 0.0),
-                        "passes_seconds": passes,
-                        "ratio_passes_to_plain": passes / plain_seconds,
-                        "ratio_wall_to_plain": wall / plain_seconds,
-                        **_time_v(proc.stderr),
-                    }
-                    row["runs"].append(run)
-                    log(f"{name} {samples}: {json.dumps({k: round(v, 2) for k, v in run.items()})}")
-                if row["runs"]:
-                    best = min(row["runs"], key=lambda r: r["ratio_passes_to_plain"])
-                    row.update({k: v for k, v in best.items()})
-                    row["rss_budget_mib"] = 2048 + 3 * row["file_mib"]
-                    row["command"] = (
-                        "onnx-lowrank decompose MODEL OUT --speedup 2 --by macs --check-runs 0 --calibration DATA --report R.json --quiet"
-                    )
-                rows.append(row)
+                for label, code in codes.items():
+                    row = _cost_row(name, model, data, samples, repeat, check, label, code, folder)
+                    log(f"{name} {samples} {label}: counted passes {json.dumps(row.get('counts', {}))}")
+                    rows.append(row)
                 for path in data.iterdir():
                     path.unlink()
                 data.rmdir()
-    return {"rows": rows}
+    return {"rows": rows, "before": before, "check": check}
+
+
+def _cost_row(
+    name: str, model: Path, data: Path, samples: int, repeat: int, check: bool, label: str, code: Path, folder: Path
+) -> dict[str, Any]:
+    """Wall, peak RSS and the report's seconds of ``repeat`` conversions (the plain pass before each), and what the
+    passes do (one more, untimed conversion), with the package in ``code``."""
+    row: dict[str, Any] = {"model": name, "samples": samples, "code": label, "file_mib": model.stat().st_size / 2**20, "runs": []}
+    input_name = INPUT_NAMES[name]
+    check_flags = [] if check else ["--check-runs", "0"]
+    for _ in range(repeat):  # interleaved: plain pass, conversion
+        plain = subprocess.run(
+            [sys.executable, "-c", _PLAIN, str(model), str(data), input_name], capture_output=True, text=True, check=True, cwd=ROOT
+        )
+        report_path = folder / "report.json"
+        command = ["-m", "onnx_lowrank", "decompose", str(model), str(folder / "out.onnx"), "--speedup", "2", "--by", "macs", *check_flags]
+        command += ["--calibration", str(data), "--report", str(report_path), "--quiet"]
+        wrapped = [str(TIME), "-v", sys.executable, *command] if TIME.exists() else [sys.executable, *command]
+        start = time.perf_counter()
+        proc = subprocess.run(wrapped, capture_output=True, text=True, check=False, cwd=code)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            row["error"] = proc.stderr.strip().splitlines()[-1:]
+            break
+        report = json.loads(report_path.read_text())
+        cal = report["calibration"]
+        passes = cal["statistics_seconds"] + cal.get("sensitivity", {}).get("seconds", 0.0) + cal.get("refit", {}).get("seconds", 0.0)
+        plain_seconds = json.loads(plain.stdout.strip().splitlines()[-1])["plain_seconds"]
+        run = {
+            "plain_seconds": plain_seconds,
+            "conversion_wall_seconds": wall,
+            "statistics_seconds": cal["statistics_seconds"],
+            "factor_seconds": cal["factor_seconds"],
+            "sensitivity_seconds": cal.get("sensitivity", {}).get("seconds", 0.0),
+            "refit_seconds": cal.get("refit", {}).get("seconds", 0.0),
+            "check_seconds": (report["latency"].get("check") or {}).get("seconds"),
+            "passes_seconds": passes,
+            "ratio_passes_to_plain": passes / plain_seconds,
+            "ratio_wall_to_plain": wall / plain_seconds,
+            **_time_v(proc.stderr),
+        }
+        row["runs"].append(run)
+        log(f"{name} {samples} {label}: {json.dumps({k: round(v, 2) for k, v in run.items() if isinstance(v, float)})}")
+    counted = subprocess.run(
+        [sys.executable, "-c", _COUNTED, str(model), str(data), "10" if check else "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=code,
+    )
+    if counted.returncode == 0:
+        row["counts"] = _counts(json.loads(counted.stdout.strip().splitlines()[-1]), samples)
+    else:
+        row["counts_error"] = counted.stderr.strip().splitlines()[-1:]
+    if row["runs"]:
+        best = min(row["runs"], key=lambda r: r["ratio_wall_to_plain"])
+        row.update({k: v for k, v in best.items()})
+        row["rss_budget_mib"] = 2048 + 3 * row["file_mib"]
+        row["command"] = (
+            f"onnx-lowrank decompose MODEL OUT --speedup 2 --by macs {' '.join(check_flags)} --calibration DATA --report R.json --quiet"
+        ).replace("  ", " ")
+    return row
 
 
 # --------------------------------------------------------------------------- tables
@@ -470,9 +596,11 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["accuracy", "objectives", "ablation", "kronecker", "cost"])
     parser.add_argument("--trained", nargs="+", default=["textline", "digits"], choices=["textline", "digits"])
     parser.add_argument("--speedups", type=float, nargs="+", default=list(SPEEDUPS))
-    parser.add_argument("--models", nargs="+", default=["textline", "resnet50"], choices=["textline", "resnet50"], help="cost part")
+    parser.add_argument("--models", nargs="+", default=["textline", "resnet50"], choices=list(INPUT_NAMES), help="cost part")
     parser.add_argument("--samples", type=int, nargs="+", default=[64, 512], help="cost part: calibration set sizes")
     parser.add_argument("--repeat", type=int, default=1, help="cost part: runs per setting (the lowest ratio is kept)")
+    parser.add_argument("--check", action="store_true", help="cost part: keep the default check of the result (else --check-runs 0)")
+    parser.add_argument("--before", metavar="REV", help="cost part: also convert with the package at this git revision")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     speedups = (2.0,) if args.quick else tuple(args.speedups)
@@ -525,11 +653,14 @@ def main() -> None:
                 [[r["model"], r["layer"], f"{r['rank']}/{r['full_rank']}", *(fmt(r[k], ".4f") for k in keys)] for r in result["rows"]],
             )
         elif part == "cost":
-            result = part_cost(args.models, [min(s, 64) for s in args.samples] if args.quick else args.samples, args.repeat)
+            result = part_cost(
+                args.models, [min(s, 64) for s in args.samples] if args.quick else args.samples, args.repeat, args.check, args.before
+            )
             table = markdown_table(
                 [
                     "model",
                     "samples",
+                    "code",
                     "plain pass s",
                     "stats s",
                     "gains s",
@@ -537,13 +668,16 @@ def main() -> None:
                     "SVDs s",
                     "passes / plain",
                     "wall / plain",
+                    "check s",
                     "peak RSS MiB",
                     "budget MiB",
+                    "passes counted (stats / gains / refit)",
                 ],
                 [
                     [
                         r["model"],
                         str(r["samples"]),
+                        r.get("code", "after"),
                         fmt(r.get("plain_seconds"), ".1f"),
                         fmt(r.get("statistics_seconds"), ".1f"),
                         fmt(r.get("sensitivity_seconds"), ".1f"),
@@ -551,8 +685,10 @@ def main() -> None:
                         fmt(r.get("factor_seconds"), ".1f"),
                         fmt(r.get("ratio_passes_to_plain"), ".2f", "x"),
                         fmt(r.get("ratio_wall_to_plain"), ".2f", "x"),
+                        fmt(r.get("check_seconds"), ".1f"),
                         fmt(r.get("peak_rss_mib"), ".0f"),
                         fmt(r.get("rss_budget_mib"), ".0f"),
+                        " / ".join(fmt((r.get("counts") or {}).get(p, {}).get("passes"), ".2f") for p in ("statistics", "gains", "refit")),
                     ]
                     for r in result["rows"]
                 ],

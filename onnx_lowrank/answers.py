@@ -20,6 +20,7 @@ from .calibration.data import HELD_BACK_MIN_SAMPLES
 from .config import DecomposeConfig
 from .errors import LowRankError
 from .report import Report
+from .timing import LARGE_MODEL
 from .verify import answers
 
 __all__ = ["AGREEMENT_WARNING", "DAMAGE_CUT", "NO_DATA", "RELATIVE_L2_WARNING", "measure_answers", "warn_of_damage"]
@@ -27,13 +28,16 @@ __all__ = ["AGREEMENT_WARNING", "DAMAGE_CUT", "NO_DATA", "RELATIVE_L2_WARNING", 
 NO_DATA = "no data: --calibration holds some of its samples back to measure them, --verify-inputs measures them on yours"
 
 
-def measure_answers(source: onnx.ModelProto, new: onnx.ModelProto, held: Mapping[str, Any], threads: int | None) -> dict[str, Any]:
-    """The converted model's answers against the original's on the held-back calibration samples, or why not."""
+def measure_answers(
+    source: onnx.ModelProto, new: onnx.ModelProto, held: Mapping[str, Any], threads: int | None, large_model: int = LARGE_MODEL
+) -> dict[str, Any]:
+    """The converted model's answers against the original's on the held-back calibration samples, or why not (the
+    two sessions share the weights the models have in common; above ``large_model`` bytes, without prepacking)."""
     if not held:
         return {"not_measured": f"fewer than {HELD_BACK_MIN_SAMPLES} calibration samples: none held back to measure them on"}
     samples = min(len(v) for v in held.values())
     try:
-        outputs = answers(source, new, held, threads=threads)
+        outputs = answers(source, new, held, threads=threads, large_model=large_model)
     except LowRankError as exc:  # the model is converted; its answers could not be compared
         return {"not_measured": str(exc)}
     return {"data": "held-back calibration samples", "samples": samples, "outputs": [o.to_dict() for o in outputs]}
@@ -46,20 +50,26 @@ RELATIVE_L2_WARNING = 0.3
 DAMAGE_CUT = 2.5
 
 
+_CHANGED = "the answers changed: "
+_CUT = "the plan cuts MACs "
+
+
 def warn_of_damage(report: Report, config: DecomposeConfig) -> None:
-    """A warning when the plan's damage to the answers is extreme: measured, or from the MACs it cuts."""
+    """A warning when the plan's damage to the answers is extreme: measured, or from the MACs it cuts. Said again
+    from the latest answers when it was said before (a fine-tune after the conversion measured them anew)."""
+    report.warnings = [w for w in report.warnings if not w.startswith((_CHANGED, _CUT))]
     tuned = bool(report.finetune) and "skipped" not in report.finetune
     advice = f"a lower --speedup{' or' if tuned else ','} --by macs{'' if tuned else ' or --finetune'} keeps more of them"
     for output in report.answers.get("outputs", []):
         value, measure = output["value"], output["measure"]
         if (higher_is_better(measure) and value < AGREEMENT_WARNING) or (not higher_is_better(measure) and value > RELATIVE_L2_WARNING):
             report.warnings.append(
-                f"the answers changed: {measure} of output {output['output']!r} is {value:.1%} on {output['samples']} held-back "
+                f"{_CHANGED}{measure} of output {output['output']!r} is {value:.1%} on {output['samples']} held-back "
                 f"samples (MACs cut {report.mac_ratio:.2f}x); {advice}"
             )
             return
     target = config.policy.speedup
     if target and report.macs_after and report.mac_ratio > DAMAGE_CUT * target:
         report.warnings.append(
-            f"the plan cuts MACs {report.mac_ratio:.2f}x for --speedup {target:g}: expect the answers to change much; {advice}"
+            f"{_CUT}{report.mac_ratio:.2f}x for --speedup {target:g}: expect the answers to change much; {advice}"
         )

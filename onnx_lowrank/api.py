@@ -17,8 +17,11 @@ call into the module that owns it:
 4. **rewrite**: :func:`onnx_lowrank.planning.layer_factors` gives the factors
    and :func:`onnx_lowrank.passes.apply_factors` writes each pair in place;
    with calibration data each pair is then refit to the original's outputs;
-5. **check**: the result is timed against the original
-   (:func:`onnx_lowrank.timing.check_result`) unless the plan by latency timed it;
+5. **check**: the result is timed against the original unless the plan by latency timed it
+   (:class:`onnx_lowrank.timing.ResultCheck`: the original's weights are held before the rewrite, the
+   result's after it — after the fine-tune, when there is one — both sessions share the tensors they have in
+   common). :func:`convert` returns the check still to run, so a caller that writes the model can let go of
+   it first; :func:`decompose` runs it;
 6. **fine-tune** (``finetune=``, with calibration data): the converted model distilled toward the original
    on the calibration samples (:func:`onnx_lowrank.finetune.finetune_conversion`; its weights change, its
    graph and its speed do not);
@@ -36,6 +39,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Unpack
 
 import onnx
@@ -46,6 +50,7 @@ from .data_io import model_input_specs
 from .errors import LowRankError
 from .layers import (
     Prepared,
+    Selection,
     control_flow_report,
     layer_report,
     load_samples,
@@ -57,17 +62,19 @@ from .layers import (
 )
 from .model_io import count_params, load_model
 from .passes import apply_factors, find_sites, scope_label
-from .planning import CalibrationRun, PlanInputs, compute_spectra, layer_factors, make_plan
+from .planning import CalibrationRun, Plan, PlanInputs, compute_spectra, layer_factors, make_plan
 from .ranks import energy_rank
 from .report import InspectLayer, Report
 from .shapes import needs_input_shape_message
 from .threads import single_threaded_blas
-from .timing import check_result, kernel_block, start_timing
+from .timing import ResultCheck, kernel_block, plan_outcome
 
 __all__ = [
+    "Conversion",
     "ModelLike",
     "Progress",
     "calibrated_conversion",
+    "convert",
     "convert_prepared",
     "count_params",
     "decompose",
@@ -89,6 +96,34 @@ def as_model(model: ModelLike, inplace: bool = False) -> onnx.ModelProto:
         copy.CopyFrom(model)
         return copy
     return load_model(model)
+
+
+@dataclass
+class Conversion:
+    """A converted model and its report, and the check of the result when it is still to run.
+
+    The check holds what it needs of both models (their weights, once, in a file it maps), so the caller may
+    write the model and let go of it before :meth:`finish` runs the check: both models are then out of memory
+    while their sessions are timed.
+    """
+
+    model: onnx.ModelProto
+    report: Report
+    check: ResultCheck | None = None
+
+    def finish(self, notice: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
+        """Run the check, if one is due, into ``report.latency``; ``notice`` gets what a large model's check will
+        cost before it runs. Returns the model and the report."""
+        if self.check is not None:
+            check, self.check = self.check, None
+            self.report.latency.update(check.run(notice))
+        return self.model, self.report
+
+    def discard(self) -> None:
+        """Drop the check without running it (its file is removed)."""
+        if self.check is not None:
+            self.check.close()
+            self.check = None
 
 
 def decompose(
@@ -115,6 +150,20 @@ def decompose(
     it and saves a copy of the weights. Raises :class:`~onnx_lowrank.errors.LowRankError` for bad
     arguments or models, with one line that says what is wrong.
     """
+    return convert(model, config, progress=progress, workers=workers, inplace=inplace, **options).finish()
+
+
+def convert(
+    model: ModelLike,
+    config: DecomposeConfig | None = None,
+    /,
+    *,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    inplace: bool = False,
+    **options: Unpack[DecomposeKeywords],
+) -> Conversion:
+    """:func:`decompose`, with the check of the result left to :meth:`Conversion.finish` (arguments as there)."""
     config = DecomposeConfig.from_keywords(config, **options)
     if config.finetune.enabled:
         from .finetune import check_torch
@@ -131,36 +180,36 @@ def decompose(
             source = as_model(model)
             rounds = DecomposeConfig.from_keywords(config, finetune=FinetuneConfig())  # the fine-tune runs once, after them
 
-            def convert(exclude: str | None) -> tuple[onnx.ModelProto, Report]:
+            def convert_once(exclude: str | None) -> tuple[onnx.ModelProto, Report]:
                 changed = DecomposeConfig.from_keywords(rounds, exclude=exclude)
-                return _convert(as_model(source), changed, progress, workers)
+                return _convert(as_model(source), changed, progress, workers).finish()
 
-            new, report = keep_partitions_whole(source, convert, config.policy.exclude, mobile_shapes(source, config))
-            if config.finetune.enabled:
-                new = _finetune(source, new, report, config, progress)
+            conversion = Conversion(*keep_partitions_whole(source, convert_once, config.policy.exclude, mobile_shapes(source, config)))
+            if config.finetune.enabled:  # the rounds timed the graph; the fine-tune changes its weights alone
+                conversion.model = _finetune(source, conversion.model, conversion.report, config, progress)
+                warn_of_damage(conversion.report, config)
         else:
-            new, report = _convert(as_model(model, inplace), config, progress, workers)
-        warn_of_damage(report, config)
+            conversion = _convert(as_model(model, inplace), config, progress, workers)
         if config.mobile.quantize is not None:
             from .quantize import quantize_conversion
 
-            new = quantize_conversion(new, report, config.mobile.quantize, config.calibration.data)
+            conversion.finish()  # the float decomposition is what is timed against the original
+            conversion.model = quantize_conversion(conversion.model, conversion.report, config.mobile.quantize, config.calibration.data)
         if config.mobile.wanted:
-            report.seconds = time.perf_counter() - start
-        return new, report
+            conversion.report.seconds = time.perf_counter() - start
+        return conversion
 
 
-def _convert(
-    source: onnx.ModelProto, config: DecomposeConfig, progress: Progress | None, workers: int | None
-) -> tuple[onnx.ModelProto, Report]:
+def _convert(source: onnx.ModelProto, config: DecomposeConfig, progress: Progress | None, workers: int | None) -> Conversion:
     """One conversion of ``source``, which it may rewrite (the caller's copy)."""
     start = time.perf_counter()
     policy, shapes = config.policy, config.shapes
     if not config.calibration.given:
         prepared = prepare(source, shapes=shapes, fold_bn=policy.fold_bn)
-        new, report = convert_prepared(prepared, config, progress=progress, workers=workers, copy=False, start=start)
-        report.answers = {"not_measured": NO_DATA}
-        return new, report
+        conversion = _hold_result(_convert_prepared(prepared, config, progress=progress, workers=workers, copy=False, start=start))
+        conversion.report.answers = {"not_measured": NO_DATA}
+        warn_of_damage(conversion.report, config)
+        return conversion
     from .calibration import hold_back, load_calibration
 
     # the last few samples are held back: the answers are measured on inputs the conversion never saw
@@ -174,14 +223,39 @@ def _convert(
     # one set of sizes for the statistics, the gains and the plan: those of a real input (the sample, else the first)
     sizes = model_sizes(source, shapes, data)
     run = CalibrationRun(data, config.calibration, policy, progress)
-    new, report = calibrated_conversion(source, run, config, None, progress, workers, sizes=sizes)
+    conversion = _calibrated(source, run, config, None, progress, workers, sizes=sizes)
+    if config.finetune.enabled:  # before the result is held for its check: the check times the fine-tuned model
+        try:
+            conversion.model = _finetune(source, conversion.model, conversion.report, config, progress, (data, held))
+        except BaseException:
+            conversion.discard()
+            raise
+    conversion = _hold_result(conversion)
+    report = conversion.report
     report.calibration["seconds"] = time.perf_counter() - start
-    if config.finetune.enabled:
-        new = _finetune(source, new, report, config, progress, (data, held))
-    else:
-        report.answers = measure_answers(source, new, held, config.speed.resolved_threads)
-    report.seconds = time.perf_counter() - start
-    return new, report
+    try:
+        if not config.finetune.enabled:
+            report.answers = measure_answers(source, conversion.model, held, config.speed.resolved_threads, config.speed.large_model_bytes)
+        warn_of_damage(report, config)
+    except BaseException:
+        conversion.discard()
+        raise
+    report.seconds = time.perf_counter() - start - (conversion.check.seconds if conversion.check is not None else 0.0)
+    return conversion
+
+
+def _hold_result(conversion: Conversion) -> Conversion:
+    """The final model handed to its check (the check's own time is not the conversion's)."""
+    check = conversion.check
+    if check is not None:
+        spent = check.seconds  # holding the original's weights, counted in the report's seconds
+        try:
+            check.hold(conversion.model)
+        except BaseException:
+            conversion.discard()
+            raise
+        conversion.report.seconds -= spent
+    return conversion
 
 
 def _finetune(
@@ -198,13 +272,13 @@ def _finetune(
     from .finetune import finetune_conversion
 
     data, held = split if split is not None else hold_back(load_calibration(config.calibration.source, source), source)
-    threads = config.speed.resolved_threads
-    before = measure_answers(source, new, held, threads)
+    threads, large = config.speed.resolved_threads, config.speed.large_model_bytes
+    before = measure_answers(source, new, held, threads, large)
     new, report.finetune = finetune_conversion(source, new, report, data, config.finetune, config.speed.threads, progress)
     if "skipped" in report.finetune:
         report.answers = before
         return new
-    report.answers = measure_answers(source, new, held, threads)
+    report.answers = measure_answers(source, new, held, threads, large)
     measured = {key: value for key, value in before.items() if key != "outputs"}  # the data and samples, or why not measured
     report.finetune["answers"] = {**measured, "before": before.get("outputs"), "after": report.answers.get("outputs")}
     return new
@@ -221,40 +295,57 @@ def calibrated_conversion(
 ) -> tuple[onnx.ModelProto, Report]:
     """One conversion with calibration data: data-aware factors and ranks from ``run``, then the refit to
     ``source`` as given. ``prepared``: a preparation of ``source`` whose copy is converted (else a copy of
-    ``source`` is prepared here, on ``sizes``)."""
+    ``source`` is prepared here, on ``sizes``). The result is checked before it is returned."""
+    return _hold_result(_calibrated(source, run, config, prepared, progress, workers, sizes)).finish()
+
+
+def _calibrated(
+    source: onnx.ModelProto,
+    run: CalibrationRun,
+    config: DecomposeConfig,
+    prepared: Prepared | None,
+    progress: Progress | None,
+    workers: int | None,
+    sizes: Any = None,
+) -> Conversion:
     if prepared is None:
         copy = as_model(source)  # the refit compares with ``source`` as given
         prepared = prepare(copy, shapes=config.shapes, fold_bn=config.policy.fold_bn, sizes=sizes)
-        new, report = convert_prepared(prepared, config, progress=progress, workers=workers, copy=False, calibrate=run.calibrate)
+        conversion = _convert_prepared(prepared, config, progress=progress, workers=workers, copy=False, calibrate=run.calibrate)
     else:
-        new, report = convert_prepared(prepared, config, progress=progress, workers=workers, copy=True, calibrate=run.calibrate)
-    run.describe(report, config.policy)
-    if run.refit and report.decomposed:
-        from .calibration import refit_layers
+        conversion = _convert_prepared(prepared, config, progress=progress, workers=workers, copy=True, calibrate=run.calibrate)
+    try:
+        new, report = conversion.model, conversion.report
+        run.describe(report, config.policy)
+        if run.refit and report.decomposed:
+            from .calibration import refit_layers
 
-        settings = run.settings
-        result = refit_layers(
-            source,
-            new,
-            report,
-            run.data,
-            batch_size=settings.batch_size,
-            stages=settings.stages,
-            ridge=settings.ridge,
-            positions=settings.positions,
-            threads=settings.threads,
-            progress=run.passes,
-            inplace=True,
-            activations=settings.activation_refit,
-        )
-        new = result.model
-        report.calibration["refit"] = result.to_dict()
-        by_node = {layer.node: layer for layer in result.layers}
-        for layer in report.layers:
-            done = by_node.get(layer.node)
-            if done is not None and done.error_after is not None:
-                layer.output_error = done.error_after
-    return new, report
+            settings = run.settings
+            result = refit_layers(
+                source,
+                new,
+                report,
+                run.data,
+                batch_size=settings.batch_size,
+                stages=settings.stages,
+                ridge=settings.ridge,
+                positions=settings.positions,
+                threads=settings.threads,
+                progress=run.passes,
+                inplace=True,
+                activations=settings.activation_refit,
+            )
+            conversion.model = result.model
+            report.calibration["refit"] = result.to_dict()
+            by_node = {layer.node: layer for layer in result.layers}
+            for layer in report.layers:
+                done = by_node.get(layer.node)
+                if done is not None and done.error_after is not None:
+                    layer.output_error = done.error_after
+    except BaseException:
+        conversion.discard()
+        raise
+    return conversion
 
 
 Calibrate = Callable[[onnx.ModelProto, list[Any], dict[str, str | None]], None]
@@ -271,12 +362,27 @@ def convert_prepared(
     calibrate: Calibrate | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Plan ranks on a prepared model and apply them: to a copy (``copy``), else to ``prepared.proto`` itself,
-    which is then used up. ``calibrate(model, units, reasons)`` runs once the units are known, before any
-    spectrum or rank is computed (the calibrated conversion gives it)."""
+    which is then used up; the result is checked before it is returned. ``calibrate(model, units, reasons)``
+    runs once the units are known, before any spectrum or rank is computed (the calibrated conversion gives it)."""
+    conversion = _convert_prepared(prepared, config, progress=progress, workers=workers, copy=copy, start=start, calibrate=calibrate)
+    return _hold_result(conversion).finish()
+
+
+def _convert_prepared(
+    prepared: Prepared,
+    config: DecomposeConfig,
+    *,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    copy: bool = True,
+    start: float | None = None,
+    calibrate: Calibrate | None = None,
+) -> Conversion:
+    """:func:`convert_prepared` with the check of the result returned unrun, its candidate not yet held."""
     start = time.perf_counter() if start is None else start
     workers = workers or min(os.cpu_count() or 1, 4)
     policy, speed = config.policy, config.speed
-    proto, sites, sizes = prepared.proto, prepared.sites, prepared.shapes
+    proto, sizes = prepared.proto, prepared.shapes
 
     # sizes: the layers this policy may touch, grouped into units
     needs_macs = (policy.name == "budget" and policy.speedup is not None) or speed.by == "latency"
@@ -290,14 +396,38 @@ def convert_prepared(
     inputs = PlanInputs(units, selection.fixed_macs, prepared.params_before - sum(u.params for u in units), prepared.params_before)
     inputs.paths = path_budgets(sizes, selection)
     plan, timing, why_macs = make_plan(inputs, policy, speed, proto, sizes)
+    if timing is not None:
+        timing.close()  # the plan by latency timed the model: its sessions and their shared weights go
+    check: ResultCheck | None = None
     if plan.by != "latency" and speed.check_runs and plan.decomposes and why_macs is None:
-        # the session of the original is made before its layers are rewritten in place
-        timing, why_macs = start_timing(proto, sizes, speed.resolved_threads, None)
+        # the original's weights are held before its layers are rewritten in place
+        check, why_macs = ResultCheck.start(proto, sizes, speed.resolved_threads, speed.check_runs, speed.large_model_bytes)
+    try:
+        return Conversion(*_rewrite(prepared, config, selection, plan, why_macs, copy, start, workers), check)
+    except BaseException:
+        if check is not None:
+            check.close()
+        raise
+
+
+def _rewrite(
+    prepared: Prepared,
+    config: DecomposeConfig,
+    selection: Selection,
+    plan: Plan,
+    why_macs: str | None,
+    copy: bool,
+    start: float,
+    workers: int,
+) -> tuple[onnx.ModelProto, Report]:
+    """Apply the plan's factors (to a copy of the prepared model with ``copy``) and report what was done."""
+    policy, speed = config.policy, config.speed
+    proto, sites, sizes, units = prepared.proto, prepared.sites, prepared.shapes, selection.units
+    pad_to = kernel_block() if policy.pad_ranks and policy.name != "budget" else None
 
     # rewrite: per-layer policies give the ranks asked for; a budget's ranks are multiples of the rank multiple already
     counted = {id(site) for site in selection.counted}
     layers = {site.key: layer_report(site, selection.reasons[site.key], id(site) in counted) for site in sites}
-    pad_to = kernel_block() if policy.pad_ranks and policy.name != "budget" else None
     factors = layer_factors(units, plan.choices, layers, workers, pad_to)
     if copy:  # the prepared model stays as it is for the next plan: the same sites, found again in a copy
         proto = as_model(proto)
@@ -307,9 +437,8 @@ def convert_prepared(
     for key, names in made.items():
         layers[key].vertical_node, layers[key].horizontal_node = names.first, names.second
 
-    # check
-    measured = plan.measured if plan.by == "latency" else check_result(proto, timing, speed.check_runs, plan.decomposes, why_macs, plan.by)
-    del timing  # the original's session: its weights are a copy of the model's
+    # check: what the plan measured, or what its check will say (it runs once the caller is done with the models)
+    measured = plan.measured if plan.by == "latency" else plan_outcome(speed.check_runs, plan.decomposes, why_macs, plan.by)
 
     # report
     layer_list = [layers[s.key] for s in sites]

@@ -48,6 +48,7 @@ __all__ = [
     "FINETUNE_MINUTES",
     "FINETUNE_STEPS",
     "FINETUNE_TRAINABLE",
+    "LARGE_MODEL_MIB",
     "QUANTIZE_MODES",
     "CalibrationConfig",
     "CalibrationSource",
@@ -74,6 +75,9 @@ BY_CHOICES = ("latency", "macs")
 # the check of a plan not made by latency (its rounds time it already): at most CHECK_RUNS interleaved runs of
 # each model, fewer (down to 3) when a run of both takes long — a quick look, a few seconds on VGG-16
 CHECK_RUNS = 10
+# MiB of weights above which a model is large: its check runs without onnxruntime's prepacking (a copy of every
+# matrix weight per session) and says first what it costs
+LARGE_MODEL_MIB = 256
 QUANTIZE_MODES = ("dynamic", "static")
 # which If branches a plan sizes: those the reference input runs, or every one (each by a run of its own)
 BRANCH_CHOICES = ("run", "all")
@@ -319,13 +323,16 @@ class SpeedConfig:
     wherever the model can be timed, MACs otherwise). ``threads``: onnxruntime intra-op threads to time and
     plan with (None: onnxruntime's default here, the physical cores). ``timing_cache``: keep layer timings
     across runs (True: the user's cache folder; a folder; False: keep nothing). ``check_runs``: interleaved
-    runs of the final timing of a plan not made by latency (0 skips it).
+    runs of the final timing of a plan not made by latency (0 skips it). ``large_model``: MiB of weights above
+    which the check (and the plan's rounds) run without onnxruntime's prepacking, and the check says first
+    what it costs.
     """
 
     by: str | None = None
     threads: int | None = None
     timing_cache: bool | str | os.PathLike[str] = True
     check_runs: int = CHECK_RUNS
+    large_model: float = LARGE_MODEL_MIB
 
     def __post_init__(self) -> None:
         if self.by is not None and self.by not in BY_CHOICES:
@@ -337,11 +344,17 @@ class SpeedConfig:
             raise LowRankError(f"--threads {self.threads}: this machine gives the process {available_cpus()} CPU(s); plan for at most that")
         if not _whole(self.check_runs, 0):
             raise LowRankError(f"check runs must be a whole number >= 0, got {self.check_runs!r}")
+        if isinstance(self.large_model, bool) or not isinstance(self.large_model, int | float) or not 0 <= self.large_model < math.inf:
+            raise LowRankError(f"--large-model must be a size in MiB >= 0, got {self.large_model!r}")
 
     @property
     def resolved_threads(self) -> int:
         """The thread count to time with: the one asked for, else onnxruntime's default here."""
         return self.threads if self.threads is not None else default_threads()
+
+    @property
+    def large_model_bytes(self) -> int:
+        return int(self.large_model * 2**20)
 
 
 @dataclass(frozen=True)
@@ -452,6 +465,7 @@ class DecomposeKeywords(TypedDict, total=False):
     threads: int | None
     timing_cache: bool | str | os.PathLike[str]
     check_runs: int | None
+    large_model: float | None
     mobile_safe: bool
     quantize: str | None
     finetune: bool | FinetuneConfig
@@ -485,7 +499,7 @@ _KEYWORDS: dict[str, tuple[str, str]] = {
     "finetune_features": ("finetune", "features"),
     "finetune_options": ("finetune", "options"),
 }
-_DEFAULTED_WHEN_NONE = {"kinds", "objective", "input_shapes", "check_runs", "branches", "finetune_seed"}
+_DEFAULTED_WHEN_NONE = {"kinds", "objective", "input_shapes", "check_runs", "large_model", "branches", "finetune_seed"}
 _POLICY_CHOICE = ("rank", "energy", "speedup", "params_ratio", "ranks")
 
 

@@ -6,18 +6,23 @@ neither always runs on a warm cache). :func:`measure_speedup` takes pairs in
 batches until the ratio's 95 % interval (:mod:`onnx_lowrank.stats`, bootstrap
 over pairs) is narrower than asked, or a time budget or run cap ends: on two
 busy cores one median of ten runs is not a figure, a figure with its interval
-is. :class:`Timing` holds what one conversion times against — the original's
-session, the reference input, the threads, the layer-timing store and the
-:class:`Clock` — made before the model is rewritten in place; :func:`check_result`
-times the result against it and says why it did not when it cannot.
+is. :class:`Timing` holds what the plan by latency times against — the
+original's session, the reference input, the threads, the layer-timing store
+and the :class:`Clock` — made before the model is rewritten in place; the
+original's large weights are held once
+(:class:`~onnx_lowrank.runtime.SharedWeights`) and every candidate's session
+reads the tensors it has unchanged from the same maps.
+:class:`ResultCheck` is the check of a result planned otherwise: the original's
+weights held before the rewrite, the result's after it, both models timed
+against each other at the end (after the caller has let go of them), or why not.
 :func:`kernel_times` profiles models with onnxruntime's profiler and sums each
 node's median kernel time by operator type: where the time goes.
 
 Everything that reads a clock goes through a :class:`Clock`
 (:class:`OnnxruntimeClock`, the real one, unless :data:`CLOCK` is replaced):
-the plan by latency and the result check ask it for a layer's milliseconds,
-the original's, a candidate's speedup and the machine's load, so tests of the
-plan's logic give it a fake clock and depend on no machine's speed.
+the plan by latency and the result check ask it for a session, a layer's
+milliseconds, the original's, a candidate's speedup and the machine's load, so
+tests of the plan's logic give it a fake clock and depend on no machine's speed.
 
 Timing one layer alone (for the plan by latency) is :mod:`onnx_lowrank.layer_timing`'s.
 """
@@ -29,7 +34,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,9 +42,10 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from .config import LARGE_MODEL_MIB
 from .errors import LowRankError
 from .run_shapes import ModelShapes
-from .runtime import first_line, make_session
+from .runtime import HeldModel, SharedWeights, first_line, make_session
 from .stats import SpeedupEstimate, speedup_estimate
 from .timing_cache import TimingStore, cpu_description
 
@@ -47,20 +53,21 @@ __all__ = [
     "CLOCK",
     "CONV_OPS",
     "FC_OPS",
+    "LARGE_MODEL",
     "MIN_PAIRS",
     "Clock",
     "KernelTimes",
     "LayerTime",
     "OnnxruntimeClock",
+    "ResultCheck",
     "Timing",
-    "check_candidate",
-    "check_result",
     "interleaved_latency",
     "kernel_block",
     "kernel_times",
     "measure_speedup",
     "no_reference_reason",
     "paired_times",
+    "plan_outcome",
     "start_timing",
     "timed_runs",
 ]
@@ -71,6 +78,8 @@ ModelLike = str | os.PathLike[str] | onnx.ModelProto
 # run of both models takes long (a budget of a few seconds, at least MIN_PAIRS pairs) — a look, with its interval
 CHECK_BUDGET_MS = 3000.0
 CHECK_WIDTH = 0.05  # the check stops early once its interval is this narrow (relative to the ratio)
+# bytes of weights above which a model is large (config.LARGE_MODEL_MIB; --large-model)
+LARGE_MODEL = LARGE_MODEL_MIB * 2**20
 
 
 def timed_runs(session: Any, feeds: Mapping[str, Any], runs: int) -> list[float]:
@@ -173,8 +182,9 @@ def _layer_time(session: Any, feeds: Mapping[str, Any], runs: int, warmup: int) 
 class Clock(Protocol):
     """What reads time for the plan by latency and the result check (a fake one in tests of the plan's logic)."""
 
-    def session(self, model: onnx.ModelProto, threads: int) -> Any:
-        """The session a model is timed in (the original's, made before the model is rewritten in place)."""
+    def session(self, weights: SharedWeights, model: HeldModel, threads: int) -> Any:
+        """The session a whole model is timed in, its large weights read from ``weights`` (shared with every other
+        session of that store: the original's, and each candidate's)."""
         ...
 
     def layer(self, model: onnx.ModelProto, feeds: Mapping[str, Any], threads: int, runs: int, warmup: int) -> LayerTime:
@@ -185,8 +195,9 @@ class Clock(Protocol):
         """Milliseconds of ``runs`` runs of one session."""
         ...
 
-    def speedup(self, timing: Timing, candidate: onnx.ModelProto, *, max_runs: int, budget_ms: float, width: float) -> SpeedupEstimate:
-        """The candidate against the original of ``timing``, interleaved, with the ratio's interval."""
+    def speedup(self, timing: Timing, candidate: HeldModel, *, max_runs: int, budget_ms: float, width: float) -> SpeedupEstimate:
+        """The candidate (held in ``timing.weights``) against the original of ``timing``, interleaved, with the ratio's
+        interval."""
         ...
 
     def load(self, threads: int) -> float:
@@ -214,8 +225,8 @@ def _probe_model() -> tuple[onnx.ModelProto, dict[str, Any]]:
 class OnnxruntimeClock:
     """The real clock: models run in onnxruntime, times read with ``time.perf_counter``."""
 
-    def session(self, model: onnx.ModelProto, threads: int) -> Any:
-        return make_session(model, threads=threads)
+    def session(self, weights: SharedWeights, model: HeldModel, threads: int) -> Any:
+        return weights.session(model, threads=threads)
 
     def layer(self, model: onnx.ModelProto, feeds: Mapping[str, Any], threads: int, runs: int, warmup: int) -> LayerTime:
         return _layer_time(make_session(model, threads=threads), feeds, runs, warmup)
@@ -223,8 +234,8 @@ class OnnxruntimeClock:
     def model_runs(self, session: Any, feeds: Mapping[str, Any], runs: int) -> list[float]:
         return timed_runs(session, feeds, runs)
 
-    def speedup(self, timing: Timing, candidate: onnx.ModelProto, *, max_runs: int, budget_ms: float, width: float) -> SpeedupEstimate:
-        session = make_session(candidate, threads=timing.threads)
+    def speedup(self, timing: Timing, candidate: HeldModel, *, max_runs: int, budget_ms: float, width: float) -> SpeedupEstimate:
+        session = timing.weights.session(candidate, threads=timing.threads)
         return measure_speedup(timing.original, session, timing.feeds, max_runs=max_runs, budget_ms=budget_ms, width=width)
 
     def load(self, threads: int) -> float:
@@ -249,17 +260,55 @@ def kernel_block() -> int | None:
 
 @dataclass
 class Timing:
-    """What timing one conversion uses: threads, the timing store, the reference input and the original's session."""
+    """What timing one conversion uses: threads, the timing store, the reference input, the original's session and
+    the clock that times it.
+
+    The original's large weights are held once in ``weights`` (:class:`~onnx_lowrank.runtime.SharedWeights`); every
+    candidate timed against it (:meth:`candidate`, then the clock's ``speedup``) reads the tensors it has unchanged
+    from the same maps. :meth:`close` drops the session and removes the store's file.
+    """
 
     threads: int
     store: TimingStore | None  # layer timings kept across runs; None when only the whole model is timed
     feeds: dict[str, Any]
     original: Any  # onnxruntime session of the model before any layer was rewritten
     clock: Clock
+    weights: SharedWeights
+    held: HeldModel  # the original without its large weights (the store holds them)
+    model: onnx.ModelProto | None = None  # the original itself, where candidates are built from it
 
     @classmethod
-    def start(cls, model: onnx.ModelProto, feeds: Mapping[str, Any], threads: int, store: TimingStore | None) -> Timing:
-        return cls(threads, store, dict(feeds), CLOCK.session(model, threads), CLOCK)
+    def start(
+        cls, model: onnx.ModelProto, feeds: Mapping[str, Any], threads: int, store: TimingStore | None, large_model: int = LARGE_MODEL
+    ) -> Timing:
+        weights = SharedWeights()
+        try:
+            held = weights.hold(model)
+            weights.prepack = weights.held_bytes <= large_model
+            return cls(threads, store, dict(feeds), CLOCK.session(weights, held, threads), CLOCK, weights, held, model)
+        except BaseException:
+            weights.close()
+            raise
+
+    def candidate(self, build: Callable[[onnx.ModelProto], onnx.ModelProto]) -> HeldModel:
+        """The candidate ``build(original)`` makes (from a copy), held in the original's store.
+
+        The candidate is built from the original without its large weights (a copy of a few kilobytes: the rewrite
+        adds the factors it computed, and the store shares the rest); where the rewrite would need a weight's values
+        it is built from the original itself.
+        """
+        try:
+            candidate = build(self.held.proto)
+        except (LowRankError, ValueError, KeyError, AssertionError):
+            if self.model is None:
+                raise
+            candidate = build(self.model)
+        return self.weights.hold(candidate)
+
+    def close(self) -> None:
+        """Drop the original's session and the shared weights' file."""
+        self.original = None
+        self.weights.close()
 
 
 def no_reference_reason(shapes: ModelShapes) -> str | None:
@@ -273,38 +322,28 @@ def no_reference_reason(shapes: ModelShapes) -> str | None:
     return "no input to time it on"
 
 
-def start_timing(proto: onnx.ModelProto, shapes: ModelShapes, threads: int, store: TimingStore | None) -> tuple[Timing | None, str | None]:
+def start_timing(
+    proto: onnx.ModelProto, shapes: ModelShapes, threads: int, store: TimingStore | None, large_model: int = LARGE_MODEL
+) -> tuple[Timing | None, str | None]:
     """A session of the model as it is now, for timing against; or None and the reason it cannot be made."""
     why = no_reference_reason(shapes)
     if why is not None or shapes.reference is None:
         return None, why
     try:
-        timing = Timing.start(proto, shapes.reference, threads, store)
+        timing = Timing.start(proto, shapes.reference, threads, store, large_model)
     except LowRankError as exc:
         return None, str(exc)
     try:  # a model onnxruntime loads but cannot run (no output, an attribute its kernel refuses) is not timed
         timing.original.run(None, timing.feeds)
     except Exception as exc:  # onnxruntime raises its own exception types
+        timing.close()
         return None, f"onnxruntime cannot run the model on the reference input ({first_line(exc)})"
     return timing, None
 
 
-def check_candidate(timing: Timing, candidate: onnx.ModelProto, runs: int) -> dict[str, Any]:
-    """The candidate against the original: paired interleaved runs (at most ``runs``; fewer when the interval is
-    narrow early, or a slow model spends ``CHECK_BUDGET_MS``), their medians, ratio and 95 % interval."""
-    try:
-        estimate = timing.clock.speedup(timing, candidate, max_runs=runs, budget_ms=CHECK_BUDGET_MS, width=CHECK_WIDTH)
-    except LowRankError:
-        raise
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise LowRankError(f"onnxruntime failed to time the model: {first_line(exc)}") from None
-    return {**estimate.to_dict(), "threads": timing.threads}
-
-
-def check_result(
-    candidate: onnx.ModelProto, timing: Timing | None, runs: int, decomposes: bool, why_not: str | None, by: str | None
-) -> dict[str, Any]:
-    """The measured ratio of a plan not made by latency (``by``: "macs", or None for a per-layer policy), or why there is none."""
+def plan_outcome(runs: int, decomposes: bool, why_not: str | None, by: str | None) -> dict[str, Any]:
+    """What the report says of a plan not made by latency (``by``: "macs", or None for a per-layer policy) before
+    its check runs: what it was planned by, and why it will not be timed (``not_timed``) when it will not."""
     out: dict[str, Any] = {"by": by}
     if why_not is not None:
         out["why_macs"] = why_not
@@ -312,12 +351,126 @@ def check_result(
         return {**out, "not_timed": "no layer was decomposed"}
     if runs == 0:
         return {**out, "not_timed": "not asked for (0 check runs)"}
-    if timing is None:
-        return {**out, "not_timed": why_not or "the model cannot be run"}
-    try:
-        return {**out, **check_candidate(timing, candidate, runs)}
-    except LowRankError as exc:
-        return {**out, "not_timed": str(exc)}
+    if why_not is not None:
+        return {**out, "not_timed": why_not}
+    return out
+
+
+class ResultCheck:
+    """The check of a result not planned by latency: the result timed against the original, paired runs and the
+    ratio's interval.
+
+    Made (:meth:`start`) before the original's layers are rewritten in place: the original's large weights go to a
+    :class:`~onnx_lowrank.runtime.SharedWeights` store then. :meth:`hold` gives it the final candidate, whose
+    unchanged tensors are the original's; nothing else is kept, so the caller may drop both models before
+    :meth:`run` builds the two sessions on the store (through the :class:`Clock`), times them (at most ``runs``
+    pairs; fewer when the interval is narrow early, or a slow model spends ``CHECK_BUDGET_MS``) and removes the
+    store's file. A model whose weights exceed ``large_model`` bytes is checked without onnxruntime's prepacking,
+    which would copy every matrix weight per session, and :meth:`cost_note` says beforehand what the check costs.
+    """
+
+    def __init__(
+        self, weights: SharedWeights, original: HeldModel, feeds: Mapping[str, Any], threads: int, runs: int, large_model: int
+    ) -> None:
+        self.weights, self.original = weights, original
+        self.candidate: HeldModel | None = None
+        self.feeds, self.threads, self.runs, self.large_model = dict(feeds), threads, runs, large_model
+        self.clock = CLOCK
+        self.seconds = 0.0  # spent on the check so far: holding the weights, then the sessions and runs
+        self.model_bytes = 0
+
+    @classmethod
+    def start(
+        cls, proto: onnx.ModelProto, shapes: ModelShapes, threads: int, runs: int, large_model: int = LARGE_MODEL
+    ) -> tuple[ResultCheck | None, str | None]:
+        """The check of ``proto``'s result (its weights held now), or None and why the model cannot be timed."""
+        why = no_reference_reason(shapes)
+        if why is not None or shapes.reference is None:
+            return None, why
+        start = time.perf_counter()
+        weights = SharedWeights()
+        try:
+            check = cls(weights, weights.hold(proto), shapes.reference, threads, runs, large_model)
+        except BaseException:
+            weights.close()
+            raise
+        check.model_bytes = weights.held_bytes
+        weights.prepack = not check.large
+        check.seconds = time.perf_counter() - start
+        return check, None
+
+    def hold(self, candidate: onnx.ModelProto) -> None:
+        """The final candidate: its tensors the original has are shared, the others written to the store."""
+        start = time.perf_counter()
+        self.candidate = self.weights.hold(candidate)
+        self.seconds += time.perf_counter() - start
+
+    @property
+    def large(self) -> bool:
+        return self.model_bytes > self.large_model
+
+    def cost_note(self) -> str | None:
+        """What the check of a model above ``large_model`` will cost, to say before it runs (None for a smaller one)."""
+        if not self.large:
+            return None
+        held = self.weights.file_bytes
+        folder = self.weights.folder.parent if self.weights.folder is not None else Path(tempfile.gettempdir())
+        return (
+            f"checking the result against the original: its weights take {_mib(self.model_bytes)} (above --large-model "
+            f"{_mib(self.large_model)}), so both onnxruntime sessions read one copy of them, a {_mib(held)} temporary file "
+            f"in {folder} mapped once (about {_mib(held)} more memory), without onnxruntime's weight prepacking; two "
+            f"warm-up runs of both models, then at most {self.runs} pairs of runs, at least {min(self.runs, MIN_PAIRS)}, "
+            f"within about {CHECK_BUDGET_MS / 1000:g} s (--check-runs 0 skips the check)"
+        )
+
+    def run(self, notice: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Time the candidate against the original (``notice`` first gets :meth:`cost_note`); the figures, or
+        ``not_timed`` and why. The store's file is removed whatever happens."""
+        start = time.perf_counter()
+        note = self.cost_note()
+        out: dict[str, Any] = {"check_note": note} if note else {}
+        if note is not None and notice is not None:
+            notice(note)
+        original: Any = None
+        timing: Timing | None = None
+        try:
+            if self.candidate is None:
+                raise LowRankError("no candidate to time")
+            original = self.clock.session(self.weights, self.original, self.threads)
+            try:  # a model onnxruntime loads but cannot run (no output, an attribute its kernel refuses) is not timed
+                original.run(None, self.feeds)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise LowRankError(f"onnxruntime cannot run the model on the reference input ({first_line(exc)})") from None
+            timing = Timing(self.threads, None, self.feeds, original, self.clock, self.weights, self.original)
+            try:
+                estimate = self.clock.speedup(timing, self.candidate, max_runs=self.runs, budget_ms=CHECK_BUDGET_MS, width=CHECK_WIDTH)
+            except LowRankError:
+                raise
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise LowRankError(f"onnxruntime failed to time the model: {first_line(exc)}") from None
+            out.update(estimate.to_dict(), threads=self.threads)
+        except LowRankError as exc:
+            out["not_timed"] = str(exc)
+        finally:
+            held = self.weights.file_bytes
+            original = timing = None  # both sessions go before the check returns
+            self.close()
+            self.seconds += time.perf_counter() - start
+        out["check"] = {
+            "seconds": self.seconds,
+            "weights_file_bytes": held,  # one copy of the weights of both models
+            "shared_bytes": self.candidate.shared if self.candidate is not None else 0,  # the candidate's, read from the original's
+            "prepacking": self.weights.prepack,
+        }
+        return out
+
+    def close(self) -> None:
+        """Remove the store's file (idempotent; sessions already made keep their maps)."""
+        self.weights.close()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
 
 
 # operator types of onnxruntime's optimized CPU graphs that carry a model's MACs (after its fusions and NCHWc rewrite)

@@ -14,7 +14,8 @@ are finite, and the counts of non-finite values are reported beside them.
 Latency: both sessions are warmed up, then run alternately (the order flips
 each round so neither model always runs on a warm cache), thread spinning off;
 the medians, their ratio and its 95 % interval (bootstrap over the paired runs,
-:mod:`onnx_lowrank.stats`) are reported.
+:mod:`onnx_lowrank.stats`) are reported. The two sessions read one copy of the
+weights the models have in common (:class:`onnx_lowrank.runtime.SharedWeights`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from .agreement import OutputAgreement, compare
 from .data_io import InputSpec, check_allocation, check_samples, load_npz, load_sample, model_input_specs
 from .errors import LowRankError
 from .model_io import load_model
-from .runtime import first_line, make_session
+from .runtime import SharedWeights, first_line, make_session
 from .shapes import concrete_input_shapes, needs_input_shape_message, random_feed, session_input_specs
 from .stats import speedup_estimate
-from .timing import kernel_times, paired_times
+from .timing import LARGE_MODEL, kernel_times, paired_times
 
 __all__ = [
     "OutputStats",
@@ -193,7 +194,7 @@ def compare_outputs(
             if a.ndim == 2 and a.shape[1] > 1:
                 top_a, top_b = a.argmax(axis=1), b.argmax(axis=1)
                 entry.top1_agreement = float(np.mean(top_a == top_b))
-                if labels is not None and len(labels) == a.shape[0]:
+                if labels is not None and labels.ndim == 1 and len(labels) == a.shape[0]:
                     entry.accuracy_original = float(np.mean(top_a == labels))
                     entry.accuracy_candidate = float(np.mean(top_b == labels))
         stats.append(entry)
@@ -248,12 +249,15 @@ def verify(
     profile: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     sample: str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | None = None,
+    large_model: int = LARGE_MODEL,
 ) -> VerifyResult:
     """Run both models in onnxruntime on the same inputs and compare (see the module docstring).
 
     ``input_shapes``: shapes of the random inputs (by input name) where the model leaves dims symbolic.
     ``sample``: instead of ``inputs``, one input set as the model takes it (no sample axis; a scalar input as
     a 0-d array), an ``.npz`` or a mapping — what a model with a scalar input is run on.
+    The two sessions share the weights the models have in common (:class:`~onnx_lowrank.runtime.SharedWeights`);
+    a model with more than ``large_model`` bytes of weights runs without onnxruntime's prepacking.
     ``profile``: also time each operator type of both models with onnxruntime's profiler (``runs`` runs each,
     after the interleaved timing), which shows where a measured speedup falls short of the MAC ratio.
     """
@@ -263,17 +267,60 @@ def verify(
         raise LowRankError(f"tolerances must be finite, got rtol={rtol} atol={atol}")
     for model in (original, candidate):
         if isinstance(model, (str, os.PathLike)):
-            _check_readable(model)  # one-line errors for a missing or broken file before onnxruntime sees it
-    ref = make_session(original, providers, threads)
-    cand = make_session(candidate, providers, threads)
+            _check_readable(model)  # one-line errors for a missing or unreadable file before onnxruntime sees it
+    if inputs is not None and sample is not None:
+        raise LowRankError("give inputs (samples on axis 0) or one sample, not both")
+    with SharedWeights() as store:
+        ref, cand = _sessions(store, original, candidate, providers, threads, large_model)
+        return _compare(
+            ref, cand, original, candidate, inputs, sample, providers, rtol, atol, runs, warmup, threads, seed, profile, input_shapes
+        )
+
+
+def _sessions(
+    store: SharedWeights, original: ModelLike, candidate: ModelLike, providers: Sequence[str] | None, threads: int | None, large_model: int
+) -> tuple[Any, Any]:
+    """The sessions of both models; an ONNX model's large weights are held once in ``store``, shared where the
+    candidate has the original's tensors (an ORT-format file is loaded as it is)."""
+    from .mobile import is_ort_format
+
+    sessions = []
+    for model in (original, candidate):
+        if isinstance(model, (str, os.PathLike)) and is_ort_format(Path(model)):
+            sessions.append(make_session(model, providers, threads))
+            continue
+        proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+        held = store.hold(proto)
+        del proto
+        if not sessions:  # the original's size decides, for both sessions alike
+            store.prepack = store.held_bytes <= large_model
+        sessions.append(store.session(held, providers, threads))
+    return sessions[0], sessions[1]
+
+
+def _compare(
+    ref: Any,
+    cand: Any,
+    original: ModelLike,
+    candidate: ModelLike,
+    inputs: str | os.PathLike[str] | Mapping[str, npt.NDArray[Any]] | None,
+    sample: str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | None,
+    providers: Sequence[str] | None,
+    rtol: float,
+    atol: float,
+    runs: int,
+    warmup: int,
+    threads: int | None,
+    seed: int,
+    profile: bool,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+) -> VerifyResult:
     names = [o.name for o in ref.get_outputs()]
     cand_names = [o.name for o in cand.get_outputs()]
     if names != cand_names:
         raise LowRankError(f"outputs differ: {names} vs {cand_names}")
     input_names = [i.name for i in ref.get_inputs()]
     labels = None
-    if inputs is not None and sample is not None:
-        raise LowRankError("give inputs (samples on axis 0) or one sample, not both")
     if sample is not None:
         batches = [load_sample(sample, session_input_specs(ref))]
     elif inputs is None:
@@ -317,15 +364,14 @@ def _samples_in(batch: Mapping[str, npt.NDArray[Any]]) -> int:
 
 
 def _check_readable(path: str | os.PathLike[str]) -> None:
-    """An ONNX model loads (with its external data); an ORT-format model (``.ort``) is a readable file onnxruntime opens."""
+    """An ORT-format model (``.ort``) is a readable file onnxruntime opens; an ONNX model is checked as it is loaded."""
     from .mobile import is_ort_format
 
     p = Path(path)
-    if not (p.is_file() and is_ort_format(p)):
-        load_model(p)
-        return
-    if not os.access(p, os.R_OK):
+    if p.is_file() and is_ort_format(p) and not os.access(p, os.R_OK):
         raise LowRankError(f"{p}: permission denied")
+    if not p.is_file() and p.suffix.lower() == ".ort":
+        load_model(p)  # the one-line error of a missing file or a folder
 
 
 def answers(
@@ -336,11 +382,22 @@ def answers(
     threads: int | None = None,
     batch: int = 64,
     labels: npt.NDArray[Any] | None = None,
+    large_model: int = LARGE_MODEL,
 ) -> list[OutputAgreement]:
     """How the candidate's answers compare with the original's on ``data`` (samples on axis 0, checked already):
-    per output the measure that fits it (:mod:`onnx_lowrank.agreement`)."""
-    ref = make_session(original, threads=threads)
-    cand = make_session(candidate, threads=threads)
+    per output the measure that fits it (:mod:`onnx_lowrank.agreement`). The two sessions read one copy of the
+    weights the models have in common, as :func:`verify`'s do."""
+    with SharedWeights() as store:
+        held = store.hold(original)
+        store.prepack = store.held_bytes <= large_model  # the original's size decides, for both sessions alike
+        ref = store.session(held, threads=threads)
+        cand = store.session(store.hold(candidate), threads=threads)
+        return _answers(ref, cand, original, data, batch, labels)
+
+
+def _answers(
+    ref: Any, cand: Any, original: onnx.ModelProto, data: Mapping[str, npt.NDArray[Any]], batch: int, labels: npt.NDArray[Any] | None
+) -> list[OutputAgreement]:
     names = [o.name for o in ref.get_outputs()]
     inputs = [i.name for i in ref.get_inputs()]
     fixed = {i.name: (i.shape[0] if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 else None) for i in ref.get_inputs()}

@@ -19,6 +19,7 @@ import onnx
 import pytest
 
 import onnx_lowrank.timing as timing_module
+from onnx_lowrank.runtime import HeldModel, SharedWeights
 from onnx_lowrank.stats import SpeedupEstimate, speedup_estimate
 from onnx_lowrank.timing import LayerTime, Timing
 
@@ -34,10 +35,11 @@ def model_ms(model: onnx.ModelProto, pixels: int, per_node: float = 0.01) -> flo
 
 
 class FakeSession:
-    """A real onnxruntime session (so models still run) that knows its fake milliseconds."""
+    """A real onnxruntime session (so models still run, on the store's shared weights) that knows its fake
+    milliseconds."""
 
-    def __init__(self, model: onnx.ModelProto, threads: int, ms: float) -> None:
-        self.real = timing_module.make_session(model, threads=threads)
+    def __init__(self, weights: SharedWeights, model: HeldModel, threads: int, ms: float) -> None:
+        self.real = weights.session(model, threads=threads)
         self.ms = ms
 
     def run(self, names: Any, feeds: Mapping[str, Any]) -> Any:
@@ -59,9 +61,9 @@ class FakeClock:
     def _runs(self, ms: float, runs: int) -> list[float]:
         return [ms * (1.0 + self.noise * float(self.rng.standard_normal())) for _ in range(runs)]
 
-    def session(self, model: onnx.ModelProto, threads: int) -> FakeSession:
-        # the model as it is when its session is made: the original, before it is rewritten in place
-        return FakeSession(model, threads, model_ms(model, _pixels_of(model), self.per_node))
+    def session(self, weights: SharedWeights, model: HeldModel, threads: int) -> FakeSession:
+        # the model as it was held: the original, before it is rewritten in place (a held graph keeps every dim)
+        return FakeSession(weights, model, threads, model_ms(model.proto, _pixels_of(model.proto), self.per_node))
 
     def layer(self, model: onnx.ModelProto, feeds: Mapping[str, Any], threads: int, runs: int, warmup: int) -> LayerTime:
         self.layers += 1
@@ -70,9 +72,9 @@ class FakeClock:
     def model_runs(self, session: Any, feeds: Mapping[str, Any], runs: int) -> list[float]:
         return self._runs(session.ms, runs)
 
-    def speedup(self, timing: Timing, candidate: onnx.ModelProto, *, max_runs: int, budget_ms: float, width: float) -> SpeedupEstimate:
+    def speedup(self, timing: Timing, candidate: HeldModel, *, max_runs: int, budget_ms: float, width: float) -> SpeedupEstimate:
         original = float(timing.original.ms)
-        promised = model_ms(candidate, self.pixels(timing.feeds), self.per_node)
+        promised = model_ms(candidate.proto, self.pixels(timing.feeds), self.per_node)
         real = original - self.delivered * (original - promised)
         pairs = min(max_runs, 20)
         estimate = speedup_estimate(self._runs(original, pairs), self._runs(real, pairs))

@@ -142,6 +142,8 @@ def without_seconds(report: Report) -> dict[str, Any]:
         for k, v in data["latency"].items()
         if k not in ("original_ms", "candidate_ms", "measured_speedup", "speedup_low", "speedup_high", "runs")
     }
+    if "check" in data["latency"]:
+        data["latency"]["check"].pop("seconds")
     return data
 
 

@@ -140,6 +140,38 @@ def test_grid_of_positions_picks_those_pixels() -> None:
     np.testing.assert_allclose(got, y[:, :, grid[0]][:, :, :, grid[1]].transpose(0, 2, 3, 1), atol=1e-4)
 
 
+@pytest.mark.parametrize(("op", "attrs", "kernel", "group"), GEOMETRIES)
+def test_patches_of_a_grid_are_those_of_all_positions(op: str, attrs: dict[str, Any], kernel: tuple[int, ...], group: int) -> None:
+    """A grid of positions is gathered on its own (a convolution's input is never padded whole): the patches
+    are exactly those of the same positions among all of them."""
+    x, _, _ = _conv_run(op, attrs, kernel, group, seed=4)
+    geometry = _geometry(op, attrs, kernel, group)
+    out = output_size(geometry, x.shape[2:])
+    rng = np.random.default_rng(0)
+    grid = tuple(np.sort(rng.choice(n, size=max(1, n // 2), replace=False)) for n in out)
+    every = gather_patches(x, geometry)  # (g, B·prod(out), kw, R), positions row-major, sample-major
+    flat = np.ravel_multi_index(np.meshgrid(*grid, indexing="ij"), out).ravel()
+    picked = every.reshape(every.shape[0], x.shape[0], -1, *every.shape[2:])[:, :, flat].reshape(every.shape[0], -1, *every.shape[2:])
+    np.testing.assert_array_equal(gather_patches(x, geometry, grid), picked)
+
+
+def test_small_patches_accumulate_as_large_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small patches (a depthwise conv's) go through each group's whole Gram at once: the same moments as the
+    product per group of the general path."""
+    import onnx_lowrank.calibration.statistics as statistics
+
+    patches = np.random.default_rng(5).standard_normal((12, 200, 3, 3)).astype(np.float32) + 2.0
+    results = []
+    for small in (64, 0):
+        monkeypatch.setattr(statistics, "_SMALL_PATCH", small)
+        acc = MomentAccumulator(12, 3, 3, lead=3, full=True)
+        for part in np.array_split(np.arange(200), 3):
+            acc.add(patches[:, part].copy())
+        results.append(acc.result())
+    for name in ("mean", "rows", "taps", "full"):
+        np.testing.assert_allclose(getattr(results[0], name), getattr(results[1], name), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("diagonal", [False, True])
 def test_moments_accumulated_in_batches_equal_direct_ones(centered: bool, diagonal: bool) -> None:

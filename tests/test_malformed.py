@@ -475,7 +475,8 @@ def test_strides_from_a_function_attribute(tmp_path: Path) -> None:
     assert "function attribute 's'" in layer_reason(report, "Block::fconv")
 
 
-@pytest.mark.parametrize("labels", [np.int64(3), np.zeros((1, 2)), np.array(["cat"])], ids=["scalar", "2-d", "strings"])
+# a 2-d array is a class sequence per sample (padded with -1), for per-position class scores
+@pytest.mark.parametrize("labels", [np.int64(3), np.zeros((1, 2, 2)), np.array(["cat"])], ids=["scalar", "3-d", "strings"])
 def test_verify_labels_that_are_not_class_indices(tmp_path: Path, labels: np.ndarray) -> None:
     src = tmp_path / "m.onnx"
     src.write_bytes(conv_model(input_shape=("n", 6, 12, 12)).SerializeToString())

@@ -23,6 +23,9 @@ Outputs carry their element type and no shape, so onnxruntime checks nothing it 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -442,6 +445,47 @@ def stream(
     )
 
 
+# glibc's mallopt parameters (malloc.h) and their defaults; the largest mmap threshold it takes on 64-bit
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DEFAULT_THRESHOLD = 128 * 1024
+_KEPT_THRESHOLD = 32 * 2**20
+
+
+def _glibc() -> Any:
+    """glibc, when this process runs on it (None elsewhere)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _freed_blocks_reused() -> Iterator[None]:
+    """For the time of a pass, glibc keeps the large blocks freed after one batch for the next instead of giving
+    them back to the kernel, whose fresh pages are zeroed on first touch (one fault per 4 KiB).
+
+    The collection sessions run without onnxruntime's arena (it would keep the activations of every batch size),
+    so each run allocates its tensors, and the collected ones again as numpy arrays: a 640x640 detector's
+    statistics pass took 25 600 page faults and 0.29 s a sample, 2,500 and 0.17 s with the blocks reused (with
+    the arena: 0.17 s). Afterwards glibc's defaults are set back and what is free is returned (malloc_trim);
+    elsewhere than glibc this does nothing.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _KEPT_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)
+
+
 def stream_together(
     collections: Sequence[Collection],
     batches: Iterable[Feed],
@@ -453,6 +497,18 @@ def stream_together(
 ) -> int:
     """:func:`stream` for several collection models fed the same batches (one session each): ``consume``
     gets one ``{tensor: array}`` per collection, in order, and the batch's sample count."""
+    with _freed_blocks_reused():
+        return _stream_together(collections, batches, consume, threads, progress, memory)
+
+
+def _stream_together(
+    collections: Sequence[Collection],
+    batches: Iterable[Feed],
+    consume: Callable[[list[dict[str, Array]], int], None],
+    threads: int | None,
+    progress: Callable[[int, int], None] | None,
+    memory: int,
+) -> int:
     sessions = [c.session(threads) for c in collections]
     adaptive = batches if isinstance(batches, Batches) else None
     wanted = adaptive.size if adaptive is not None else 0

@@ -74,8 +74,10 @@ IntArray = npt.NDArray[np.intp]
 # rows per group beyond which only the diagonal of A is kept: a full A costs 8·R² bytes per group
 # (4096: 128 MiB); VGG-16's fc6 (25088 inputs) would need 4.7 GiB
 FULL_ROWS_MAX = 4096
-# elements of one gathered block of patches (float32): 64 MiB
+# elements of one block of patches (float32, every group): 64 MiB
 _BLOCK_ELEMENTS = 16_000_000
+# patches of at most this many numbers (kw·R) are accumulated through their whole Gram (see MomentAccumulator._add_small)
+_SMALL_PATCH = 64
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,8 @@ def gather_patches(x: Array, geometry: PatchGeometry, grid: Sequence[IntArray] |
         return np.asarray(rows, dtype=np.float32)[None, :, None, :]
     batch, channels = x.shape[:2]
     r = len(geometry.kernel)
+    if grid is not None and not geometry.transposed:
+        return _arrange(_gathered(x, geometry, grid), geometry, batch, channels)
     out = output_size(geometry, x.shape[2:])
     extended, maps = _extended(x, geometry, out)
     last = np.moveaxis(extended, 1, -1)  # (B, *ext, C)
@@ -248,6 +252,37 @@ def gather_patches(x: Array, geometry: PatchGeometry, grid: Sequence[IntArray] |
     if grid is not None:
         index = (slice(None), *np.ix_(*grid))
         view = view[index]
+    return _arrange(view, geometry, batch, channels)
+
+
+def _gathered(x: Array, geometry: PatchGeometry, grid: Sequence[IntArray]) -> Array:
+    """The patches of a convolution at the output positions of ``grid``, ``(B, *grid, C, *kernel)``: along each
+    spatial axis only the input indices the grid's taps read are gathered (``np.take``), zero where they fall
+    in the padding — the input is never padded or copied whole, which on a large input costs more than the
+    few patches kept."""
+    r = len(geometry.kernel)
+    begins, _ = geometry._pads(x.shape[2:])
+    picked: Array = x
+    valid: npt.NDArray[np.bool_] | None = None
+    for axis, (positions, k, s, d) in enumerate(zip(grid, geometry.kernel, geometry.strides, geometry.dilations, strict=True)):
+        n = x.shape[2 + axis]
+        index = positions[:, None] * s + np.arange(k) * d - begins[axis]  # (grid_a, k): input index of each tap
+        inside = (index >= 0) & (index < n)
+        picked = np.take(picked, np.clip(index, 0, n - 1), axis=2 + 2 * axis)  # (B, C, …, grid_a, k, …)
+        shape = [1] * (2 * r)
+        shape[2 * axis], shape[2 * axis + 1] = inside.shape
+        mask = inside.reshape(shape)
+        valid = mask if valid is None else valid & mask
+    if valid is not None and not valid.all():
+        picked = picked * valid.astype(picked.dtype)
+    # (B, C, g1, k1, g2, k2, …) → (B, g1, g2, …, C, k1, k2, …)
+    order = (0, *range(2, 2 + 2 * r, 2), 1, *range(3, 3 + 2 * r, 2))
+    return picked.transpose(order)
+
+
+def _arrange(view: Array, geometry: PatchGeometry, batch: int, channels: int) -> Array:
+    """Patches ``(B, *grid, C, *kernel)`` laid out ``(g, P, kw, R)`` in float32 (see :func:`gather_patches`)."""
+    r = len(geometry.kernel)
     sizes = view.shape[1 : r + 1]
     g, c_g = geometry.groups, channels // geometry.groups
     view = view.reshape(batch, *sizes, g, c_g, *geometry.kernel)
@@ -300,28 +335,46 @@ class MomentAccumulator:
             patches = patches.astype(np.float32)
         if self.shift is None:
             self.shift = patches.mean(axis=1, dtype=np.float64).astype(np.float32)[:, None]
-        step = max(1, _BLOCK_ELEMENTS // max(1, kw * r))
+        step = max(1, _BLOCK_ELEMENTS // max(1, g * kw * r))
+        small = kw * r <= _SMALL_PATCH and not self.diagonal
         for start in range(0, p, step):
             block = patches[:, start : start + step]
             block -= self.shift
             n = block.shape[1]
+            if small:
+                self._add_small(block)
+                continue
             self.sum += block.sum(axis=1, dtype=np.float64)
-            for gi in range(g):
-                x = block[gi]  # (n, kw, R)
-                columns = x.reshape(n * kw, r)  # one row per (patch, tap)
-                if self.diagonal:
-                    self.rows[gi] += np.einsum("ij,ij->j", columns, columns, dtype=np.float64)
-                else:
-                    self.rows[gi] += columns.T @ columns
-                if kw > 1:
-                    by_tap = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(kw, n * r)
-                    self.taps[gi] += by_tap @ by_tap.T
-                else:
-                    self.taps[gi] += float(np.vdot(columns, columns))
-                if self.full is not None:
-                    flat = x.reshape(n, kw * r)
-                    self.full[gi] += flat.T @ flat
+            # every group at once (batched products): a depthwise conv has as many groups as channels
+            columns = block.reshape(g, n * kw, r)  # one row per (patch, tap)
+            if self.diagonal:
+                self.rows += np.einsum("gij,gij->gj", columns, columns, dtype=np.float64)
+            else:
+                self.rows += np.matmul(columns.transpose(0, 2, 1), columns)
+            if kw > 1:
+                by_tap = np.ascontiguousarray(block.transpose(0, 2, 1, 3)).reshape(g, kw, n * r)
+                self.taps += np.matmul(by_tap, by_tap.transpose(0, 2, 1))
+            else:
+                self.taps[:, 0, 0] += np.einsum("gij,gij->g", columns, columns)
+            if self.full is not None:
+                flat = block.reshape(g, n, kw * r)
+                self.full += np.matmul(flat.transpose(0, 2, 1), flat)
             self.count += n
+
+    def _add_small(self, block: Array) -> None:
+        """:meth:`add` of one block of small patches (``kw·R`` at most ``_SMALL_PATCH``: a depthwise conv's are
+        ``kw²``): each group's whole Gram in one batched product, and both partial traces read off it — per-group
+        products of a few rows cost more in calls than in arithmetic."""
+        g, n, kw, r = block.shape
+        flat = block.reshape(g, n, kw * r)  # per patch: taps major, rows minor
+        self.sum += np.matmul(np.ones((1, n), dtype=np.float32), flat).reshape(g, kw, r)
+        gram = np.matmul(flat.transpose(0, 2, 1), flat)  # (g, kw·R, kw·R)
+        blocks = gram.reshape(g, kw, r, kw, r)
+        self.rows += np.einsum("gtrts->grs", blocks)
+        self.taps += np.einsum("gtrur->gtu", blocks)
+        if self.full is not None:
+            self.full += gram
+        self.count += n
 
     def result(self, centered: bool = True) -> PatchMoments:
         """The moments divided by the count: covariances when ``centered``, else raw second moments."""

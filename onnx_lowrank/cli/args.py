@@ -28,6 +28,7 @@ from ..config import (
     DEFAULT_SPEEDUP,
     FINETUNE_MINUTES,
     FINETUNE_STEPS,
+    LARGE_MODEL_MIB,
     QUANTIZE_MODES,
     CalibrationConfig,
     FinetuneConfig,
@@ -488,14 +489,24 @@ class SpeedArgs(ArgGroup):
                 help=f"interleaved runs of the final timing of a plan not made by latency against the original "
                 f"(default {CHECK_RUNS}; 0 skips it)",
             )
+            group.add_argument(
+                "--large-model",
+                type=whole_number(0),
+                metavar="MIB",
+                help=f"MiB of weights above which a model's check (and the plan's timed rounds) run without onnxruntime's "
+                f"weight prepacking, which copies every matrix weight per session, and the check first says what it will "
+                f"cost (default {LARGE_MODEL_MIB})",
+            )
 
     def parse(self, args: argparse.Namespace) -> SpeedConfig:
         check_runs = getattr(args, "check_runs", None)
+        large_model = getattr(args, "large_model", None)
         return SpeedConfig(
             by=args.by,
             threads=args.threads,
             timing_cache=not args.no_timing_cache,
             check_runs=CHECK_RUNS if check_runs is None else check_runs,
+            large_model=LARGE_MODEL_MIB if large_model is None else large_model,
         )
 
 

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..api import decompose
+import onnx
+
+from ..api import Conversion, convert
 from ..config import DecomposeConfig
 from ..data_io import model_input_specs
 from ..errors import LowRankError
@@ -189,20 +191,29 @@ class Decompose(Command):
                 from ..accuracy_budget import fastest_within_drop
 
                 runs = args.check_runs if args.check_runs is not None else SEARCH_RUNS
-                new, report, _ = fastest_within_drop(model, args.max_drop, args.eval_inputs, config, runs=runs, progress=bar)
+                # each target searched is timed as it is converted: no check is left to run
+                conversion = Conversion(*fastest_within_drop(model, args.max_drop, args.eval_inputs, config, runs=runs, progress=bar)[:2])
             else:
-                new, report = decompose(model, config, progress=bar, inplace=True)
+                conversion = convert(model, config, progress=bar, inplace=True)
         finally:
             bar.close()
         del model
-        save_model(new, dst, external_data=external, outputs=outputs)
-        ort_files = _stage_ort(new, ort_dst, outputs) if ort_dst is not None else None
-        report.seconds = time.perf_counter() - start
+        try:
+            report = conversion.report
+            save_model(conversion.model, dst, external_data=external, outputs=outputs)
+            ort_files = _stage_ort(conversion.model, ort_dst, outputs) if ort_dst is not None else None
+            held = conversion.check.seconds if conversion.check is not None else 0.0  # the check's, not the conversion's
+            report.seconds = time.perf_counter() - start - held
+            # the model is written: the check's sessions are built once it is out of memory (the check holds its weights)
+            conversion.model = onnx.ModelProto()
+            # what a large model's check costs, said before it runs: the summary's first line
+            conversion.finish(notice=None if args.quiet else _notice)
+        finally:
+            conversion.discard()
         if args.report:
             outputs.write_text(args.report, report.to_json() + "\n", "report")
         result = None
         if args.verify or args.verify_inputs:
-            del new
             # on the staged files: a model that fails to load or run is never committed
             shapes = config.shapes.input_shapes
             sample = _verify_sample(args) if verify_data is None else None
@@ -214,6 +225,7 @@ class Decompose(Command):
                 input_shapes=shapes,
                 profile=bool(args.html),
                 sample=sample,
+                large_model=config.speed.large_model_bytes,
             )
         html_note = None
         if args.html:
@@ -235,6 +247,11 @@ class Decompose(Command):
 def _verify_sample(args: argparse.Namespace) -> str | None:
     """What ``--verify`` runs on without ``--verify-inputs``: the (first) ``--sample``, else random inputs (None)."""
     return args.sample[0] if args.sample else None
+
+
+def _notice(text: str) -> None:
+    """A line the user reads before a long step (what a large model's check will cost), printed at once."""
+    print(f"note: {text}", flush=True)
 
 
 def _stage_ort(model: Any, ort_dst: Path, outputs: StagedOutputs) -> Any:

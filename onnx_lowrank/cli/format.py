@@ -189,6 +189,15 @@ def _latency_lines(lat: dict[str, Any]) -> list[str]:
         )
     elif lat.get("not_timed"):
         lines.append(f"not timed: {lat['not_timed']}")
+    check = lat.get("check")
+    if check is not None:
+        runs = f": {lat['runs']} interleaved runs" if "measured_speedup" in lat else ""
+        line = f"checked in {check['seconds']:.1f} s{runs}"
+        if check["weights_file_bytes"] >= 2**20:
+            line += f"; both sessions read one copy of the weights, {check['weights_file_bytes'] / 2**20:,.0f} MiB"
+        if not check["prepacking"]:
+            line += ", without onnxruntime's prepacking"
+        lines.append(line)
     return lines
 
 

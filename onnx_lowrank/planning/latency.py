@@ -50,6 +50,7 @@ import bisect
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import onnx
@@ -354,7 +355,8 @@ class _Search:
 
     def _measure(self, picks: dict[str, Option]) -> SpeedupEstimate:
         planner = self.planner
-        candidate = candidate_model(planner.proto, planner.shapes, self.units, picks)
+        # built from the original without its large weights: the candidate's session reads the original's maps
+        candidate = planner.timing.candidate(partial(candidate_model, shapes=planner.shapes, units=self.units, picks=picks))
         estimate = planner.clock.speedup(planner.timing, candidate, max_runs=ROUND_RUNS, budget_ms=ROUND_BUDGET_MS, width=ROUND_WIDTH)
         # the original timed in the round against the one timed before: a machine busier or quieter since
         drift = abs(estimate.original_ms / self.before_ms - 1.0)

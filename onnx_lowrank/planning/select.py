@@ -43,7 +43,7 @@ def make_plan(
             why = "--branches all sized If branches the reference input does not run, and a timing on it sees one path"
         timing = None
         if why is None:
-            timing, why = start_timing(proto, shapes, threads, open_store(threads, speed.timing_cache))
+            timing, why = start_timing(proto, shapes, threads, open_store(threads, speed.timing_cache), speed.large_model_bytes)
         if why is not None and speed.by == "latency":
             raise LowRankError(f"--by latency times the model on this machine, and cannot: {why}; --by macs plans by MAC count")
         if timing is not None:
@@ -57,6 +57,8 @@ def make_plan(
                 why = str(exc)
             finally:  # the layers timed so far are kept, also when the target is refused
                 timing.store.save()
+                if latency_plan is None:
+                    timing.close()  # its sessions and shared weights: no plan by latency to report them
             warnings += timing.store.warnings
             if latency_plan is not None:
                 latency_plan.warnings += warnings
