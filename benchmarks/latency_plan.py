@@ -17,7 +17,7 @@ are at most 1.5x the independent figure, and whether decompose's own interval co
 ``--efficiency`` adds the plan by MACs (``--by macs``) at 1 thread: measured / MAC ratio (target 0.9).
 
 ``--containment N`` repeats, on the clean result of each model at each thread count, decompose's own check
-(:func:`onnx_lowrank.timing.check_candidate`, as a conversion runs it) then an independent 30-pair timing, N times:
+(:func:`onnx_lowrank.timing.measure_speedup` with the check's limits, as a conversion runs it) then an independent 30-pair timing, N times:
 how often the interval holds the independent median (target: 9 of 10).
 
     python benchmarks/latency_plan.py --models digits textline nin resnet18          # needs a quiet machine
@@ -52,7 +52,7 @@ from conversion import run_measured
 
 from onnx_lowrank.runtime import make_session
 from onnx_lowrank.stats import speedup_estimate
-from onnx_lowrank.timing import Timing, check_candidate, paired_times
+from onnx_lowrank.timing import CHECK_BUDGET_MS, CHECK_WIDTH, measure_speedup, paired_times
 from onnx_lowrank.timing_cache import CACHE_ENV
 from onnx_lowrank.verify import random_inputs
 
@@ -143,21 +143,17 @@ def containment(
     original_model: onnx.ModelProto, candidate_path: Path, feeds: Mapping[str, Any], threads: int, repeats: int
 ) -> dict[str, Any]:
     """decompose's check, then an independent 30-pair timing, ``repeats`` times: how often the interval holds it."""
-    candidate = onnx.load(str(candidate_path))
+    candidate = make_session(onnx.load(str(candidate_path)), threads=threads)
     held = 0
     trials = []
     for _ in range(repeats):
-        timing = Timing.start(original_model, feeds, threads, None)
-        check = check_candidate(timing, candidate, runs=10)
-        other = independent(timing.original, candidate_path, feeds, threads, 30)
-        inside = check["speedup_low"] is not None and check["speedup_low"] <= other["speedup"] <= check["speedup_high"]
+        original = make_session(original_model, threads=threads)
+        # what the result check of a conversion runs (timing.ResultCheck): at most 10 pairs, early stop when narrow
+        check = measure_speedup(original, candidate, feeds, max_runs=10, budget_ms=CHECK_BUDGET_MS, width=CHECK_WIDTH)
+        other = speedup_estimate(*paired_times(original, candidate, feeds, 30))
+        inside = check.low is not None and check.high is not None and check.low <= other.ratio <= check.high
         held += int(inside)
-        trials.append(
-            {
-                "check": [check["speedup_low"], check["measured_speedup"], check["speedup_high"], check["runs"]],
-                "independent": other["speedup"],
-            }
-        )
+        trials.append({"check": [check.low, check.ratio, check.high, check.runs], "independent": other.ratio})
     return {"repeats": repeats, "held": held, "trials": trials}
 
 
