@@ -133,7 +133,7 @@ def test_digits_within_a_generous_budget_end_to_end(tmp_path: Path) -> None:
         (["--max-drop", "1"], "give --eval-inputs"),
         (["--eval-inputs", str(DIGITS_TEST)], "give --max-drop P too"),
         (["--max-drop", "1", "--eval-inputs", str(DIGITS_TEST), "--speedup", "2"], "drop --speedup"),
-        (["--max-drop", "-1", "--eval-inputs", str(DIGITS_TEST)], "not a number >= 0"),
+        (["--max-drop", "-1", "--eval-inputs", str(DIGITS_TEST)], "expected a number >= 0"),
     ],
 )
 def test_cli_refusals(tmp_path: Path, flags: list[str], message: str) -> None:
