@@ -70,6 +70,4 @@ def warn_of_damage(report: Report, config: DecomposeConfig) -> None:
             return
     target = config.policy.speedup
     if target and report.macs_after and report.mac_ratio > DAMAGE_CUT * target:
-        report.warnings.append(
-            f"{_CUT}{report.mac_ratio:.2f}x for --speedup {target:g}: expect the answers to change much; {advice}"
-        )
+        report.warnings.append(f"{_CUT}{report.mac_ratio:.2f}x for --speedup {target:g}: expect the answers to change much; {advice}")
