@@ -33,7 +33,7 @@ from .api import ModelLike
 from .config import DecomposeConfig
 from .errors import LowRankError
 from .report import Report
-from .sweep import SweepRow, TargetRunner, sweep_config
+from .sweep import SweepRow, TargetRunner, check_runs, sweep_config
 
 __all__ = ["LADDER", "RESOLUTION", "BudgetPoint", "BudgetSearch", "fastest_within_drop"]
 
@@ -88,13 +88,9 @@ def _point(row: SweepRow, max_drop: float) -> BudgetPoint:
     return point
 
 
-def _faster(a: BudgetPoint, b: BudgetPoint | None) -> bool:
-    """Whether ``a`` is the faster conversion (measured speedup; MACs where not timed)."""
-    if b is None:
-        return True
-    key_a = a.speedup if a.speedup is not None else (a.mac_ratio or 1.0)
-    key_b = b.speedup if b.speedup is not None else (b.mac_ratio or 1.0)
-    return key_a > key_b
+def _speed(point: BudgetPoint) -> float:
+    """What makes one conversion faster than another: its measured speedup, its MAC ratio where not timed."""
+    return point.speedup if point.speedup is not None else (point.mac_ratio or 1.0)
 
 
 def fastest_within_drop(
@@ -117,8 +113,7 @@ def fastest_within_drop(
     """
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) or max_drop < 0:
         raise LowRankError(f"--max-drop must be a number of points >= 0, got {max_drop!r}")
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
-        raise LowRankError(f"--runs must be a whole number >= 0, got {runs!r}")
+    check_runs(runs)
     config = sweep_config(config or DecomposeConfig(), LADDER[0])
     runner = TargetRunner(model, config, eval_inputs, runs, workers=workers)
     evaluation = runner.evaluation
@@ -131,7 +126,7 @@ def fastest_within_drop(
         row, candidate = runner.row(target)
         point = _point(row, max_drop)
         search.points.append(point)
-        if candidate is not None and row.report is not None and point.within and _faster(point, best[0] if best else None):
+        if candidate is not None and row.report is not None and point.within and (best is None or _speed(point) > _speed(best[0])):
             best = (point, candidate, row)
         if progress is not None:
             progress(len(search.points), max(planned, len(search.points)), f"{target:g}x")

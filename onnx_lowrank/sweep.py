@@ -71,6 +71,7 @@ __all__ = [
     "SweepRow",
     "TargetRunner",
     "Untuned",
+    "check_runs",
     "layer_spectra",
     "parse_speedups",
     "report_spectra",
@@ -313,8 +314,8 @@ def _compare(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LowRankError(f"onnxruntime failed to run the converted model: {first}") from None
     merged = [np.concatenate([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in range(len(evaluation.names))]
-    flat_labels = evaluation.labels if evaluation.labels is not None and evaluation.labels.ndim == 1 else None
-    row.outputs = compare_outputs(evaluation.names, evaluation.reference, merged, rtol=1e-3, atol=1e-4, labels=flat_labels)
+    # compare_outputs scores class-index labels (1-D) by top-1; compare also scores class sequences (2-D)
+    row.outputs = compare_outputs(evaluation.names, evaluation.reference, merged, rtol=1e-3, atol=1e-4, labels=evaluation.labels)
     row.answers = compare(evaluation.names, evaluation.reference, merged, original[0], evaluation.labels)
     classified = next((o for o in row.outputs if o.top1_agreement is not None), None)
     if classified is not None:
@@ -535,8 +536,7 @@ def sweep(
     """
     targets = _targets(speedups)
     config = sweep_config(DecomposeConfig.from_keywords(config, **options), targets[0])
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
-        raise LowRankError(f"--runs must be a whole number >= 0, got {runs!r}")
+    check_runs(runs)
     if profile and runs == 0:
         raise LowRankError("--profile times the models: it needs --runs > 0")
     out_dir = Path(save_dir) if save_dir is not None else None
@@ -569,6 +569,12 @@ def sweep(
         spectra=spectra,
         by=config.speed.by,
     )
+
+
+def check_runs(runs: object) -> None:
+    """Raise :class:`LowRankError` unless ``runs`` (timed runs per target) is a whole number >= 0."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+        raise LowRankError(f"--runs must be a whole number >= 0, got {runs!r}")
 
 
 def sweep_config(config: DecomposeConfig, first: float) -> DecomposeConfig:
