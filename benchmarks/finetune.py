@@ -110,9 +110,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         converted, report = decompose(original, speedup=api["speedup"], by="macs", check_runs=0)
         with np.load(api["data"]) as loaded:
             data = {k: loaded[k] for k in loaded.files}
-        config = FinetuneConfig(
-            enabled=True, trainable="all", steps=api["steps"], features=True, options=FinetuneOptions(**API_OPTIONS)
-        )
+        config = FinetuneConfig(enabled=True, trainable="all", steps=api["steps"], features=True, options=FinetuneOptions(**API_OPTIONS))
         tuned, report.finetune = finetune_conversion(original, converted, report, data, config)
         save_model(tuned, api["out"])
         Path(api["report"]).write_text(report.to_json())

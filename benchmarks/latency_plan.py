@@ -48,23 +48,18 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import MODELS, fmt, load, log, machine_info, markdown_table, results_path, write_json
-from conversion import run_measured
+from default_plan import SPEEDUP, shape_flags
+from default_plan import convert as run_conversion
 
 from onnx_lowrank.runtime import make_session
 from onnx_lowrank.stats import speedup_estimate
 from onnx_lowrank.timing import CHECK_BUDGET_MS, CHECK_WIDTH, measure_speedup, paired_times
-from onnx_lowrank.timing_cache import CACHE_ENV
 from onnx_lowrank.verify import random_inputs
 
-SPEEDUP = 2.0
 BAND = (1.9, 2.4)
 MAC_OVERCUT = 1.5
 EFFICIENCY_TARGET = 0.9
 RESULTS = "latency_plan.json"
-
-
-def shape_flags(spec: Any) -> list[str]:
-    return [f for name, shape in (spec.input_shapes or {}).items() for f in ("--input-shape", f"{name}={','.join(map(str, shape))}")]
 
 
 @contextlib.contextmanager
@@ -80,21 +75,15 @@ def busy_core() -> Iterator[None]:
 
 
 def convert(source: Path, out: Path, threads: int, flags: list[str], cache: Path, logs: Path) -> dict[str, Any]:
-    """One CLI conversion in a fresh process: wall time, peak RSS, and what its report says."""
-    report_path = out.with_suffix(".json")
-    command = [sys.executable, "-m", "onnx_lowrank", "decompose", str(source), str(out), "--speedup", f"{SPEEDUP:g}"]
-    command += ["--threads", str(threads), *flags, "--quiet", "--report", str(report_path)]
-    os.environ[CACHE_ENV] = str(cache)
-    try:
-        run = run_measured(command, logs)
-    finally:
-        del os.environ[CACHE_ENV]
+    """One CLI conversion in a fresh process (default_plan's, with the timing cache at ``cache``): wall time,
+    peak RSS, and what its report says."""
+    run = run_conversion(source, out, threads, flags, cache, logs)
     out_row: dict[str, Any] = {"seconds": run["seconds"], "peak_rss_mib": run["peak_rss_bytes"] / 2**20}
     if run["returncode"] != 0:
         out_row["status"] = "refused" if run["returncode"] == 2 else "error"
         out_row["message"] = " ".join(run["output_tail"])[-500:]
         return out_row
-    report = json.loads(report_path.read_text())
+    report = run["report"]
     latency = report["latency"]
     out_row.update(
         status="ok",
