@@ -197,6 +197,8 @@ def row_of(target: Target, variant: str, spec: dict[str, Any], result: dict[str,
     row.update(
         mac_ratio=report.get("mac_ratio"),
         measured_speedup=latency.get("measured_speedup"),
+        speedup_low=latency.get("speedup_low"),
+        speedup_high=latency.get("speedup_high"),
         threads=latency.get("threads"),
         wall_seconds=result["wall_seconds"],
         peak_rss_mib=result["peak_rss_mib"],
@@ -292,7 +294,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 fmt(100 * r["accuracy"], ".2f", " %") if "accuracy" in r else f"error: {r.get('error', '')[:60]}",
                 fmt(r.get("of_original"), ".3f"),
                 fmt(r.get("mac_ratio"), ".2f", "x"),
-                fmt(r.get("measured_speedup"), ".2f", "x"),
+                fmt(r.get("measured_speedup"), ".2f", "x")
+                + (f" ({r['speedup_low']:.2f}–{r['speedup_high']:.2f})" if r.get("speedup_low") and r.get("speedup_high") else ""),
                 answers,
                 f"{tune['steps']} ({tune['best_step']})" if tune else "–",
                 fmt(tune.get("seconds"), ".0f", " s"),
