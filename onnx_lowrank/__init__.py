@@ -9,9 +9,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import decompose, inspect
+from .api import decompose
 from .config import CalibrationConfig, DecomposeConfig, FinetuneConfig, MobileConfig, PolicyConfig, ShapeConfig, SpeedConfig
 from .errors import LowRankError
+from .inspection import inspect
 from .mobile import save_ort
 from .model_io import count_params, load_model, save_model
 from .quantize import quantize_model

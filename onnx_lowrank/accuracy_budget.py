@@ -29,9 +29,9 @@ import numpy.typing as npt
 import onnx
 
 from .agreement import summary_measure
-from .api import ModelLike
 from .config import DecomposeConfig
 from .errors import LowRankError
+from .model_io import ModelLike
 from .report import Report
 from .sweep import SweepRow, TargetRunner, check_runs, sweep_config
 

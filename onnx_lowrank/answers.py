@@ -6,11 +6,12 @@ output compared in the measure that fits it (:mod:`onnx_lowrank.agreement`: top-
 relative L2). The report's ``answers`` holds the result, or why nothing was measured. A plan whose damage is
 extreme — measured agreement below :data:`AGREEMENT_WARNING`, or without a measurement a MAC cut beyond
 :data:`DAMAGE_CUT` times the speedup asked for — gets a warning in the summary before the model is written.
+A fine-tune (:func:`finetune_and_measure`) is measured on the same held-back samples before and after.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import onnx
@@ -23,7 +24,17 @@ from .report import Report
 from .timing import LARGE_MODEL
 from .verify import answers
 
-__all__ = ["AGREEMENT_WARNING", "DAMAGE_CUT", "NO_DATA", "RELATIVE_L2_WARNING", "measure_answers", "warn_of_damage"]
+__all__ = [
+    "AGREEMENT_WARNING",
+    "DAMAGE_CUT",
+    "NO_DATA",
+    "RELATIVE_L2_WARNING",
+    "finetune_and_measure",
+    "measure_answers",
+    "warn_of_damage",
+]
+
+Progress = Callable[[int, int, str], None]
 
 NO_DATA = "no data: --calibration holds some of its samples back to measure them, --verify-inputs measures them on yours"
 
@@ -71,3 +82,29 @@ def warn_of_damage(report: Report, config: DecomposeConfig) -> None:
     target = config.policy.speedup
     if target and report.macs_after and report.mac_ratio > DAMAGE_CUT * target:
         report.warnings.append(f"{_CUT}{report.mac_ratio:.2f}x for --speedup {target:g}: expect the answers to change much; {advice}")
+
+
+def finetune_and_measure(
+    source: onnx.ModelProto,
+    new: onnx.ModelProto,
+    report: Report,
+    config: DecomposeConfig,
+    progress: Progress | None,
+    split: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> onnx.ModelProto:
+    """The fine-tune of the converted model on the calibration samples it may train on (``split``: those and the
+    held-back ones, else read again), with the answers on the held-back samples measured before and after."""
+    from .calibration import hold_back, load_calibration
+    from .finetune import finetune_conversion
+
+    data, held = split if split is not None else hold_back(load_calibration(config.calibration.source, source), source)
+    threads, large = config.speed.resolved_threads, config.speed.large_model_bytes
+    before = measure_answers(source, new, held, threads, large)
+    new, report.finetune = finetune_conversion(source, new, report, data, config.finetune, config.speed.threads, progress)
+    if "skipped" in report.finetune:
+        report.answers = before
+        return new
+    report.answers = measure_answers(source, new, held, threads, large)
+    measured = {key: value for key, value in before.items() if key != "outputs"}  # the data and samples, or why not measured
+    report.finetune["answers"] = {**measured, "before": before.get("outputs"), "after": report.answers.get("outputs")}
+    return new

@@ -44,28 +44,25 @@ from typing import Any, Unpack
 
 import onnx
 
-from .answers import NO_DATA, measure_answers, warn_of_damage
+from .answers import NO_DATA, finetune_and_measure, measure_answers, warn_of_damage
 from .config import DecomposeConfig, DecomposeKeywords, FinetuneConfig
-from .data_io import model_input_specs
 from .errors import LowRankError
 from .layers import (
     Prepared,
     Selection,
     control_flow_report,
     layer_report,
-    load_samples,
+    mobile_input_shapes,
     model_sizes,
     path_budgets,
     prepare,
     select_layers,
     shapes_report,
 )
-from .model_io import count_params, load_model
-from .passes import apply_factors, find_sites, scope_label
+from .model_io import ModelLike, as_model, count_params
+from .passes import apply_factors, find_sites
 from .planning import CalibrationRun, Plan, PlanInputs, compute_spectra, layer_factors, make_plan
-from .ranks import energy_rank
-from .report import InspectLayer, Report
-from .shapes import needs_input_shape_message
+from .report import Report
 from .threads import single_threaded_blas
 from .timing import ResultCheck, kernel_block, plan_outcome
 
@@ -78,24 +75,9 @@ __all__ = [
     "convert_prepared",
     "count_params",
     "decompose",
-    "inspect",
-    "mobile_shapes",
 ]
 
-ModelLike = str | os.PathLike[str] | onnx.ModelProto
 Progress = Callable[[int, int, str], None]
-
-
-def as_model(model: ModelLike, inplace: bool = False) -> onnx.ModelProto:
-    """The model to work on: a copy of a given ``ModelProto`` (the caller's is never changed) unless
-    ``inplace``, or the file read."""
-    if isinstance(model, onnx.ModelProto):
-        if inplace:
-            return model
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
-    return load_model(model)
 
 
 @dataclass
@@ -184,9 +166,10 @@ def convert(
                 changed = DecomposeConfig.from_keywords(rounds, exclude=exclude)
                 return _convert(as_model(source), changed, progress, workers).finish()
 
-            conversion = Conversion(*keep_partitions_whole(source, convert_once, config.policy.exclude, mobile_shapes(source, config)))
+            fixed = mobile_input_shapes(source, config.shapes)
+            conversion = Conversion(*keep_partitions_whole(source, convert_once, config.policy.exclude, fixed))
             if config.finetune.enabled:  # the rounds timed the graph; the fine-tune changes its weights alone
-                conversion.model = _finetune(source, conversion.model, conversion.report, config, progress)
+                conversion.model = finetune_and_measure(source, conversion.model, conversion.report, config, progress)
                 warn_of_damage(conversion.report, config)
         else:
             conversion = _convert(as_model(model, inplace), config, progress, workers)
@@ -226,7 +209,7 @@ def _convert(source: onnx.ModelProto, config: DecomposeConfig, progress: Progres
     conversion = _calibrated(source, run, config, None, progress, workers, sizes=sizes)
     if config.finetune.enabled:  # before the result is held for its check: the check times the fine-tuned model
         try:
-            conversion.model = _finetune(source, conversion.model, conversion.report, config, progress, (data, held))
+            conversion.model = finetune_and_measure(source, conversion.model, conversion.report, config, progress, (data, held))
         except BaseException:
             conversion.discard()
             raise
@@ -256,32 +239,6 @@ def _hold_result(conversion: Conversion) -> Conversion:
             raise
         conversion.report.seconds -= spent
     return conversion
-
-
-def _finetune(
-    source: onnx.ModelProto,
-    new: onnx.ModelProto,
-    report: Report,
-    config: DecomposeConfig,
-    progress: Progress | None,
-    split: tuple[dict[str, Any], dict[str, Any]] | None = None,
-) -> onnx.ModelProto:
-    """The fine-tune of the converted model on the calibration samples it may train on (``split``: those and the
-    held-back ones, else read again), with the answers on the held-back samples measured before and after."""
-    from .calibration import hold_back, load_calibration
-    from .finetune import finetune_conversion
-
-    data, held = split if split is not None else hold_back(load_calibration(config.calibration.source, source), source)
-    threads, large = config.speed.resolved_threads, config.speed.large_model_bytes
-    before = measure_answers(source, new, held, threads, large)
-    new, report.finetune = finetune_conversion(source, new, report, data, config.finetune, config.speed.threads, progress)
-    if "skipped" in report.finetune:
-        report.answers = before
-        return new
-    report.answers = measure_answers(source, new, held, threads, large)
-    measured = {key: value for key, value in before.items() if key != "outputs"}  # the data and samples, or why not measured
-    report.finetune["answers"] = {**measured, "before": before.get("outputs"), "after": report.answers.get("outputs")}
-    return new
 
 
 def calibrated_conversion(
@@ -317,31 +274,7 @@ def _calibrated(
     try:
         new, report = conversion.model, conversion.report
         run.describe(report, config.policy)
-        if run.refit and report.decomposed:
-            from .calibration import refit_layers
-
-            settings = run.settings
-            result = refit_layers(
-                source,
-                new,
-                report,
-                run.data,
-                batch_size=settings.batch_size,
-                stages=settings.stages,
-                ridge=settings.ridge,
-                positions=settings.positions,
-                threads=settings.threads,
-                progress=run.passes,
-                inplace=True,
-                activations=settings.activation_refit,
-            )
-            conversion.model = result.model
-            report.calibration["refit"] = result.to_dict()
-            by_node = {layer.node: layer for layer in result.layers}
-            for layer in report.layers:
-                done = by_node.get(layer.node)
-                if done is not None and done.error_after is not None:
-                    layer.output_error = done.error_after
+        conversion.model = run.refit_conversion(source, new, report)
     except BaseException:
         conversion.discard()
         raise
@@ -468,65 +401,3 @@ def _rewrite(
     )
     report.control_flow = control_flow_report(sizes, sites, layers)
     return proto, report
-
-
-def mobile_shapes(model: onnx.ModelProto, config: DecomposeConfig) -> dict[str, list[int]]:
-    """The input shapes the mobile check fixes: ``--input-shape``, and the sample's shapes of the inputs whose
-    declared dims are symbolic."""
-    shapes = {name: list(shape) for name, shape in config.shapes.input_shapes.items()}
-    samples = load_samples(model, config.shapes)
-    if samples:
-        specs = {spec.name: spec for spec in model_input_specs(model)}
-        for name, value in samples[0][1].items():
-            dims = specs[name].dims
-            if dims is None or any(not isinstance(d, int) for d in dims):
-                shapes.setdefault(name, list(value.shape))
-    return shapes
-
-
-INSPECT_ENERGIES = (0.9, 0.99, 0.999)
-
-
-def inspect(model: ModelLike, config: DecomposeConfig | None = None, /, **options: Unpack[DecomposeKeywords]) -> list[InspectLayer]:
-    """Per layer: shape, groups, MACs, and the ranks keeping 90/99/99.9 % of the energy with their speedups.
-
-    The ranks are those of the first allowed kind of each layer (spatial where it applies); of the options
-    only the shapes group (``input_shapes``, ``sample``, ``branches``) and the kinds count.
-    """
-    config = DecomposeConfig.from_keywords(config, **options)
-    allowed = config.policy.allowed
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    sizes = model_sizes(proto, config.shapes)
-    size_note = needs_input_shape_message(sizes.missing_inputs) if sizes.missing_inputs else None
-    result = []
-    for site in find_sites(proto, sizes):
-        w = site.weight
-        usable = site.available(allowed)
-        layer = InspectLayer(
-            node=site.key,
-            op_type=site.node.op_type,
-            weight_shape=list(w.shape) if w is not None else None,
-            groups=site.groups if w is not None else None,
-            macs=site.cost.macs if site.cost else 0,
-            eligible=bool(usable),
-            reason=None if usable else site.why_not(allowed),
-            shape_known=site.shape_known or site.cost is None,
-            size_note=None if site.shape_known else (size_note or f"it is in {scope_label(site.scope)}"),
-        )
-        if usable and site.cost is not None:
-            from .factorization import singular_values
-
-            kind = usable[0]
-            try:
-                s = singular_values(site.kernel(), site.groups, kind)
-            except ValueError as exc:  # non-finite values in the weight
-                layer.eligible, layer.reason = False, f"weight cannot be factored: {exc}"
-                result.append(layer)
-                continue
-            layer.kind = kind
-            layer.full_rank = int(s.shape[1])
-            for e in INSPECT_ENERGIES:
-                r = energy_rank(s, e)
-                layer.energy_ranks[f"{e:g}"] = [r, site.cost.macs / max(site.cost.pair_macs(kind, r), 1)]
-        result.append(layer)
-    return result

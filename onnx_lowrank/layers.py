@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from .config import PolicyConfig, SampleSource, ShapeConfig
-from .data_io import load_sample
+from .data_io import load_sample, model_input_specs
 from .errors import LowRankError
 from .factorization import Kind
 from .model_io import count_params
@@ -81,6 +81,20 @@ def load_samples(proto: onnx.ModelProto, shapes: ShapeConfig) -> list[tuple[str,
                     f"{tuple(first[input_name].shape)}: the sample sizes the plan"
                 )
     return out
+
+
+def mobile_input_shapes(model: onnx.ModelProto, shapes: ShapeConfig) -> dict[str, list[int]]:
+    """The input shapes the mobile check fixes: ``--input-shape``, and the sample's shapes of the inputs whose
+    declared dims are symbolic."""
+    fixed = {name: list(shape) for name, shape in shapes.input_shapes.items()}
+    samples = load_samples(model, shapes)
+    if samples:
+        specs = {spec.name: spec for spec in model_input_specs(model)}
+        for name, value in samples[0][1].items():
+            dims = specs[name].dims
+            if dims is None or any(not isinstance(d, int) for d in dims):
+                fixed.setdefault(name, list(value.shape))
+    return fixed
 
 
 def model_sizes(

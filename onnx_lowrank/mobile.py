@@ -65,6 +65,7 @@ from typing import Any
 import onnx
 
 from .errors import LowRankError
+from .model_io import ModelLike
 from .report import Report
 
 __all__ = [
@@ -86,7 +87,6 @@ __all__ = [
     "staged_ort",
 ]
 
-ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
 # key, display name, onnxruntime's supported-ops table, tensor rank limit (as usability_checker's checks use them)
 MOBILE_EPS: tuple[tuple[str, str, str, int], ...] = (

@@ -34,7 +34,9 @@ from .errors import LowRankError
 
 __all__ = [
     "PROTOBUF_LIMIT",
+    "ModelLike",
     "StagedOutputs",
+    "as_model",
     "copy_fields",
     "count_params",
     "estimated_size",
@@ -46,6 +48,8 @@ __all__ = [
     "uses_external_data",
     "write_model",
 ]
+
+ModelLike = str | os.PathLike[str] | onnx.ModelProto  # a path, or a model in memory
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -526,3 +530,15 @@ def save_model(
         raise LowRankError(f"{dest}: cannot write ({exc.strerror or exc})") from None
     except ValueError as exc:  # a tensor whose data contradicts its dims
         raise LowRankError(f"{dest}: cannot write the model: {exc}") from None
+
+
+def as_model(model: ModelLike, inplace: bool = False) -> onnx.ModelProto:
+    """The model to work on: a copy of a given ``ModelProto`` (the caller's is never changed) unless
+    ``inplace``, or the file read."""
+    if isinstance(model, onnx.ModelProto):
+        if inplace:
+            return model
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    return load_model(model)

@@ -26,7 +26,6 @@ shows for each decomposed pair.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,13 +36,13 @@ from typing import Any, Literal
 import onnx
 
 from .errors import LowRankError
+from .model_io import ModelLike
 from .report import Report
 
 __all__ = ["MODES", "QuantizeResult", "quantize_conversion", "quantize_model", "quantized_forms"]
 
 MODES = ("dynamic", "static")
 Mode = Literal["dynamic", "static"]
-ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
 _INTEGER_OPS = {"ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearConv", "QLinearMatMul"}
 _QUANTIZABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}

@@ -37,11 +37,9 @@ import onnx
 from onnx import helper
 
 from .errors import LowRankError
-from .model_io import PROTOBUF_LIMIT, copy_fields, load_model
+from .model_io import PROTOBUF_LIMIT, ModelLike, copy_fields, load_model
 
 __all__ = ["SHARE_MIN_BYTES", "HeldModel", "ModelLike", "SharedWeights", "first_line", "make_session", "run_session"]
-
-ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
 
 def first_line(exc: BaseException) -> str:

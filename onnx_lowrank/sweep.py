@@ -48,12 +48,12 @@ import numpy.typing as npt
 import onnx
 
 from .agreement import OutputAgreement, compare, summary_measure
-from .api import ModelLike, as_model, calibrated_conversion, convert_prepared
+from .api import calibrated_conversion, convert_prepared
 from .config import DEFAULT_SPEEDUP, DecomposeConfig, DecomposeKeywords
 from .errors import LowRankError
 from .factorization import Kind, decompose_kernel
 from .layers import Prepared, load_samples, model_sizes, prepare
-from .model_io import save_model
+from .model_io import ModelLike, as_model, save_model
 from .planning import CalibrationRun
 from .ranks import tail_errors
 from .report import Report

@@ -30,7 +30,6 @@ Timing one layer alone (for the plan by latency) is :mod:`onnx_lowrank.layer_tim
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -44,6 +43,7 @@ import onnx
 
 from .config import LARGE_MODEL_MIB
 from .errors import LowRankError
+from .model_io import ModelLike
 from .run_shapes import ModelShapes
 from .runtime import HeldModel, SharedWeights, first_line, make_session
 from .stats import SpeedupEstimate, speedup_estimate
@@ -72,7 +72,6 @@ __all__ = [
     "timed_runs",
 ]
 
-ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
 # the check of a plan not made by latency: fewer pairs than asked for when the interval is narrow early, or when a
 # run of both models takes long (a budget of a few seconds, at least MIN_PAIRS pairs) — a look, with its interval

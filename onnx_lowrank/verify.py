@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import onnx
 from .agreement import OutputAgreement, compare
 from .data_io import InputSpec, check_allocation, check_samples, load_npz, load_sample, model_input_specs
 from .errors import LowRankError
-from .model_io import load_model
+from .model_io import ModelLike, load_model
 from .runtime import SharedWeights, first_line, make_session
 from .shapes import concrete_input_shapes, needs_input_shape_message, random_feed, session_input_specs
 from .stats import speedup_estimate
@@ -42,6 +42,7 @@ from .timing import LARGE_MODEL, kernel_times, paired_times
 
 __all__ = [
     "OutputStats",
+    "VerifyOptions",
     "VerifyResult",
     "answers",
     "check_random_inputs",
@@ -51,7 +52,6 @@ __all__ = [
     "verify",
 ]
 
-ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
 _NP_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -234,52 +234,67 @@ def _batches(
     return out
 
 
-def verify(
-    original: ModelLike,
-    candidate: ModelLike,
-    *,
-    inputs: str | os.PathLike[str] | Mapping[str, npt.NDArray[Any]] | None = None,
-    providers: Sequence[str] | None = None,
-    rtol: float = 1e-3,
-    atol: float = 1e-4,
-    runs: int = 20,
-    warmup: int = 3,
-    threads: int | None = None,
-    seed: int = 0,
-    profile: bool = False,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    sample: str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | None = None,
-    large_model: int = LARGE_MODEL,
-) -> VerifyResult:
+InputsLike = str | os.PathLike[str] | Mapping[str, npt.NDArray[Any]]
+SampleLike = str | os.PathLike[str] | Mapping[str, npt.ArrayLike]
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How :func:`verify` compares, checked once here.
+
+    What the models run on: ``inputs`` (an ``.npz`` or a mapping, samples on axis 0; ``labels`` too for
+    accuracy), else ``sample`` (one input set as the model takes it — no sample axis, a scalar input as a 0-d
+    array — what a model with a scalar input is run on), else random inputs from ``seed``, shaped by
+    ``input_shapes`` where the model leaves dims symbolic. The tolerances: ``rtol``, ``atol``. The timing:
+    ``runs`` interleaved pairs after ``warmup`` runs, on ``threads`` and ``providers``; ``profile`` also times
+    each operator type of both models with onnxruntime's profiler (``runs`` runs each, after the interleaved
+    timing), which shows where a measured speedup falls short of the MAC ratio. A model with more than
+    ``large_model`` bytes of weights runs without onnxruntime's prepacking.
+    """
+
+    inputs: InputsLike | None = None
+    sample: SampleLike | None = None
+    input_shapes: Mapping[str, Sequence[int]] | None = None
+    seed: int = 0
+    rtol: float = 1e-3
+    atol: float = 1e-4
+    runs: int = 20
+    warmup: int = 3
+    threads: int | None = None
+    providers: Sequence[str] | None = None
+    profile: bool = False
+    large_model: int = LARGE_MODEL
+
+    def __post_init__(self) -> None:
+        rtol, atol = self.rtol, self.atol
+        if not rtol >= 0 or not atol >= 0:
+            raise LowRankError(f"tolerances must be >= 0, got rtol={rtol} atol={atol}")
+        if not (math.isfinite(rtol) and math.isfinite(atol)):
+            raise LowRankError(f"tolerances must be finite, got rtol={rtol} atol={atol}")
+        if self.inputs is not None and self.sample is not None:
+            raise LowRankError("give inputs (samples on axis 0) or one sample, not both")
+
+
+def verify(original: ModelLike, candidate: ModelLike, options: VerifyOptions | None = None, /, **keywords: Any) -> VerifyResult:
     """Run both models in onnxruntime on the same inputs and compare (see the module docstring).
 
-    ``input_shapes``: shapes of the random inputs (by input name) where the model leaves dims symbolic.
-    ``sample``: instead of ``inputs``, one input set as the model takes it (no sample axis; a scalar input as
-    a 0-d array), an ``.npz`` or a mapping — what a model with a scalar input is run on.
-    The two sessions share the weights the models have in common (:class:`~onnx_lowrank.runtime.SharedWeights`);
-    a model with more than ``large_model`` bytes of weights runs without onnxruntime's prepacking.
-    ``profile``: also time each operator type of both models with onnxruntime's profiler (``runs`` runs each,
-    after the interleaved timing), which shows where a measured speedup falls short of the MAC ratio.
+    ``options`` (:class:`VerifyOptions`) say on what and how; keywords name single options
+    (``verify(a, b, runs=0)``) and override ``options``'. The two sessions share the weights the models have in
+    common (:class:`~onnx_lowrank.runtime.SharedWeights`).
     """
-    if not rtol >= 0 or not atol >= 0:
-        raise LowRankError(f"tolerances must be >= 0, got rtol={rtol} atol={atol}")
-    if not (math.isfinite(rtol) and math.isfinite(atol)):
-        raise LowRankError(f"tolerances must be finite, got rtol={rtol} atol={atol}")
+    try:
+        options = replace(options, **keywords) if options is not None else VerifyOptions(**keywords)
+    except TypeError as exc:  # a keyword that is no option
+        raise LowRankError(f"verify: {exc}") from None
     for model in (original, candidate):
         if isinstance(model, (str, os.PathLike)):
             _check_readable(model)  # one-line errors for a missing or unreadable file before onnxruntime sees it
-    if inputs is not None and sample is not None:
-        raise LowRankError("give inputs (samples on axis 0) or one sample, not both")
     with SharedWeights() as store:
-        ref, cand = _sessions(store, original, candidate, providers, threads, large_model)
-        return _compare(
-            ref, cand, original, candidate, inputs, sample, providers, rtol, atol, runs, warmup, threads, seed, profile, input_shapes
-        )
+        ref, cand = _sessions(store, original, candidate, options)
+        return _compare(ref, cand, original, candidate, options)
 
 
-def _sessions(
-    store: SharedWeights, original: ModelLike, candidate: ModelLike, providers: Sequence[str] | None, threads: int | None, large_model: int
-) -> tuple[Any, Any]:
+def _sessions(store: SharedWeights, original: ModelLike, candidate: ModelLike, options: VerifyOptions) -> tuple[Any, Any]:
     """The sessions of both models; an ONNX model's large weights are held once in ``store``, shared where the
     candidate has the original's tensors (an ORT-format file is loaded as it is)."""
     from .mobile import is_ort_format
@@ -287,34 +302,19 @@ def _sessions(
     sessions = []
     for model in (original, candidate):
         if isinstance(model, (str, os.PathLike)) and is_ort_format(Path(model)):
-            sessions.append(make_session(model, providers, threads))
+            sessions.append(make_session(model, options.providers, options.threads))
             continue
         proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
         held = store.hold(proto)
         del proto
         if not sessions:  # the original's size decides, for both sessions alike
-            store.prepack = store.held_bytes <= large_model
-        sessions.append(store.session(held, providers, threads))
+            store.prepack = store.held_bytes <= options.large_model
+        sessions.append(store.session(held, options.providers, options.threads))
     return sessions[0], sessions[1]
 
 
-def _compare(
-    ref: Any,
-    cand: Any,
-    original: ModelLike,
-    candidate: ModelLike,
-    inputs: str | os.PathLike[str] | Mapping[str, npt.NDArray[Any]] | None,
-    sample: str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | None,
-    providers: Sequence[str] | None,
-    rtol: float,
-    atol: float,
-    runs: int,
-    warmup: int,
-    threads: int | None,
-    seed: int,
-    profile: bool,
-    input_shapes: Mapping[str, Sequence[int]] | None,
-) -> VerifyResult:
+def _compare(ref: Any, cand: Any, original: ModelLike, candidate: ModelLike, options: VerifyOptions) -> VerifyResult:
+    inputs, sample, runs = options.inputs, options.sample, options.runs
     names = [o.name for o in ref.get_outputs()]
     cand_names = [o.name for o in cand.get_outputs()]
     if names != cand_names:
@@ -324,7 +324,7 @@ def _compare(
     if sample is not None:
         batches = [load_sample(sample, session_input_specs(ref))]
     elif inputs is None:
-        batches = [random_inputs(ref, seed, input_shapes=input_shapes)]
+        batches = [random_inputs(ref, options.seed, input_shapes=options.input_shapes)]
     else:
         data, labels = load_inputs(inputs, session_input_specs(ref))
         fixed = {i.name: (i.shape[0] if i.shape and isinstance(i.shape[0], int) else None) for i in ref.get_inputs()}
@@ -340,19 +340,21 @@ def _compare(
         raise LowRankError(f"onnxruntime failed to run: {first}") from None
     merged_ref = [np.concatenate([b[i] for b in ref_out]) if len(ref_out) > 1 else ref_out[0][i] for i in range(len(names))]
     merged_cand = [np.concatenate([b[i] for b in cand_out]) if len(cand_out) > 1 else cand_out[0][i] for i in range(len(names))]
-    stats = compare_outputs(names, merged_ref, merged_cand, rtol, atol, labels)
+    stats = compare_outputs(names, merged_ref, merged_cand, options.rtol, options.atol, labels)
     count = 1 if sample is not None else sum(_samples_in(b) for b in batches)
-    result = VerifyResult(stats, rtol, atol, list(cand.get_providers()), samples=count)
+    result = VerifyResult(stats, options.rtol, options.atol, list(cand.get_providers()), samples=count)
     if runs > 0:
-        for _ in range(warmup):
+        for _ in range(options.warmup):
             ref.run(None, batches[0])
             cand.run(None, batches[0])
         estimate = speedup_estimate(*paired_times(ref, cand, batches[0], runs))
         result.original_ms, result.candidate_ms = estimate.original_ms, estimate.candidate_ms
         result.speedup_low, result.speedup_high = estimate.low, estimate.high
         result.runs = runs
-        if profile:
-            before, after = kernel_times([original, candidate], batches[0], threads, runs=runs, warmup=warmup, providers=providers)
+        if options.profile:
+            before, after = kernel_times(
+                [original, candidate], batches[0], options.threads, runs=runs, warmup=options.warmup, providers=options.providers
+            )
             result.kernels = {"original": before.by_op, "candidate": after.by_op}
     return result
 

@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "layers": 7,
     "answers": 7,
     "api": 8,
+    "inspection": 8,
     "sweep": 9,
     "accuracy_budget": 10,
     "html_report": 10,
@@ -144,3 +145,33 @@ def test_the_fine_tune_imports_its_torch_modules_lazily() -> None:
                 targets = [f"finetune.{node.module}"] if node.module else [f"finetune.{a.name}" for a in node.names]
                 for target in targets:
                     assert target not in TORCH_MODULES, f"{name} imports {target} at module level (line {node.lineno})"
+
+
+# options travel in groups (frozen dataclasses checked once), not as long argument lists
+MAX_PARAMETERS = 10
+
+
+def _parameter_counts(path: Path) -> list[tuple[str, int, int]]:
+    """(function, parameters, line) of every function in ``path``; ``self``/``cls`` not counted, ``*args`` and
+    ``**keywords`` counted once each."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+            if (a.posonlyargs or a.args) and (a.posonlyargs or a.args)[0].arg in ("self", "cls"):
+                count -= 1
+            out.append((node.name, count, node.lineno))
+    return out
+
+
+def test_the_parameter_counter_counts_what_it_should(tmp_path: Path) -> None:
+    source = tmp_path / "sample.py"
+    source.write_text("class A:\n    def m(self, a, /, b, *c, d, **e): ...\ndef f(a, b=1, *, c): ...\n")
+    assert sorted(_parameter_counts(source)) == [("f", 3, 3), ("m", 5, 2)]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n))
+def test_no_function_takes_more_than_ten_parameters(name: str) -> None:
+    wide = [(f, n, line) for f, n, line in _parameter_counts(MODULES[name]) if n > MAX_PARAMETERS]
+    assert not wide, f"{name}: {wide[0][0]} takes {wide[0][1]} parameters (line {wide[0][2]}); group its options in a dataclass"

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from .data import CalibrationSource, hold_back, iter_batches, load_calibration
 from .plan import CalibrationOptions, DataAwarePlan, data_aware_plan
-from .refit import LayerRefit, RefitResult, refit, refit_layers
+from .refit import LayerRefit, RefitOptions, RefitResult, refit, refit_layers
 
 __all__ = [
     "CalibrationOptions",
     "CalibrationSource",
     "DataAwarePlan",
     "LayerRefit",
+    "RefitOptions",
     "RefitResult",
     "data_aware_plan",
     "hold_back",

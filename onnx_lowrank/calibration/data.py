@@ -29,7 +29,7 @@ import onnx
 
 from ..data_io import check_finite, convert_dtype, format_dims, load_npy, load_npz, model_input_specs
 from ..errors import LowRankError
-from ..model_io import load_model
+from ..model_io import ModelLike, load_model
 
 __all__ = [
     "HELD_BACK_MIN_SAMPLES",
@@ -44,7 +44,6 @@ __all__ = [
 
 Array = npt.NDArray[Any]
 CalibrationSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike] | Iterable[Mapping[str, npt.ArrayLike]]
-ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
 
 def _read_folder(path: Path) -> dict[str, Array]:

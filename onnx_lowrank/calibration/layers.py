@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_FULL_GRAM_MAX",
     "DEFAULT_POSITIONS",
     "Layer",
+    "MomentOptions",
     "collect_moments",
     "conv_elem_type",
     "kernel_to_weight",
@@ -169,23 +170,40 @@ def _add(sink: _Sink, values: Mapping[str, Array], positions: int | None, batch:
         layer.positions_seen += patches.shape[1]
 
 
+@dataclass(frozen=True)
+class MomentOptions:
+    """How the statistics pass samples and accumulates.
+
+    ``positions``: output positions per sample and layer (None: all); a layer whose patch has at most
+    ``full_gram_max`` features gets the full Gram of its taps, and at most ``rows_max`` rows; ``centered``:
+    central moments (else raw second moments); ``threads``: onnxruntime's; ``workers``: threads folding the
+    layers' patches; ``seed``: the position sampling; ``memory``: bytes of layer inputs one batch may hold.
+    """
+
+    positions: int | None = DEFAULT_POSITIONS
+    full_gram_max: int = DEFAULT_FULL_GRAM_MAX
+    rows_max: int = FULL_ROWS_MAX
+    centered: bool = True
+    threads: int | None = None
+    workers: int = 1
+    seed: int = 0
+    memory: int = DEFAULT_MEMORY
+
+
 def collect_moments(
     model: onnx.ModelProto,
     layers: Sequence[Layer],
     batches: Iterable[Mapping[str, Array]],
+    options: MomentOptions | None = None,
     *,
-    positions: int | None = DEFAULT_POSITIONS,
-    full_gram_max: int = DEFAULT_FULL_GRAM_MAX,
-    rows_max: int = FULL_ROWS_MAX,
-    centered: bool = True,
-    threads: int | None = None,
-    workers: int = 1,
-    seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
-    memory: int = DEFAULT_MEMORY,
+    **keywords: Any,
 ) -> None:
     """The statistics pass: fill ``layer.moments`` (or ``layer.reason``) of every layer from one streamed run
-    (``progress(samples done, samples)``; ``memory``: bytes of layer inputs one batch may hold)."""
+    (``progress(samples done, samples)``); ``options`` (:class:`MomentOptions`), or keywords naming single
+    options that override ``options``'."""
+    options = replace(options, **keywords) if options is not None else MomentOptions(**keywords)
+    positions, workers = options.positions, options.workers
     requests = [r for layer in layers for r in layer.requests()]
     collection = prepare(model, requests)
     sinks: list[_Sink] = []
@@ -193,9 +211,11 @@ def collect_moments(
         if layer.key in collection.refused:
             layer.reason = collection.refused[layer.key]
             continue
-        full = layer.taps > 1 and layer.rows * layer.taps <= full_gram_max
-        accumulator = MomentAccumulator(layer.groups, layer.rows, layer.taps, lead=layer.geometry.lead, full=full, rows_max=rows_max)
-        sinks.append(_Sink(layer, accumulator, np.random.default_rng([seed, i]), collection.names.get(layer.key, [])))
+        full = layer.taps > 1 and layer.rows * layer.taps <= options.full_gram_max
+        accumulator = MomentAccumulator(
+            layer.groups, layer.rows, layer.taps, lead=layer.geometry.lead, full=full, rows_max=options.rows_max
+        )
+        sinks.append(_Sink(layer, accumulator, np.random.default_rng([options.seed, i]), collection.names.get(layer.key, [])))
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
 
     def consume(values: dict[str, Array], batch: int) -> None:
@@ -206,7 +226,7 @@ def collect_moments(
             list(pool.map(lambda sink: _add(sink, values, positions, batch), sinks))
 
     try:
-        stream(collection, batches, consume, threads=threads, progress=progress, memory=memory)
+        stream(collection, batches, consume, threads=options.threads, progress=progress, memory=options.memory)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -214,4 +234,4 @@ def collect_moments(
         if sink.accumulator.count == 0:
             sink.layer.reason = "no calibration input reached it (an If branch never taken?)"
             continue
-        sink.layer.moments = sink.accumulator.result(centered=centered)
+        sink.layer.moments = sink.accumulator.result(centered=options.centered)

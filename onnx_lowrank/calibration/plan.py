@@ -33,7 +33,7 @@ from ..ranks import tail_errors
 from .data import Batches, batch_size_of, iter_batches, sample_count
 from .data_aware import DEFAULT_DAMPING, WhitenedDecomposition
 from .layers import DEFAULT_FULL_GRAM_MAX, DEFAULT_POSITIONS, Layer, collect_moments, conv_elem_type, kernel_to_weight, layer_of
-from .refit import DEFAULT_ACTIVATIONS
+from .refit import DEFAULT_ACTIVATIONS, RefitOptions
 from .sensitivity import DEFAULT_PROBE_SAMPLES, GainResult, Probe, measure_gains, probe_rank, probe_samples
 
 __all__ = ["CalibrationOptions", "DataAwarePlan", "UnitLike", "data_aware_plan"]
@@ -71,6 +71,17 @@ class CalibrationOptions:
     activation_refit: bool = DEFAULT_ACTIVATIONS  # refit a layer read only by Relu/LeakyRelu/Clip to that activation's output
     threads: int | None = None
     workers: int = 2
+
+    def refit_options(self) -> RefitOptions:
+        """The refit's options these knobs set (the refit's own knobs keep their defaults)."""
+        return RefitOptions(
+            ridge=self.ridge,
+            batch_size=self.batch_size,
+            stages=self.stages,
+            positions=self.positions,
+            threads=self.threads,
+            activations=self.activation_refit,
+        )
 
 
 @dataclass

@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -90,7 +90,16 @@ from .data import Batches, CalibrationSource, batch_size_of, load_calibration, s
 from .layers import DEFAULT_POSITIONS
 from .statistics import PatchGeometry, gather_patches, output_size, sample_grid, sample_rows
 
-__all__ = ["DEFAULT_ACTIVATIONS", "DEFAULT_RIDGE", "DEFAULT_STAGES", "LayerRefit", "RefitResult", "refit", "refit_layers"]
+__all__ = [
+    "DEFAULT_ACTIVATIONS",
+    "DEFAULT_RIDGE",
+    "DEFAULT_STAGES",
+    "LayerRefit",
+    "RefitOptions",
+    "RefitResult",
+    "refit",
+    "refit_layers",
+]
 
 Array = npt.NDArray[Any]
 FloatArray = npt.NDArray[np.float64]
@@ -99,6 +108,54 @@ DEFAULT_STAGES = 3
 DEFAULT_RIDGE = 1e-4
 DEFAULT_ACTIVATIONS = True
 _ROWS_PER_BLOCK = 65536
+
+
+def _whole(value: object, at_least: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= at_least
+
+
+@dataclass(frozen=True)
+class RefitOptions:
+    """How the refit runs, checked once here (the defaults are the measured choices).
+
+    ``ridge``, ``batch_size``, ``stages`` and ``positions`` are those of the math above; ``threads`` are
+    onnxruntime's per pass; ``every_layer`` refits a layer downstream of a stage-mate too (by default it keeps
+    its data-aware factors). ``activations``: fit a layer read only by a ``Relu``/``LeakyRelu``/``Clip`` to that
+    activation's output (:mod:`onnx_lowrank.calibration.activation`), in ``activation_iterations``
+    alternations whose penalty weight runs from ``activation_lambdas[0]`` to ``[1]``, on at most
+    ``activation_rows`` rows per layer (None: no limit) and ``row_memory`` bytes of rows per stage.
+    """
+
+    ridge: float = DEFAULT_RIDGE
+    batch_size: int = 64
+    stages: int = DEFAULT_STAGES
+    positions: int | None = DEFAULT_POSITIONS
+    threads: int | None = None
+    every_layer: bool = False
+    activations: bool = DEFAULT_ACTIVATIONS
+    activation_iterations: int = DEFAULT_ITERATIONS
+    activation_lambdas: tuple[float, float] = (LAMBDA_START, LAMBDA_END)
+    row_memory: int = DEFAULT_ROW_MEMORY
+    activation_rows: int | None = DEFAULT_ACTIVATION_ROWS
+
+    def __post_init__(self) -> None:
+        ridge, lambdas = self.ridge, self.activation_lambdas
+        if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+            raise LowRankError(f"ridge must be a finite number >= 0, got {ridge!r}")
+        if not _whole(self.batch_size, 1):
+            raise LowRankError(f"batch size must be a whole number >= 1, got {self.batch_size!r}")
+        if not _whole(self.stages, 1):
+            raise LowRankError(f"stages must be a whole number >= 1, got {self.stages!r}")
+        if not _whole(self.activation_iterations, 0):
+            raise LowRankError(f"activation iterations must be a whole number >= 0, got {self.activation_iterations!r}")
+        if len(lambdas) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in lambdas):
+            raise LowRankError(f"activation lambdas must be two finite numbers > 0, got {lambdas!r}")
+        if not _whole(self.row_memory, 1):
+            raise LowRankError(f"row memory must be a whole number of bytes >= 1, got {self.row_memory!r}")
+        if self.activation_rows is not None and not _whole(self.activation_rows, 1):
+            raise LowRankError(f"activation rows must be a whole number >= 1 or None, got {self.activation_rows!r}")
+        object.__setattr__(self, "ridge", float(ridge))
+        object.__setattr__(self, "activation_lambdas", (float(lambdas[0]), float(lambdas[1])))
 
 
 @dataclass
@@ -653,20 +710,14 @@ def _refit_stage(
     original: onnx.ModelProto,
     model: onnx.ModelProto,
     members: Sequence[_Unit],
-    stage: int,
-    stages: int,
+    stage_of: tuple[int, int],
     batches: Batches,
-    positions: int | None,
-    ridge: float,
-    threads: int | None,
+    options: RefitOptions,
     progress: Callable[[int, int, str], None] | None,
-    iterations: int,
-    lambdas: tuple[float, float],
-    row_memory: int,
-    max_rows: int | None,
 ) -> float:
     """One stage: a streamed run of the converted and the original model, then each member re-solved;
-    returns the seconds the activation-aware fits took."""
+    returns the seconds the activation-aware fits took. ``stage_of`` is (this stage, of how many)."""
+    stage, stages = stage_of
     requests_in, requests_out = [], []
     for u, unit in enumerate(members):
         for i, ((node, scope), target) in enumerate(zip(unit.nodes, unit.targets, strict=True)):
@@ -698,9 +749,9 @@ def _refit_stage(
         eq = unit.equations
         assert eq is not None
         # the stage's row memory, shared evenly; a row is F features and N_g targets per group, float32
-        limit = row_memory // (len(fitting) * 4 * eq.groups * (eq.features + eq.outputs))
-        if max_rows is not None:
-            limit = min(limit, max_rows)
+        limit = options.row_memory // (len(fitting) * 4 * eq.groups * (eq.features + eq.outputs))
+        if options.activation_rows is not None:
+            limit = min(limit, options.activation_rows)
         assert unit.activation is not None
         unit.kept = KeptRows(unit.activation, limit, batches.count, np.random.default_rng([stage, members.index(unit), 1]))
     failures: dict[int, str] = {}
@@ -716,7 +767,7 @@ def _refit_stage(
                     t, y = got.get(t_name), want.get(y_name)
                     if t is None or y is None or t.size == 0 or y.size == 0:  # an If branch not taken
                         continue
-                    pair = _features(unit, t, y, positions, batch)
+                    pair = _features(unit, t, y, options.positions, batch)
                     if isinstance(pair, str):
                         failures[u] = pair
                         break
@@ -729,7 +780,7 @@ def _refit_stage(
         [converted, reference],
         batches,
         consume,
-        threads=threads,
+        threads=options.threads,
         progress=(lambda done, total: progress(done, total, phase)) if progress is not None else None,
     )
     seconds = 0.0
@@ -739,7 +790,7 @@ def _refit_stage(
                 layer.reason = failures[u]
         elif unit.equations is not None:
             start = time.perf_counter()
-            _finish(model, unit, ridge, stage, iterations, lambdas)
+            _finish(model, unit, options.ridge, stage, options.activation_iterations, options.activation_lambdas)
             if unit.kept is not None:
                 seconds += time.perf_counter() - start
         unit.kept = None  # the rows go with the stage
@@ -751,44 +802,23 @@ def refit_layers(
     decomposed: onnx.ModelProto,
     report: Report,
     calibration: CalibrationSource,
+    options: RefitOptions | None = None,
     *,
-    ridge: float = DEFAULT_RIDGE,
-    batch_size: int = 64,
-    stages: int = DEFAULT_STAGES,
-    positions: int | None = DEFAULT_POSITIONS,
-    threads: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     inplace: bool = False,
-    every_layer: bool = False,
-    activations: bool = DEFAULT_ACTIVATIONS,
-    activation_iterations: int = DEFAULT_ITERATIONS,
-    activation_lambdas: tuple[float, float] = (LAMBDA_START, LAMBDA_END),
-    row_memory: int = DEFAULT_ROW_MEMORY,
-    activation_rows: int | None = DEFAULT_ACTIVATION_ROWS,
+    **keywords: Any,
 ) -> RefitResult:
     """Refit every decomposed layer's second factor and bias (see the module docstring).
 
     ``original`` is the model given to :func:`onnx_lowrank.decompose`, ``decomposed`` and ``report`` what
-    it returned; ``decomposed`` is copied unless ``inplace``. ``progress(done, total, phase)`` is called per
-    batch of each stage. ``activations``: fit a layer read only by a ``Relu``/``LeakyRelu``/``Clip`` to that
-    activation's output (:mod:`onnx_lowrank.calibration.activation`), in ``activation_iterations``
-    alternations whose penalty weight runs from ``activation_lambdas[0]`` to ``[1]``, on at most
-    ``activation_rows`` rows per layer (None: no limit) and ``row_memory`` bytes of rows per stage.
+    it returned; ``decomposed`` is copied unless ``inplace``. ``options`` (:class:`RefitOptions`) say how;
+    ``keywords`` name single options (``refit_layers(..., stages=1)``) and override ``options``'.
+    ``progress(done, total, phase)`` is called per batch of each stage.
     """
-    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
-        raise LowRankError(f"ridge must be a finite number >= 0, got {ridge!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LowRankError(f"batch size must be a whole number >= 1, got {batch_size!r}")
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise LowRankError(f"stages must be a whole number >= 1, got {stages!r}")
-    if isinstance(activation_iterations, bool) or not isinstance(activation_iterations, int) or activation_iterations < 0:
-        raise LowRankError(f"activation iterations must be a whole number >= 0, got {activation_iterations!r}")
-    if len(activation_lambdas) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in activation_lambdas):
-        raise LowRankError(f"activation lambdas must be two finite numbers > 0, got {activation_lambdas!r}")
-    if isinstance(row_memory, bool) or not isinstance(row_memory, int) or row_memory < 1:
-        raise LowRankError(f"row memory must be a whole number of bytes >= 1, got {row_memory!r}")
-    if activation_rows is not None and (isinstance(activation_rows, bool) or not isinstance(activation_rows, int) or activation_rows < 1):
-        raise LowRankError(f"activation rows must be a whole number >= 1 or None, got {activation_rows!r}")
+    try:
+        options = replace(options, **keywords) if options is not None else RefitOptions(**keywords)
+    except TypeError as exc:  # a keyword that is no option
+        raise LowRankError(f"refit: {exc}") from None
     start = time.perf_counter()
     model = decomposed
     if not inplace:
@@ -798,22 +828,22 @@ def refit_layers(
     count = sample_count(data)
     fixed = batch_size_of(model)
     used = count - count % fixed if fixed else count
-    result = RefitResult(model, activations=bool(activations))
+    result = RefitResult(model, activations=bool(options.activations))
     units, refused = _units(original, model, report)
     result.layers.extend(refused)
-    if activations:
+    if options.activations:
         for unit in units:
             _find_activation(unit)
     if not units:
         result.samples = count
         result.seconds = time.perf_counter() - start
         return result
-    stages = min(stages, len(units))
+    stages = min(options.stages, len(units))
     bounds = [round(i * len(units) / stages) for i in range(stages + 1)]
     below = _descendants(model, units)
     for s in range(stages):
         members = units[bounds[s] : bounds[s + 1]]
-        if not every_layer:
+        if not options.every_layer:
             # only the stage's sources absorb upstream error: a unit downstream of a stage-mate would absorb error
             # the stage-mate's refit then removes (counted twice, the fit goes stale)
             offset = bounds[s]
@@ -828,22 +858,8 @@ def refit_layers(
                         layer.stage = s + 1
                         layer.reason = "kept its data-aware factors: downstream of a layer refit in the same stage"
             members = sources
-        result.activation_seconds += _refit_stage(
-            original,
-            model,
-            members,
-            s + 1,
-            stages,
-            Batches(model, data, batch_size),
-            positions,
-            float(ridge),
-            threads,
-            progress,
-            activation_iterations,
-            (float(activation_lambdas[0]), float(activation_lambdas[1])),
-            row_memory,
-            activation_rows,
-        )
+        stage_batches = Batches(model, data, options.batch_size)
+        result.activation_seconds += _refit_stage(original, model, members, (s + 1, stages), stage_batches, options, progress)
         result.passes += 2
     for unit in units:
         result.layers.extend(unit.layers)

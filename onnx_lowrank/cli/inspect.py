@@ -6,8 +6,8 @@ import argparse
 import json
 from dataclasses import asdict
 
-from ..api import inspect
 from ..config import DecomposeConfig
+from ..inspection import inspect
 from .args import ArgGroup, ShapeArgs
 from .command import Command
 from .format import format_inspect, format_mobile
@@ -40,11 +40,11 @@ class Inspect(Command):
         layers = inspect(args.input, config)
         mobile = None
         if args.mobile:
-            from ..api import mobile_shapes
+            from ..layers import mobile_input_shapes
             from ..mobile import coverage
             from ..model_io import load_model
 
-            fixed = mobile_shapes(load_model(args.input), config) if shapes.samples else shapes.input_shapes
+            fixed = mobile_input_shapes(load_model(args.input), shapes) if shapes.samples else shapes.input_shapes
             mobile = coverage(args.input, input_shapes=fixed)
         if args.json:
             listed = [asdict(layer) for layer in layers]

@@ -528,7 +528,7 @@ def _train(
     mixing = _mixer(refs, student, objective, inputs, options) if options.mixup > 0 else None
     if mixing is None:
         refs.teacher = refs.reference = None  # let the sessions go: everything is cached
-    _fit(student, data, objective, held_back, watched, train_rows, options, fixed, result, metrics_before, mixing, progress)
+    _fit(held_back, watched, train_rows, options, result, metrics_before, mixing, progress)
 
     # write back, then onnxruntime must compute what the trained network computes
     written = write_back(converted, module.stored_arrays())
@@ -577,21 +577,19 @@ def _mixer(
 
 
 def _fit(
-    student: _Student,
-    data: _Data,
-    objective: _Objective,
     held_back: _HeldBack,
     watched: OutputLoss,
     train_rows: Array,
     options: FinetuneOptions,
-    fixed: int | None,
     result: FinetuneResult,
     metrics_before: Mapping[str, float],
     mixing: Callable[[Array], Batch] | None,
     progress: Progress | None,
 ) -> None:
-    """The optimisation loop; leaves the module in its best held-back state and records the run in ``result``."""
-    module = student.module
+    """The optimisation loop over ``train_rows`` (the student, its data, objective and fixed batch are those the
+    held-back evaluations use); leaves the module in its best held-back state and records the run in ``result``."""
+    data, objective, fixed = held_back.data, held_back.objective, held_back.fixed
+    module = held_back.student.module
     requested = objective.requested
 
     assert result.held_back_loss_before is not None

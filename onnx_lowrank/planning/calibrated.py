@@ -10,9 +10,9 @@ measured once on a few samples. Any planner then allocates on ``γ_l · e_l(K)``
 
 What calibration measures is measured once per model: a :class:`CalibrationRun`
 serves every plan over the same prepared model (the targets of a sweep). After
-the rewrite, the orchestrator refits each decomposed pair to the original
-layer's outputs (:func:`onnx_lowrank.calibration.refit_layers`, with the
-settings :attr:`CalibrationRun.settings` holds).
+the rewrite, :meth:`CalibrationRun.refit_conversion` refits each decomposed
+pair to the original layer's outputs (:func:`onnx_lowrank.calibration.refit_layers`,
+with the settings :attr:`CalibrationRun.settings` holds).
 """
 
 from __future__ import annotations
@@ -98,3 +98,19 @@ class CalibrationRun:
                     layer.gain = gains[layer.node]
             report.calibration.update(plan.to_dict())
         report.calibration["samples"] = self.samples
+
+    def refit_conversion(self, source: onnx.ModelProto, new: onnx.ModelProto, report: Report) -> onnx.ModelProto:
+        """``new`` (rewritten in place) with every decomposed pair refit to ``source``'s layer outputs, when the
+        refit is on and something was decomposed; what the refit did goes into ``report``."""
+        if not (self.refit and report.decomposed):
+            return new
+        from ..calibration import refit_layers
+
+        result = refit_layers(source, new, report, self.data, self.settings.refit_options(), progress=self.passes, inplace=True)
+        report.calibration["refit"] = result.to_dict()
+        by_node = {layer.node: layer for layer in result.layers}
+        for layer in report.layers:
+            done = by_node.get(layer.node)
+            if done is not None and done.error_after is not None:
+                layer.output_error = done.error_after
+        return result.model
