@@ -1,4 +1,9 @@
-"""End-to-end tests of the ``onnx-lowrank`` command line, run as a subprocess.
+"""End-to-end tests of the ``onnx-lowrank`` command line.
+
+Most runs are in this process (:func:`cli_contract.run_cli`: what reaches file descriptors 1 and 2 is captured
+too, so a C++ log line is seen); the runs marked ``installed`` or ``process`` start a fresh process, the
+installed console script or ``python -m onnx_lowrank``, and keep the process boundary under test: its exit
+code, and that nothing is printed by imports or at exit.
 
 Bad input must end in exit code 2 with exactly one line on stderr naming the
 problem, no traceback, the input untouched and nothing left in the output
@@ -27,6 +32,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import conv_model, run
+from cli_contract import run_cli
 
 import onnx_lowrank.cli
 
@@ -68,8 +74,12 @@ def script() -> str:
     return found
 
 
-def cli(*args: str | Path, installed: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the CLI in a fresh process: ``python -m onnx_lowrank`` or the installed script."""
+def cli(*args: str | Path, installed: bool = False, process: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the CLI: in this process, or in a fresh one — the installed script (``installed``) or
+    ``python -m onnx_lowrank`` (``process``)."""
+    if not (installed or process):
+        outcome = run_cli(args)
+        return subprocess.CompletedProcess(outcome.argv, outcome.code, outcome.stdout, outcome.stderr)
     launcher = [script()] if installed else [sys.executable, "-m", "onnx_lowrank"]
     return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout, check=False)
 
@@ -628,9 +638,9 @@ def test_decompose_include_exclude_report_reasons(tmp_path: Path) -> None:
 
 
 def test_decompose_external_data_and_quiet(tmp_path: Path) -> None:
-    """--external-data writes OUTPUT.data beside the model; --quiet prints only the totals."""
+    """--external-data writes OUTPUT.data beside the model; --quiet prints only the totals (run as ``python -m``)."""
     out = tmp_path / "out.onnx"
-    proc = cli("decompose", VGG, out, "--rank", "4", "--external-data", "--quiet")
+    proc = cli("decompose", VGG, out, "--rank", "4", "--external-data", "--quiet", process=True)  # the process boundary too
     assert_ok(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
     assert "conv1_1" not in proc.stdout
