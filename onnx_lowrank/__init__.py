@@ -17,7 +17,7 @@ from .mobile import save_ort
 from .model_io import count_params, load_model, save_model
 from .quantize import quantize_model
 from .report import InspectLayer, LayerReport, Report
-from .verify import OutputStats, VerifyResult, verify
+from .verify import OutputStats, VerifyOptions, VerifyResult, verify
 
 __all__ = [
     "CalibrationConfig",
@@ -32,6 +32,7 @@ __all__ = [
     "Report",
     "ShapeConfig",
     "SpeedConfig",
+    "VerifyOptions",
     "VerifyResult",
     "__version__",
     "count_params",

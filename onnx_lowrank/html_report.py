@@ -27,7 +27,7 @@ import datetime
 import html
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
@@ -464,13 +464,31 @@ def sweep_html(result: SweepResult, plots: bool | None = None) -> str:
     """The page for a sweep (see the module docstring); ``plots=False`` leaves the figures out."""
     plots = plots_available() if plots is None else plots
     reached = [r for r in result.rows if r.reached and r.report is not None]
-    colors = _target_colors([r.target for r in result.rows]) if plots else {}
     meta = (
         f"{len(result.rows)} targets; evaluated on {result.samples} {'labelled ' if result.labelled else ''}sample(s) "
         f"({_e(result.inputs)} inputs); latency: median of {result.runs} interleaved runs, {result.threads} onnxruntime thread(s); "
         f"shared preparation {result.prepare_seconds:.2f} s. {_generated()}"
     )
-    sections = []
+    sections = [_sweep_targets(result)]
+    if result.calibration:
+        sections.append(f"<p>{_e(_sweep_calibration(result.calibration))}.</p>")
+    sections += _sweep_figures(result, reached) if plots else [_no_plots()]
+    if reached:
+        sections.append(_sweep_layer_table(reached, refit=bool(result.calibration.get("refit"))))
+        error_rows = []
+        for row in reached:
+            error_rows += _error_rows(row.outputs, [f"{row.target:g}×"])
+        sections.append("<h2>Output error statistics</h2>" + _table(["target", *ERROR_HEADER], error_rows, [True, *ERROR_NUMERIC]))
+        profiled = [r for r in reached if r.kernels]
+        if profiled:
+            series_t = [("original", profiled[0].kernels["original"])]  # type: ignore[index]
+            series_t += [(f"{r.target:g}×", r.kernels["candidate"]) for r in profiled]  # type: ignore[index]
+            sections.append("<h3>Kernel time per operator type (ms per run)</h3>" + _kernel_table(series_t))
+    return _page(f"onnx-lowrank sweep: {result.model}", meta, sections)
+
+
+def _sweep_targets(result: SweepResult) -> str:
+    """The table of targets (a row each: plan, MACs, measured speed, answers) and what it means."""
     header = ["target", "plan", "MAC ratio", "measured speedup", "latency ms<br>original → converted", "output rel. L2", "top-1 agreement"]
     numeric = [True, False, *[True] * 5]
     tuned = any(r.untuned is not None for r in result.rows)
@@ -520,73 +538,57 @@ def sweep_html(result: SweepResult, plots: bool | None = None) -> str:
         "MAC ratio: MACs of the decomposable layers (Conv, ConvTranspose, Gemm, MatMul) before / after. "
         "Measured speedup: original / converted latency in onnxruntime on this machine.</p>"
     )
-    sections.append("<h2>Targets</h2>" + table + default_note)
-    if result.calibration:
-        cal = result.calibration
-        text = f"Calibration: {cal.get('samples', 0)} samples"
-        if "statistics_seconds" in cal:
-            text += f"; the layers' input statistics gathered once in {cal['statistics_seconds']:.1f} s"
-        if "sensitivity" in cal:
-            sens = cal["sensitivity"]
-            text += f", their gains measured once on {sens['samples']} samples in {sens['seconds']:.1f} s"
-        if "statistics_seconds" in cal:
-            text += ", shared by every target"
-        text += "; each target's factors refit on its own" if cal.get("refit") else "; no refit"
-        sections.append(f"<p>{_e(text)}.</p>")
+    return "<h2>Targets</h2>" + table + default_note
 
-    if not plots:
-        sections.append(_no_plots())
-    if plots:
-        tradeoff = _tradeoff_figure(result)
-        if tradeoff is not None:
-            sections.append(
-                "<h2>Accuracy against speed</h2>" + _figure(tradeoff[0], "accuracy or output error against speedup", tradeoff[1])
-            )
-    if plots and reached:
-        marks: dict[str, list[tuple[str, int, Any, str]]] = {}
-        for row in reached:
-            assert row.report is not None
-            for layer in row.report.decomposed:
-                marks.setdefault(layer.node, []).append(
-                    (str(layer.kind), int(layer.rank or 0), colors[row.target], f"rank at {row.target:g}×")
-                )
-        if result.spectra:
-            uri = _spectra_figure(result.spectra, marks, single=False)
-            caption = (
-                "Each decomposed layer's singular values σ<sub>k</sub>/σ<sub>1</sub> (log scale) against the rank k, for the split "
-                "used; the vertical lines mark the rank chosen at each target (colour). The kernel error at each rank is in the "
-                "per-layer table below."
-            )
-            sections.append("<h2>Spectra and chosen ranks</h2>" + _figure(uri, "per-layer singular value spectra", caption))
-        first = reached[0].report
-        assert first is not None
-        after = [
-            (f"after, {row.target:g}×", colors[row.target], {layer.node: layer.macs_after for layer in row.report.layers})
-            for row in reached
-            if row.report is not None
-        ]
-        uri = _macs_figure(first.layers, after)
-        sections.append(
-            "<h2>MACs per layer</h2>"
-            + _figure(uri, "MACs per layer before and after", "Grey bars: each layer's MACs in the original; dots: after each target.")
+
+def _sweep_calibration(cal: Mapping[str, Any]) -> str:
+    """One sentence on what calibration measured once for every target."""
+    text = f"Calibration: {cal.get('samples', 0)} samples"
+    if "statistics_seconds" in cal:
+        text += f"; the layers' input statistics gathered once in {cal['statistics_seconds']:.1f} s"
+    if "sensitivity" in cal:
+        sens = cal["sensitivity"]
+        text += f", their gains measured once on {sens['samples']} samples in {sens['seconds']:.1f} s"
+    if "statistics_seconds" in cal:
+        text += ", shared by every target"
+    return text + ("; each target's factors refit on its own" if cal.get("refit") else "; no refit")
+
+
+def _sweep_figures(result: SweepResult, reached: Sequence[Any]) -> list[str]:
+    """The figures: accuracy against speed, the spectra with each target's ranks, MACs and kernel time per layer."""
+    sections = []
+    colors = _target_colors([r.target for r in result.rows])
+    tradeoff = _tradeoff_figure(result)
+    if tradeoff is not None:
+        sections.append("<h2>Accuracy against speed</h2>" + _figure(tradeoff[0], "accuracy or output error against speedup", tradeoff[1]))
+    if not reached:
+        return sections
+    marks: dict[str, list[tuple[str, int, Any, str]]] = {}
+    for row in reached:
+        for layer in row.report.decomposed:
+            marks.setdefault(layer.node, []).append((str(layer.kind), int(layer.rank or 0), colors[row.target], f"rank at {row.target:g}×"))
+    if result.spectra:
+        uri = _spectra_figure(result.spectra, marks, single=False)
+        caption = (
+            "Each decomposed layer's singular values σ<sub>k</sub>/σ<sub>1</sub> (log scale) against the rank k, for the split "
+            "used; the vertical lines mark the rank chosen at each target (colour). The kernel error at each rank is in the "
+            "per-layer table below."
         )
-        profiled = [r for r in reached if r.kernels]
-        if profiled:
-            series = [("original", "#9aa3ad", profiled[0].kernels["original"])]  # type: ignore[index]
-            series += [(f"{r.target:g}×", colors[r.target], r.kernels["candidate"]) for r in profiled]  # type: ignore[index]
-            sections.append(_kernels_section(series, "The table below has every operator type."))
-    if reached:
-        sections.append(_sweep_layer_table(reached, refit=bool(result.calibration.get("refit"))))
-        error_rows = []
-        for row in reached:
-            error_rows += _error_rows(row.outputs, [f"{row.target:g}×"])
-        sections.append("<h2>Output error statistics</h2>" + _table(["target", *ERROR_HEADER], error_rows, [True, *ERROR_NUMERIC]))
-        profiled = [r for r in reached if r.kernels]
-        if profiled:
-            series_t = [("original", profiled[0].kernels["original"])]  # type: ignore[index]
-            series_t += [(f"{r.target:g}×", r.kernels["candidate"]) for r in profiled]  # type: ignore[index]
-            sections.append("<h3>Kernel time per operator type (ms per run)</h3>" + _kernel_table(series_t))
-    return _page(f"onnx-lowrank sweep: {result.model}", meta, sections)
+        sections.append("<h2>Spectra and chosen ranks</h2>" + _figure(uri, "per-layer singular value spectra", caption))
+    after = [
+        (f"after, {row.target:g}×", colors[row.target], {layer.node: layer.macs_after for layer in row.report.layers}) for row in reached
+    ]
+    uri = _macs_figure(reached[0].report.layers, after)
+    sections.append(
+        "<h2>MACs per layer</h2>"
+        + _figure(uri, "MACs per layer before and after", "Grey bars: each layer's MACs in the original; dots: after each target.")
+    )
+    profiled = [r for r in reached if r.kernels]
+    if profiled:
+        series = [("original", "#9aa3ad", profiled[0].kernels["original"])]
+        series += [(f"{r.target:g}×", colors[r.target], r.kernels["candidate"]) for r in profiled]
+        sections.append(_kernels_section(series, "The table below has every operator type."))
+    return sections
 
 
 def _sweep_layer_table(rows: Sequence[Any], refit: bool) -> str:
