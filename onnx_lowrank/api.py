@@ -1,4 +1,4 @@
-"""The library entry points, :func:`decompose` and :func:`inspect`: the conversion's steps in order.
+"""The library entry point, :func:`decompose`: the conversion's steps in order (:func:`onnx_lowrank.inspect` is in :mod:`.inspection`).
 
 A conversion is load → sizes → plan → rewrite → check → report, each step a
 call into the module that owns it:
