@@ -285,20 +285,11 @@ Calibrate = Callable[[onnx.ModelProto, list[Any], dict[str, str | None]], None]
 
 
 def convert_prepared(
-    prepared: Prepared,
-    config: DecomposeConfig,
-    *,
-    progress: Progress | None = None,
-    workers: int | None = None,
-    copy: bool = True,
-    start: float | None = None,
-    calibrate: Calibrate | None = None,
+    prepared: Prepared, config: DecomposeConfig, *, progress: Progress | None = None, workers: int | None = None
 ) -> tuple[onnx.ModelProto, Report]:
-    """Plan ranks on a prepared model and apply them: to a copy (``copy``), else to ``prepared.proto`` itself,
-    which is then used up; the result is checked before it is returned. ``calibrate(model, units, reasons)``
-    runs once the units are known, before any spectrum or rank is computed (the calibrated conversion gives it)."""
-    conversion = _convert_prepared(prepared, config, progress=progress, workers=workers, copy=copy, start=start, calibrate=calibrate)
-    return _hold_result(conversion).finish()
+    """Plan ranks on a prepared model and apply them to a copy (``prepared`` stays as it is for the next plan);
+    the result is checked before it is returned."""
+    return _hold_result(_convert_prepared(prepared, config, progress=progress, workers=workers)).finish()
 
 
 def _convert_prepared(
@@ -311,7 +302,10 @@ def _convert_prepared(
     start: float | None = None,
     calibrate: Calibrate | None = None,
 ) -> Conversion:
-    """:func:`convert_prepared` with the check of the result returned unrun, its candidate not yet held."""
+    """Plan ranks on a prepared model and apply them: to a copy (``copy``), else to ``prepared.proto`` itself,
+    which is then used up. ``calibrate(model, units, reasons)`` runs once the units are known, before any spectrum
+    or rank is computed (the calibrated conversion gives it). The check of the result is returned unrun, its
+    candidate not yet held."""
     start = time.perf_counter() if start is None else start
     workers = workers or min(os.cpu_count() or 1, 4)
     policy, speed = config.policy, config.speed
