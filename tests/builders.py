@@ -75,3 +75,39 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
+
+
+def tiny_cnn(cast_weights: bool = False, extra_output: bool = False) -> onnx.ModelProto:
+    """x (N, 3, 8, 8) → Conv 3→8 → Relu → Conv 8→8 → Relu → GlobalAveragePool → Flatten → Gemm → logits (N, 5).
+
+    ``cast_weights``: the conv weights stored as fp16 initializers behind a Cast to float (mixed precision).
+    ``extra_output``: the second Relu's output is a graph output too (a feature map: MSE).
+    """
+    f32 = TensorProto.FLOAT
+    rng = np.random.default_rng(7)
+    weights = {
+        "w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.4,
+        "b1": rng.standard_normal(8).astype(np.float32) * 0.1,
+        "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2,
+        "b2": rng.standard_normal(8).astype(np.float32) * 0.1,
+        "fc": rng.standard_normal((5, 8)).astype(np.float32),
+        "fcb": rng.standard_normal(5).astype(np.float32) * 0.1,
+    }
+    nodes = []
+    if cast_weights:
+        for key in ("w1", "w2"):
+            weights[f"{key}_half"] = weights.pop(key).astype(np.float16)
+            nodes.append(helper.make_node("Cast", [f"{key}_half"], [key], to=f32, name=f"cast_{key}"))
+    nodes += [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="fc"),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["n", 5])]
+    if extra_output:
+        outputs.append(helper.make_tensor_value_info("r2", f32, ["n", 8, 8, 8]))
+    return make_model(nodes, [helper.make_tensor_value_info("x", f32, ["n", 3, 8, 8])], outputs, weights)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from builders import make_model, run
+from builders import make_model, run, tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.agreement import STRINGS, agreement, greedy_ctc
@@ -479,42 +479,6 @@ def test_stored_backend_cases_match_or_are_refused() -> None:
 
 
 # --------------------------------------------------------------------------- fine-tune of a tiny converted CNN
-
-
-def tiny_cnn(dtype: int = F32, cast_weights: bool = False, extra_output: bool = False) -> onnx.ModelProto:
-    """x (N, 3, 8, 8) → Conv 3→8 → Relu → Conv 8→8 → Relu → GlobalAveragePool → Flatten → Gemm → logits (N, 5).
-
-    ``cast_weights``: the conv weights stored as fp16 initializers behind a Cast to float (mixed precision).
-    ``extra_output``: the second Relu's output is a graph output too (a feature map: MSE).
-    """
-    rng = np.random.default_rng(7)
-    weights = {
-        "w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.4,
-        "b1": rng.standard_normal(8).astype(np.float32) * 0.1,
-        "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2,
-        "b2": rng.standard_normal(8).astype(np.float32) * 0.1,
-        "fc": rng.standard_normal((5, 8)).astype(np.float32),
-        "fcb": rng.standard_normal(5).astype(np.float32) * 0.1,
-    }
-    nodes = []
-    names = {"w1": "w1", "w2": "w2"}
-    if cast_weights:
-        for key in ("w1", "w2"):
-            weights[f"{key}_half"] = weights.pop(key).astype(np.float16)
-            nodes.append(helper.make_node("Cast", [f"{key}_half"], [key], to=F32, name=f"cast_{key}"))
-    nodes += [
-        helper.make_node("Conv", ["x", names["w1"], "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", names["w2"], "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"], name="pool"),
-        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
-        helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="fc"),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", F32, ["n", 5])]
-    if extra_output:
-        outputs.append(helper.make_tensor_value_info("r2", F32, ["n", 8, 8, 8]))
-    return make_model(nodes, [helper.make_tensor_value_info("x", F32, ["n", 3, 8, 8])], outputs, weights)
 
 
 def converted_cnn(**kwargs: Any) -> tuple[onnx.ModelProto, onnx.ModelProto, tuple[str, ...], list[tuple[str, str]]]:

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from builders import make_model, run
+from builders import run, tiny_cnn
 from cli_contract import run_cli
-from onnx import TensorProto, helper
 
 from onnx_lowrank import decompose
 from onnx_lowrank.calibration import hold_back
@@ -29,33 +28,8 @@ from onnx_lowrank.cli.progress import ProgressBar
 from onnx_lowrank.config import FINETUNE_MINUTES, FINETUNE_STEPS, DecomposeConfig, FinetuneConfig
 from onnx_lowrank.errors import LowRankError
 
-F32 = TensorProto.FLOAT
 EXTRA = "pip install 'onnx-lowrank[finetune]'"
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the fine-tune needs torch (the finetune extra)")
-
-
-def tiny_cnn() -> onnx.ModelProto:
-    """x (N, 3, 8, 8) → Conv 3→8 → Relu → Conv 8→8 → Relu → GlobalAveragePool → Flatten → Gemm → logits (N, 5)."""
-    rng = np.random.default_rng(7)
-    weights = {
-        "w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.4,
-        "b1": rng.standard_normal(8).astype(np.float32) * 0.1,
-        "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2,
-        "b2": rng.standard_normal(8).astype(np.float32) * 0.1,
-        "fc": rng.standard_normal((5, 8)).astype(np.float32),
-        "fcb": rng.standard_normal(5).astype(np.float32) * 0.1,
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"], name="pool"),
-        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
-        helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="fc"),
-    ]
-    inputs = [helper.make_tensor_value_info("x", F32, ["n", 3, 8, 8])]
-    return make_model(nodes, inputs, [helper.make_tensor_value_info("logits", F32, ["n", 5])], weights)
 
 
 def calibration(count: int = 48, seed: int = 3) -> dict[str, np.ndarray]:
