@@ -60,6 +60,7 @@ __all__ = [
     "SampleSource",
     "ShapeConfig",
     "SpeedConfig",
+    "is_whole",
 ]
 
 DEFAULT_SPEEDUP = 2.0
@@ -93,7 +94,8 @@ SampleSource = str | os.PathLike[str] | Mapping[str, npt.ArrayLike]
 RankRequest = tuple[int, Kind | None]
 
 
-def _whole(value: object, minimum: int) -> bool:
+def is_whole(value: object, minimum: int) -> bool:
+    """``value`` is an int (not a bool) of at least ``minimum``."""
     return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
 
 
@@ -106,7 +108,7 @@ def _parse_ranks(ranks: Mapping[str, Any]) -> dict[str, RankRequest]:
         elif isinstance(value, Mapping):
             kind = value.get("kind")
             value = value.get("rank")
-        if not _whole(value, 1):
+        if not is_whole(value, 1):
             raise LowRankError(f"ranks: node {node!r} has rank {value!r}; ranks must be whole numbers >= 1")
         if kind is not None and kind not in ALL_KINDS:
             raise LowRankError(f"ranks: node {node!r} has kind {kind!r}; kinds are {', '.join(ALL_KINDS)}")
@@ -158,7 +160,7 @@ class PolicyConfig:
         budgets = [k for k, v in (("speedup", self.speedup), ("params-ratio", self.params_ratio)) if v is not None]
         if len(per_layer) > 1 or (per_layer and budgets):
             raise LowRankError(f"choose one rank policy, got {' and '.join('--' + k for k in [*per_layer, *budgets])}")
-        if self.rank is not None and not _whole(self.rank, 1):
+        if self.rank is not None and not is_whole(self.rank, 1):
             raise LowRankError(f"--rank must be a whole number >= 1, got {self.rank!r}")
         if self.energy is not None and not (isinstance(self.energy, (int, float)) and 0.0 < float(self.energy) <= 1.0):
             raise LowRankError(f"--energy must be in (0, 1], got {self.energy!r}")
@@ -183,7 +185,7 @@ class PolicyConfig:
         object.__setattr__(self, "kinds", kinds)
         _regex(self.include, "--include")
         _regex(self.exclude, "--exclude")
-        if self.rank_multiple is not None and not _whole(self.rank_multiple, 1):
+        if self.rank_multiple is not None and not is_whole(self.rank_multiple, 1):
             raise LowRankError(f"rank multiple must be a whole number >= 1, got {self.rank_multiple!r}")
         if self.objective not in OBJECTIVES:
             raise LowRankError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
@@ -259,7 +261,7 @@ class ShapeConfig:
     def __post_init__(self) -> None:
         shapes: dict[str, tuple[int, ...]] = {}
         for name, dims in (self.input_shapes or {}).items():
-            if isinstance(dims, (str, bytes)) or not all(_whole(d, 1) for d in dims):
+            if isinstance(dims, (str, bytes)) or not all(is_whole(d, 1) for d in dims):
                 raise LowRankError(f"--input-shape {name}: expected whole dims >= 1, got {dims!r}")
             shapes[str(name)] = tuple(int(d) for d in dims)
         object.__setattr__(self, "input_shapes", shapes)
@@ -337,12 +339,12 @@ class SpeedConfig:
     def __post_init__(self) -> None:
         if self.by is not None and self.by not in BY_CHOICES:
             raise LowRankError(f"--by must be one of {', '.join(BY_CHOICES)}, got {self.by!r}")
-        if self.threads is not None and not _whole(self.threads, 1):
+        if self.threads is not None and not is_whole(self.threads, 1):
             raise LowRankError(f"--threads must be a whole number >= 1, got {self.threads!r}")
         if self.threads is not None and self.threads > available_cpus():
             # more threads than CPUs time the scheduler, not the model: a plan for them means nothing here
             raise LowRankError(f"--threads {self.threads}: this machine gives the process {available_cpus()} CPU(s); plan for at most that")
-        if not _whole(self.check_runs, 0):
+        if not is_whole(self.check_runs, 0):
             raise LowRankError(f"check runs must be a whole number >= 0, got {self.check_runs!r}")
         if isinstance(self.large_model, bool) or not isinstance(self.large_model, int | float) or not 0 <= self.large_model < math.inf:
             raise LowRankError(f"--large-model must be a size in MiB >= 0, got {self.large_model!r}")
@@ -405,14 +407,14 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.trainable not in FINETUNE_TRAINABLE:
             raise LowRankError(f"fine-tune trainable must be one of {', '.join(FINETUNE_TRAINABLE)}, got {self.trainable!r}")
-        if self.steps is not None and not _whole(self.steps, 1):
+        if self.steps is not None and not is_whole(self.steps, 1):
             raise LowRankError(f"--finetune-steps must be a whole number >= 1, got {self.steps!r}")
         minutes = self.minutes
         if minutes is not None and not (
             isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and math.isfinite(minutes) and minutes > 0
         ):
             raise LowRankError(f"--finetune-minutes must be a number > 0, got {minutes!r}")
-        if not _whole(self.seed, 0):
+        if not is_whole(self.seed, 0):
             raise LowRankError(f"fine-tune seed must be a whole number >= 0, got {self.seed!r}")
         if not self.enabled:
             given = [

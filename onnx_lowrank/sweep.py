@@ -49,7 +49,7 @@ import onnx
 
 from .agreement import OutputAgreement, compare, summary_measure
 from .api import calibrated_conversion, convert_prepared
-from .config import DEFAULT_SPEEDUP, DecomposeConfig, DecomposeKeywords
+from .config import DEFAULT_SPEEDUP, DecomposeConfig, DecomposeKeywords, is_whole
 from .errors import LowRankError
 from .factorization import Kind, decompose_kernel
 from .layers import Prepared, load_samples, model_sizes, prepare
@@ -573,7 +573,7 @@ def sweep(
 
 def check_runs(runs: object) -> None:
     """Raise :class:`LowRankError` unless ``runs`` (timed runs per target) is a whole number >= 0."""
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+    if not is_whole(runs, 0):
         raise LowRankError(f"--runs must be a whole number >= 0, got {runs!r}")
 
 

@@ -69,6 +69,7 @@ import onnx
 import scipy.linalg
 from onnx import helper, numpy_helper
 
+from ..config import is_whole
 from ..errors import LowRankError
 from ..graph import Scope, attrs, iter_scopes, namespace_names
 from ..passes import add_constant, resolve_weight
@@ -110,10 +111,6 @@ DEFAULT_ACTIVATIONS = True
 _ROWS_PER_BLOCK = 65536
 
 
-def _whole(value: object, at_least: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= at_least
-
-
 @dataclass(frozen=True)
 class RefitOptions:
     """How the refit runs, checked once here (the defaults are the measured choices).
@@ -142,17 +139,17 @@ class RefitOptions:
         ridge, lambdas = self.ridge, self.activation_lambdas
         if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
             raise LowRankError(f"ridge must be a finite number >= 0, got {ridge!r}")
-        if not _whole(self.batch_size, 1):
+        if not is_whole(self.batch_size, 1):
             raise LowRankError(f"batch size must be a whole number >= 1, got {self.batch_size!r}")
-        if not _whole(self.stages, 1):
+        if not is_whole(self.stages, 1):
             raise LowRankError(f"stages must be a whole number >= 1, got {self.stages!r}")
-        if not _whole(self.activation_iterations, 0):
+        if not is_whole(self.activation_iterations, 0):
             raise LowRankError(f"activation iterations must be a whole number >= 0, got {self.activation_iterations!r}")
         if len(lambdas) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in lambdas):
             raise LowRankError(f"activation lambdas must be two finite numbers > 0, got {lambdas!r}")
-        if not _whole(self.row_memory, 1):
+        if not is_whole(self.row_memory, 1):
             raise LowRankError(f"row memory must be a whole number of bytes >= 1, got {self.row_memory!r}")
-        if self.activation_rows is not None and not _whole(self.activation_rows, 1):
+        if self.activation_rows is not None and not is_whole(self.activation_rows, 1):
             raise LowRankError(f"activation rows must be a whole number >= 1 or None, got {self.activation_rows!r}")
         object.__setattr__(self, "ridge", float(ridge))
         object.__setattr__(self, "activation_lambdas", (float(lambdas[0]), float(lambdas[1])))
