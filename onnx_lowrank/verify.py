@@ -282,10 +282,8 @@ def verify(original: ModelLike, candidate: ModelLike, options: VerifyOptions | N
     (``verify(a, b, runs=0)``) and override ``options``'. The two sessions share the weights the models have in
     common (:class:`~onnx_lowrank.runtime.SharedWeights`).
     """
-    try:
-        options = replace(options, **keywords) if options is not None else VerifyOptions(**keywords)
-    except TypeError as exc:  # a keyword that is no option
-        raise LowRankError(f"verify: {exc}") from None
+    # an unknown keyword is a TypeError, as for any Python function (and for decompose)
+    options = replace(options, **keywords) if options is not None else VerifyOptions(**keywords)
     for model in (original, candidate):
         if isinstance(model, (str, os.PathLike)):
             _check_readable(model)  # one-line errors for a missing or unreadable file before onnxruntime sees it

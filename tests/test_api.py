@@ -605,3 +605,28 @@ def test_load_and_save_model_roundtrip(tmp_path: Path) -> None:
         onnx_lowrank.save_model(model, tmp_path / "absent" / "out.onnx")
     with pytest.raises(LowRankError, match="overwrite"):
         onnx_lowrank.save_model(model, path, inputs=(path,))
+
+
+def test_option_keywords_build_the_option_objects_and_unknown_ones_are_type_errors() -> None:
+    """decompose, verify and refit_layers take single options as keywords; one that names no option is a
+    TypeError, as for any Python function."""
+    from onnx_lowrank import VerifyOptions
+    from onnx_lowrank.calibration import RefitOptions, refit_layers
+
+    model = conv_model()
+    approx, report = decompose(model, rank=2, check_runs=0)
+    base = VerifyOptions(runs=0, rtol=0.5)
+    strict = verify(model, approx, base, atol=0.0)
+    assert not strict.passed and strict.rtol == 0.5  # the keyword overrides one field, the rest stay
+    (out,) = strict.outputs
+    assert verify(model, approx, base, atol=out.required_atol * 1.01).passed
+    data = {"x": np.random.default_rng(0).standard_normal((4, 6, 12, 12)).astype(np.float32)}
+    result = refit_layers(model, approx, report, data, RefitOptions(stages=1), positions=None)
+    assert result.stages == 1
+    for call in (
+        lambda: decompose(model, rank=2, no_such_option=1),
+        lambda: verify(model, approx, runs=0, no_such_option=1),
+        lambda: refit_layers(model, approx, report, data, no_such_option=1),
+    ):
+        with pytest.raises(TypeError, match="no_such_option"):
+            call()

@@ -812,10 +812,8 @@ def refit_layers(
     ``keywords`` name single options (``refit_layers(..., stages=1)``) and override ``options``'.
     ``progress(done, total, phase)`` is called per batch of each stage.
     """
-    try:
-        options = replace(options, **keywords) if options is not None else RefitOptions(**keywords)
-    except TypeError as exc:  # a keyword that is no option
-        raise LowRankError(f"refit: {exc}") from None
+    # an unknown keyword is a TypeError, as for any Python function (and for decompose)
+    options = replace(options, **keywords) if options is not None else RefitOptions(**keywords)
     start = time.perf_counter()
     model = decomposed
     if not inplace:
