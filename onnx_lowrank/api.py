@@ -36,9 +36,10 @@ the command line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Unpack
 
@@ -106,6 +107,15 @@ class Conversion:
         if self.check is not None:
             self.check.close()
             self.check = None
+
+    @contextlib.contextmanager
+    def discarded_on_error(self) -> Iterator[None]:
+        """Run the block; if it raises, the check is dropped (its file removed) before the error goes on."""
+        try:
+            yield
+        except BaseException:
+            self.discard()
+            raise
 
 
 def decompose(
@@ -208,21 +218,15 @@ def _convert(source: onnx.ModelProto, config: DecomposeConfig, progress: Progres
     run = CalibrationRun(data, config.calibration, policy, progress)
     conversion = _calibrated(source, run, config, None, progress, workers, sizes=sizes)
     if config.finetune.enabled:  # before the result is held for its check: the check times the fine-tuned model
-        try:
+        with conversion.discarded_on_error():
             conversion.model = finetune_and_measure(source, conversion.model, conversion.report, config, progress, (data, held))
-        except BaseException:
-            conversion.discard()
-            raise
     conversion = _hold_result(conversion)
     report = conversion.report
     report.calibration["seconds"] = time.perf_counter() - start
-    try:
+    with conversion.discarded_on_error():
         if not config.finetune.enabled:
             report.answers = measure_answers(source, conversion.model, held, config.speed.resolved_threads, config.speed.large_model_bytes)
         warn_of_damage(report, config)
-    except BaseException:
-        conversion.discard()
-        raise
     report.seconds = time.perf_counter() - start - (conversion.check.seconds if conversion.check is not None else 0.0)
     return conversion
 
@@ -232,11 +236,8 @@ def _hold_result(conversion: Conversion) -> Conversion:
     check = conversion.check
     if check is not None:
         spent = check.seconds  # holding the original's weights, counted in the report's seconds
-        try:
+        with conversion.discarded_on_error():
             check.hold(conversion.model)
-        except BaseException:
-            conversion.discard()
-            raise
         conversion.report.seconds -= spent
     return conversion
 
@@ -271,13 +272,9 @@ def _calibrated(
         conversion = _convert_prepared(prepared, config, progress=progress, workers=workers, copy=False, calibrate=run.calibrate)
     else:
         conversion = _convert_prepared(prepared, config, progress=progress, workers=workers, copy=True, calibrate=run.calibrate)
-    try:
-        new, report = conversion.model, conversion.report
-        run.describe(report, config.policy)
-        conversion.model = run.refit_conversion(source, new, report)
-    except BaseException:
-        conversion.discard()
-        raise
+    with conversion.discarded_on_error():
+        run.describe(conversion.report, config.policy)
+        conversion.model = run.refit_conversion(source, conversion.model, conversion.report)
     return conversion
 
 
